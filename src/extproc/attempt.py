@@ -1,0 +1,123 @@
+"""Attempt stage core: adapt one upstream attempt to the backend it reached.
+
+Envoy walks the per-request endpoint list one entry per attempt; a connect failure never reaches
+us but still advances the attempt count, so the candidate is found by attempt count AND address.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import orjson
+
+from .config import Config, backend_endpoint
+from .routing import Target
+
+# A JSON key "model" with a string value. Quotes inside JSON strings are escaped, so an
+# unescaped `"model"` followed by a colon is always a key (possibly nested; see rewrite_model).
+_MODEL_KEY = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+# Headers the client must never pass through to a backend on its own.
+CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+INTERNAL_HEADERS = ("x-extproc-cluster", "x-envoy-max-retries")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRuntime:
+    """What the attempt stage needs about a backend, resolved once at config load."""
+
+    name: str
+    auth_header: str | None
+    auth_value: str | None
+    forward_client_auth: bool
+    base_path: str
+
+
+class MissingCredential(Exception):
+    pass
+
+
+def backend_runtimes(cfg: Config, env: dict[str, str] | None = None) -> dict[str, BackendRuntime]:
+    """Resolve credentials from the environment; a named but unset variable is an error."""
+    env = dict(os.environ) if env is None else env
+    out: dict[str, BackendRuntime] = {}
+    for b in cfg.backends:
+        value = None
+        if b.api_key_env:
+            key = env.get(b.api_key_env, "")
+            if not key:
+                raise MissingCredential(
+                    f"backend {b.name!r}: environment variable {b.api_key_env} is not set"
+                )
+            value = f"{b.auth_scheme} {key}" if b.auth_scheme else key
+        base = backend_endpoint(b.url).base_path or "/v1"
+        out[b.name] = BackendRuntime(
+            b.name, b.auth_header.lower() if value else None, value, b.forward_client_auth, base
+        )
+    return out
+
+
+@dataclass(slots=True)
+class HeaderPlan:
+    set: list[tuple[str, str]] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+
+
+def pick_candidate(
+    cands: tuple[Target, ...], attempt: int, address: str
+) -> tuple[int, Target] | None:
+    """Which candidate this attempt reached: the attempt-th entry if its address matches, else
+    the next entry with that address (skipped entries shift numbering), else any with it."""
+    i = attempt - 1
+    if 0 <= i < len(cands) and cands[i].address == address:
+        return i, cands[i]
+    order = list(range(max(i, 0), len(cands))) + list(range(min(max(i, 0), len(cands))))
+    for j in order:
+        if cands[j].address == address:
+            return j, cands[j]
+    return None
+
+
+def header_plan(backend: BackendRuntime, client_path: str) -> HeaderPlan:
+    plan = HeaderPlan(remove=list(INTERNAL_HEADERS))
+    if backend.auth_value is not None:
+        assert backend.auth_header is not None
+        plan.set.append((backend.auth_header, backend.auth_value))
+        plan.remove += [h for h in CLIENT_CREDENTIAL_HEADERS if h != backend.auth_header]
+    elif not backend.forward_client_auth:
+        plan.remove += list(CLIENT_CREDENTIAL_HEADERS)
+    if backend.base_path != "/v1" and client_path.startswith("/v1"):
+        plan.set.append((":path", backend.base_path + client_path[3:]))
+    return plan
+
+
+def rewrite_model(body: bytes, body_model: str | None, new_model: str) -> bytes | None:
+    """Set the top-level ``model`` to ``new_model``; None when the body already says so.
+
+    Splices the bytes when the key occurs once with the expected value (no re-serialisation of
+    a multi-MB body); falls back to parse + dump when it is ambiguous (nested "model" keys).
+    """
+    if body_model == new_model:
+        return None
+    new_value = orjson.dumps(new_model)
+    if body_model is None:
+        start = body.find(b"{")
+        if start >= 0 and not _MODEL_KEY.search(body):
+            rest = body[start + 1:]
+            sep = b"" if rest.lstrip().startswith(b"}") else b","
+            return body[: start + 1] + b'"model":' + new_value + sep + rest
+    else:
+        matches = list(_MODEL_KEY.finditer(body))
+        if len(matches) == 1:
+            m = matches[0]
+            try:
+                found = orjson.loads(b'"' + m.group(1) + b'"')
+            except orjson.JSONDecodeError:
+                found = None
+            if found == body_model:
+                return body[: m.start(1) - 1] + new_value + body[m.end(1) + 1:]
+    data = orjson.loads(body)
+    data["model"] = new_model
+    return orjson.dumps(data)

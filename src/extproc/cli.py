@@ -1,0 +1,90 @@
+"""Command line: check a config, render Envoy's config, serve, run the local stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _load(path: str):
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    from .routing import RoutingTable
+
+    table = RoutingTable(cfg)
+    print(f"{args.config}: ok: {len(cfg.backends)} backend(s), "
+          f"{len(table.entries)} public model(s), {len(table.aliases)} alias(es)")
+    return 0
+
+
+def cmd_envoy(args: argparse.Namespace) -> int:
+    from .envoy_config import render_yaml
+
+    cfg = _load(args.config)
+    text = render_yaml(cfg, Path(args.config).name)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .attempt import MissingCredential
+    from .logs import setup_logging
+    from .service import Runtime, serve
+
+    cfg = _load(args.config)
+    setup_logging(cfg.service.log_level)
+    try:
+        rt = Runtime.build(cfg)
+    except MissingCredential as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(rt, args.host, args.port))
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from .devstack import run_foreground
+
+    return run_foreground(args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("check", help="validate a config; every error with its key path")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("envoy", help="render the Envoy bootstrap for a config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_envoy)
+    p = sub.add_parser("serve", help="run the ext_proc gRPC service")
+    p.add_argument("--config", required=True)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("stack", help="run emulators + service + Envoy in the foreground (demo)")
+    p.add_argument("--config", default="config/demo.yaml")
+    p.set_defaults(func=cmd_stack)
+    args = ap.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

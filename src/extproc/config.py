@@ -1,0 +1,264 @@
+"""The one configuration: backends, public models, limits. Envoy's config is rendered from it.
+
+Loading validates with pydantic, then checks cross-references (candidates naming backends and
+models that exist, names that collide) and reports every problem with the path of the bad key,
+e.g. ``backends[1].models[0].name: field required``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, each as ``path: message``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendModel(_Strict):
+    """A model as the backend knows it."""
+
+    name: str = Field(description="the model name the backend expects in the request body")
+
+
+class Backend(_Strict):
+    name: str
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding this backend's API key"
+    )
+    auth_header: str = "authorization"
+    auth_scheme: str = "Bearer"
+    forward_client_auth: bool = Field(
+        default=False,
+        description="forward the client's Authorization when the backend has no key of its own",
+    )
+    preset: Literal["vllm", "sglang", "llamacpp", "ollama", "openai"] = Field(
+        default="openai", description="which server this is; sets its content-part profile"
+    )
+    models: list[BackendModel] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be letters, digits and ._:/@+- (no spaces)")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return v.rstrip("/")
+
+
+class Candidate(_Strict):
+    backend: str
+    model: str = Field(description="the backend's model name (one of that backend's models)")
+
+
+class PublicModel(_Strict):
+    name: str
+    aliases: list[str] = []
+    candidates: list[Candidate] = Field(min_length=1, description="tried in this order")
+    owned_by: str = "llm-extproc"
+
+
+class ServiceSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=1, le=65535)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+
+class EnvoySettings(_Strict):
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=10000, ge=1, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=9901, ge=1, le=65535)
+    service_host: str | None = Field(
+        default=None, description="where Envoy reaches the service (default: service.host)"
+    )
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    message_timeout_ms: int = Field(default=10_000, ge=50)
+    max_message_timeout_ms: int = Field(default=120_000, ge=50)
+    route_timeout_s: float = Field(default=300.0, gt=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    retry_base_interval_ms: int = Field(default=5, ge=1)
+    retry_max_interval_ms: int = Field(default=50, ge=1)
+    per_try_timeout_s: float | None = Field(default=None, gt=0)
+    access_log: bool = True
+
+
+class Config(_Strict):
+    service: ServiceSettings = ServiceSettings()
+    envoy: EnvoySettings = EnvoySettings()
+    backends: list[Backend] = Field(min_length=1)
+    models: list[PublicModel] = []
+    expose_backend_models: bool = Field(
+        default=True,
+        description="backend models not named by any public model are public under their own "
+        "name, with every backend serving that name as a candidate",
+    )
+    default_model: str | None = Field(
+        default=None, description="public model used when a request carries no model"
+    )
+    routed_paths: list[str] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where Envoy reaches a backend: a resolved IP:port, plus the URL's path prefix."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def backend_endpoint(url: str) -> Endpoint:
+    """Split a backend URL; ``localhost`` becomes 127.0.0.1 so Envoy host overrides match."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host == "localhost":
+        host = "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Endpoint(parts.scheme, host, port, parts.path.rstrip("/") or "")
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(root)"
+
+
+def _lower_first(msg: str) -> str:
+    return msg[:1].lower() + msg[1:]
+
+
+def _cross_check(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    backends: dict[str, Backend] = {}
+    addresses: dict[str, str] = {}
+    for i, b in enumerate(cfg.backends):
+        if b.name in backends:
+            problems.append(f"backends[{i}].name: duplicate backend name {b.name!r}")
+        backends[b.name] = b
+        ep = backend_endpoint(b.url)
+        try:
+            ipaddress.ip_address(ep.host)
+        except ValueError:
+            problems.append(
+                f"backends[{i}].url: host {ep.host!r} must be an IP address or localhost "
+                "(Envoy's per-request endpoint order matches resolved addresses)"
+            )
+        if ep.scheme == "https":
+            problems.append(
+                f"backends[{i}].url: https backends are not supported yet (plain http only)"
+            )
+        if ep.address in addresses:
+            problems.append(
+                f"backends[{i}].url: {ep.address} is already backend {addresses[ep.address]!r}; "
+                "list both models under one backend instead"
+            )
+        addresses[ep.address] = b.name
+        seen: set[str] = set()
+        for j, m in enumerate(b.models):
+            if m.name in seen:
+                problems.append(f"backends[{i}].models[{j}].name: duplicate model {m.name!r}")
+            seen.add(m.name)
+    public: dict[str, str] = {}
+    for i, pm in enumerate(cfg.models):
+        for where, name in [(f"models[{i}].name", pm.name)] + [
+            (f"models[{i}].aliases[{k}]", a) for k, a in enumerate(pm.aliases)
+        ]:
+            if name in public:
+                problems.append(f"{where}: {name!r} is already used by {public[name]}")
+            else:
+                public[name] = where
+        for j, c in enumerate(pm.candidates):
+            b = backends.get(c.backend)
+            if b is None:
+                problems.append(
+                    f"models[{i}].candidates[{j}].backend: unknown backend {c.backend!r} "
+                    f"(known: {', '.join(backends) or 'none'})"
+                )
+            elif c.model not in {m.name for m in b.models}:
+                problems.append(
+                    f"models[{i}].candidates[{j}].model: backend {c.backend!r} has no model "
+                    f"{c.model!r} (it has: {', '.join(m.name for m in b.models)})"
+                )
+    for i, b in enumerate(cfg.backends):
+        if b.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", b.api_key_env):
+            problems.append(f"backends[{i}].api_key_env: not an environment variable name")
+    if cfg.default_model is not None:
+        exposed = set(public)
+        if cfg.expose_backend_models:
+            exposed |= {m.name for b in cfg.backends for m in b.models}
+        if cfg.default_model not in exposed:
+            problems.append(f"default_model: {cfg.default_model!r} is not a public model or alias")
+    for k, p in enumerate(cfg.routed_paths):
+        if not p.startswith("/"):
+            problems.append(f"routed_paths[{k}]: must start with '/'")
+    return problems
+
+
+def parse_config(data: Any) -> Config:
+    """Validate a config mapping; raise ConfigError listing every problem with its key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(["(root): the config must be a mapping"])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"{_fmt_loc(e['loc'])}: {_lower_first(e['msg'])}" for e in exc.errors()]
+        ) from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(file): cannot read {path}: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"(file): not valid YAML: {exc}"]) from None
+    return parse_config(data)

@@ -1,0 +1,283 @@
+"""TEST TOOL: OpenAI-compatible backend emulators (vLLM, llama.cpp, Ollama, OpenAI flavours).
+
+Not part of the service. Used by the tests, the demo and the benchmark, because real LLM servers
+cannot run here. Each flavour accepts and refuses content parts the way the real server does
+(../shared/design/content-parts.md), with the same statuses and error bodies, records exactly
+what it received, and answers deterministically.
+
+Control endpoints (emulator only): GET /_emulator/requests, POST /_emulator/reset,
+POST /_emulator/behaviour {"fail_status": 503, "fail_times": 1, "delay_s": 0.5}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+FLAVOURS = ("vllm", "llamacpp", "ollama", "openai", "sglang")
+
+# Which part types each flavour accepts (content-parts.md). "image_url_string" is the
+# {"type":"image_url","image_url":"<str>"} form; "untyped_image_url" is {"image_url":...} alone.
+ACCEPTED_PARTS: dict[str, frozenset[str]] = {
+    "openai": frozenset({"text", "image_url", "input_audio", "file"}),
+    "vllm": frozenset({"text", "image_url", "input_audio", "audio_url", "video_url",
+                       "input_text", "input_image", "untyped_image_url"}),
+    "sglang": frozenset({"text", "image_url", "input_audio", "audio_url", "video_url"}),
+    "llamacpp": frozenset({"text", "image_url", "input_audio"}),
+    "ollama": frozenset({"text", "image_url", "image_url_string"}),
+}
+
+
+class EmulatorError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]):
+        self.status, self.body = status, body
+
+
+def _error(flavour: str, status: int, message: str, param: str | None = None,
+           code: str | None = None) -> EmulatorError:
+    if flavour == "vllm":
+        kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+        return EmulatorError(status, {"error": {"message": message, "type": kind,
+                                                "param": param, "code": status}})
+    if flavour == "llamacpp":
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return EmulatorError(status, {"error": {"code": status, "message": message,
+                                                "type": kind}})
+    if flavour == "ollama":
+        return EmulatorError(status, {"error": {"message": message, "type": "api_error"
+                                                if status >= 500 else "invalid_request_error",
+                                                "param": None, "code": None}})
+    return EmulatorError(status, {"error": {"message": message, "type": "invalid_request_error",
+                                            "param": param, "code": code}})
+
+
+@dataclass
+class Behaviour:
+    fail_status: int | None = None
+    fail_times: int = 0
+    delay_s: float = 0.0
+
+
+@dataclass
+class Emulator:
+    """One emulated backend; the request handling is pure and testable without sockets."""
+
+    name: str
+    flavour: str
+    models: list[str]
+    api_key: str | None = None
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    record_bodies: bool = True
+
+    # ------------------------------------------------------------ request handling
+    def handle(self, method: str, path: str, headers: dict[str, str],
+               body: bytes) -> tuple[int, dict[str, Any] | bytes, str]:
+        path = path.split("?", 1)[0]
+        if path.startswith("/_emulator/"):
+            return self._control(method, path, body)
+        rec: dict[str, Any] = {"method": method, "path": path, "headers": headers,
+                               "ts": time.time()}
+        try:
+            if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+                raise _error(self.flavour, 401, "Incorrect API key provided",
+                             code="invalid_api_key")
+            if method == "GET" and path.rstrip("/") in ("/v1/models", "/models"):
+                return 200, {"object": "list", "data": [
+                    {"id": m, "object": "model", "owned_by": self.name} for m in self.models]}, ""
+            if method != "POST":
+                raise _error(self.flavour, 404, f"no route {method} {path}")
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise _error(self.flavour, 400, f"JSON decode error: {exc}") from None
+            rec["json"] = data if self.record_bodies else {"model": data.get("model")}
+            rec["body_bytes"] = len(body)
+            with self.lock:
+                b = self.behaviour
+                if b.fail_status and b.fail_times != 0:
+                    b.fail_times -= 1
+                    raise _error(self.flavour, b.fail_status, f"emulated failure of {self.name}")
+            return self._complete(path, data)
+        except EmulatorError as exc:
+            rec["status"] = exc.status
+            return exc.status, exc.body, ""
+        finally:
+            with self.lock:
+                self.requests.append(rec)
+
+    def _control(self, method: str, path: str, body: bytes) -> tuple[int, Any, str]:
+        if path == "/_emulator/requests":
+            with self.lock:
+                return 200, {"name": self.name, "requests": list(self.requests)}, ""
+        if path == "/_emulator/reset" and method == "POST":
+            with self.lock:
+                self.requests.clear()
+                self.behaviour = Behaviour()
+            return 200, {"ok": True}, ""
+        if path == "/_emulator/behaviour" and method == "POST":
+            with self.lock:
+                self.behaviour = Behaviour(**orjson.loads(body or b"{}"))
+            return 200, {"ok": True}, ""
+        return 404, {"error": "unknown control path"}, ""
+
+    def _check_model(self, data: dict[str, Any]) -> str:
+        model = data.get("model")
+        if self.flavour == "llamacpp":
+            return str(model or self.models[0])  # llama.cpp serves what it loaded
+        if model not in self.models:
+            if self.flavour == "vllm":
+                raise _error("vllm", 404, f"The model `{model}` does not exist.")
+            if self.flavour == "ollama":
+                raise _error("ollama", 404, f'model "{model}" not found, try pulling it first')
+            raise _error(self.flavour, 404, f"The model `{model}` does not exist or you do not "
+                         "have access to it.", code="model_not_found")
+        return str(model)
+
+    def _check_parts(self, messages: Any) -> None:
+        if not isinstance(messages, list):
+            raise _error(self.flavour, 400, "'messages' must be a list", param="messages")
+        accepted = ACCEPTED_PARTS[self.flavour]
+        for i, msg in enumerate(messages):
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if not isinstance(content, list):
+                continue
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind is None and isinstance(part, dict) and "image_url" in part:
+                    kind = "untyped_image_url"
+                elif kind == "image_url" and isinstance(part.get("image_url"), str):
+                    kind = "image_url_string"
+                if kind not in accepted:
+                    where = f"messages[{i}].content[{j}]"
+                    if self.flavour == "vllm":
+                        raise _error("vllm", 400, f"Unknown part type: {kind}")
+                    if self.flavour == "openai":
+                        raise _error("openai", 400, f"Invalid value: '{kind}'. Supported values "
+                                     "are: 'text', 'image_url', 'input_audio', 'refusal', "
+                                     "'audio', and 'file'.", param=f"{where}.type",
+                                     code="invalid_value")
+                    raise _error(self.flavour, 400, f"unsupported content part type: {kind}")
+
+    def _complete(self, path: str, data: dict[str, Any]) -> tuple[int, Any, str]:
+        model = self._check_model(data)
+        created = 1_700_000_000
+        if path.endswith("/embeddings"):
+            return 200, {"object": "list", "model": model, "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1}}, ""
+        if path.endswith("/completions") and not path.endswith("/chat/completions"):
+            return 200, {"id": "cmpl-emu", "object": "text_completion", "created": created,
+                         "model": model, "choices": [{"index": 0, "text": f"[{self.name}]",
+                                                      "finish_reason": "stop"}]}, ""
+        self._check_parts(data.get("messages"))
+        text = f"Hello from {self.name} serving {model}."
+        if data.get("stream"):
+            return 200, self._sse(model, text), "text/event-stream"
+        return 200, {
+            "id": "chatcmpl-emu", "object": "chat.completion", "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
+        }, ""
+
+    def _sse(self, model: str, text: str) -> bytes:
+        chunks = []
+        base = {"id": "chatcmpl-emu", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                "model": model}
+        deltas = [{"role": "assistant", "content": ""}] + [{"content": w + " "}
+                                                           for w in text.split()]
+        for d in deltas:
+            chunks.append({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]})
+        chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------- minimal HTTP/1.1 server
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readline()
+    n = int(headers.get("content-length", "0") or 0)
+    return await reader.readexactly(n) if n else b""
+
+
+async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            method, target, _ = line.decode("latin-1").split(" ", 2)
+            headers: dict[str, str] = {}
+            while True:
+                h = await reader.readline()
+                if h in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                headers[k.strip().lower()] = v.strip()
+            body = await _read_body(reader, headers)
+            delay = emu.behaviour.delay_s
+            if delay and not target.startswith("/_emulator/"):
+                await asyncio.sleep(delay)
+            status, payload, ctype = emu.handle(method, target, headers, body)
+            data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+            head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"
+                    f"content-length: {len(data)}\r\n\r\n").encode()
+            writer.write(head + data)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+async def start_server(emu: Emulator, host: str, port: int) -> asyncio.Server:
+    return await asyncio.start_server(lambda r, w: _serve_conn(emu, r, w), host, port,
+                                      reuse_address=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="TEST TOOL: emulated OpenAI-compatible backend")
+    ap.add_argument("--flavour", choices=FLAVOURS, required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--models", required=True, help="comma-separated model names")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--api-key")
+    ap.add_argument("--no-record-bodies", action="store_true")
+    a = ap.parse_args(argv)
+    emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key,
+                   record_bodies=not a.no_record_bodies)
+
+    async def run() -> None:
+        server = await start_server(emu, a.host, a.port)
+        print(f"emulator {a.name} ({a.flavour}) on {a.host}:{a.port}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

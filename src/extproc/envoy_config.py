@@ -1,0 +1,249 @@
+"""Render the complete Envoy bootstrap from the service config, so the two never disagree.
+
+Layout (see ../shared/design/architecture.md and ordering.md):
+- listener -> HCM -> [ext_proc route stage] -> router; the route picks its cluster from the
+  ``x-extproc-cluster`` header, which only the route stage can set (internal_only_headers).
+- one pool cluster holding every backend endpoint; the override-host LB policy takes the
+  per-request endpoint order from the route stage's dynamic metadata and walks it on retries.
+- the pool's upstream filter chain runs the attempt stage on every attempt, retries included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .config import Config, backend_endpoint
+from .routing import POOL_CLUSTER
+from .service import ATTEMPT_ATTRIBUTES, CLUSTER_HEADER, META_NS, STAGE_KEY
+
+SERVICE_CLUSTER = "extproc_service"
+RETRY_HEADER = "x-extproc-retry"
+EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+UPSTREAM_FLAGS = ["UF", "UH", "URX", "UT", "UO", "UC", "NR", "UMSDR", "UPE", "DC"]
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _sock(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _ext_proc(cfg: Config, stage: str, mode: dict[str, str], **extra: Any) -> dict[str, Any]:
+    e = cfg.envoy
+    return {
+        "@type": EXT_PROC_TYPE,
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": SERVICE_CLUSTER},
+            "initial_metadata": [{"key": STAGE_KEY, "value": stage}],
+        },
+        "failure_mode_allow": False,
+        "processing_mode": {
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP", **mode,
+        },
+        "message_timeout": _dur(e.message_timeout_ms / 1000),
+        "max_message_timeout": _dur(e.max_message_timeout_ms / 1000),
+        **extra,
+    }
+
+
+def _local_reply() -> dict[str, Any]:
+    """Envoy's own errors (no upstream, timeouts) as OpenAI-style JSON naming the model."""
+    return {
+        "mappers": [{
+            "filter": {"response_flag_filter": {"flags": UPSTREAM_FLAGS}},
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": "upstream failure for model "
+                        f"'%DYNAMIC_METADATA({META_NS}:public_model)%': %LOCAL_REPLY_BODY%",
+                        "type": "upstream_error",
+                        "code": "%RESPONSE_CODE_DETAILS%",
+                        "model": f"%DYNAMIC_METADATA({META_NS}:public_model)%",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                    }
+                },
+                "content_type": "application/json",
+            },
+        }]
+    }
+
+
+def _access_log() -> list[dict[str, Any]]:
+    return [{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"json_format": {
+                "event": "envoy.access",
+                "ts": "%START_TIME%",
+                "request_id": "%REQ(X-REQUEST-ID)%",
+                "method": "%REQ(:METHOD)%",
+                "path": "%REQ(:PATH)%",
+                "status": "%RESPONSE_CODE%",
+                "flags": "%RESPONSE_FLAGS%",
+                "details": "%RESPONSE_CODE_DETAILS%",
+                "public_model": f"%DYNAMIC_METADATA({META_NS}:public_model)%",
+                "upstream": "%UPSTREAM_HOST%",
+                "backend": "%RESP(X-EXTPROC-BACKEND)%",
+                "model": "%RESP(X-EXTPROC-MODEL)%",
+                "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+                "bytes_in": "%BYTES_RECEIVED%",
+                "bytes_out": "%BYTES_SENT%",
+                "duration_ms": "%DURATION%",
+            }},
+        },
+    }]
+
+
+def max_candidates(cfg: Config) -> int:
+    counts = [len(m.candidates) for m in cfg.models]
+    per_model: dict[str, int] = {}
+    for b in cfg.backends:
+        for m in b.models:
+            per_model[m.name] = per_model.get(m.name, 0) + 1
+    return max(counts + list(per_model.values()) + [1])
+
+
+def render(cfg: Config) -> dict[str, Any]:
+    e = cfg.envoy
+    service_host = e.service_host or cfg.service.host
+    if service_host in ("0.0.0.0", "::"):
+        service_host = "127.0.0.1"
+    retry_policy = {
+        "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-headers",
+        "num_retries": max(max_candidates(cfg) - 1, 0),
+        "retriable_headers": [{"name": RETRY_HEADER}],
+        "retry_back_off": {
+            "base_interval": _dur(e.retry_base_interval_ms / 1000),
+            "max_interval": _dur(e.retry_max_interval_ms / 1000),
+        },
+    }
+    if e.per_try_timeout_s:
+        retry_policy["per_try_timeout"] = _dur(e.per_try_timeout_s)
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": "llm",
+        "always_set_request_id_in_response": True,
+        "local_reply_config": _local_reply(),
+        "route_config": {
+            "name": "llm",
+            "internal_only_headers": [CLUSTER_HEADER, RETRY_HEADER],
+            "virtual_hosts": [{
+                "name": "llm",
+                "domains": ["*"],
+                "include_request_attempt_count": True,
+                "include_attempt_count_in_response": True,
+                "routes": [{
+                    "match": {"prefix": "/"},
+                    "request_body_buffer_limit": e.max_body_bytes,
+                    "route": {
+                        "cluster_header": CLUSTER_HEADER,
+                        "timeout": _dur(e.route_timeout_s),
+                        "retry_policy": retry_policy,
+                    },
+                }],
+            }],
+        },
+        "http_filters": [
+            {
+                "name": "extproc.route",
+                "typed_config": _ext_proc(
+                    cfg, "route",
+                    {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                     "response_header_mode": "SEND", "response_body_mode": "NONE"},
+                    mutation_rules={"allow_envoy": True},
+                    metadata_options={"receiving_namespaces": {"untyped": [META_NS]}},
+                ),
+            },
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    if e.access_log:
+        hcm["access_log"] = _access_log()
+    endpoints = []
+    for b in cfg.backends:
+        ep = backend_endpoint(b.url)
+        endpoints.append({
+            "endpoint": {"address": _sock(ep.host, ep.port)},
+            "metadata": {"filter_metadata": {"llm": {"backend": b.name}}},
+        })
+    pool = {
+        "name": POOL_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": _dur(e.connect_timeout_s),
+        "per_connection_buffer_limit_bytes": e.max_body_bytes,
+        "load_assignment": {"cluster_name": POOL_CLUSTER, "endpoints": [{"lb_endpoints": endpoints}]},
+        "load_balancing_policy": {"policies": [{"typed_extension_config": {
+            "name": "envoy.load_balancing_policies.override_host",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies"
+                ".override_host.v3.OverrideHost",
+                "override_host_sources": [{"metadata": {"key": META_NS, "path": [{"key": "hosts"}]}}],
+                "fallback_policy": {"policies": [{"typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.round_robin",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies"
+                        ".round_robin.v3.RoundRobin"},
+                }}]},
+            },
+        }}]},
+        "typed_extension_protocol_options": {PROTOCOL_OPTIONS: {
+            "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+            "explicit_http_config": {"http_protocol_options": {}},
+            "http_filters": [
+                {
+                    "name": "extproc.attempt",
+                    "typed_config": _ext_proc(
+                        cfg, "attempt",
+                        {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                         "response_header_mode": "SEND", "response_body_mode": "NONE"},
+                        request_attributes=list(ATTEMPT_ATTRIBUTES),
+                        allow_mode_override=True,
+                    ),
+                },
+                {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec"
+                    ".v3.UpstreamCodec"}},
+            ],
+        }},
+    }
+    service = {
+        "name": SERVICE_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": SERVICE_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _sock(service_host, cfg.service.port)}}]}]},
+        "typed_extension_protocol_options": {PROTOCOL_OPTIONS: {
+            "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }},
+    }
+    return {
+        "admin": {"address": _sock(e.admin_host, e.admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm",
+                "address": _sock(e.listen_host, e.listen_port),
+                "per_connection_buffer_limit_bytes": e.max_body_bytes,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": [service, pool],
+        },
+    }
+
+
+def render_yaml(cfg: Config, source: str | None = None) -> str:
+    head = "# Rendered by `extproc envoy` from the service config"
+    head += f" ({source}).\n" if source else ".\n"
+    head += "# Do not edit by hand: change the service config and render again.\n"
+    return head + yaml.safe_dump(render(cfg), sort_keys=False, width=100)

@@ -1,0 +1,233 @@
+"""Route stage core: from (method, path, body) and the routing table to a decision or a reply.
+
+Pure functions: no gRPC, no I/O. The routing table is compiled once per config load so the
+per-request work is a dict lookup and one JSON parse.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from .config import Config, backend_endpoint
+from .errors import Reply, error_reply, json_reply
+
+POOL_CLUSTER = "llm_backends"
+
+Resolution = Literal["exact", "alias", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One candidate: a backend, the model name it expects, and its Envoy endpoint address."""
+
+    backend: str
+    model: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublicEntry:
+    name: str
+    candidates: tuple[Target, ...]
+    owned_by: str
+    # Precomputed Envoy metadata for the common case (the configured order, unchanged).
+    hosts: str
+    candidates_meta: str
+
+
+@dataclass(slots=True)
+class RouteDecision:
+    """Where a request goes. The route stage turns it into headers and dynamic metadata."""
+
+    requested: str | None
+    public_model: str
+    resolution: Resolution
+    candidates: tuple[Target, ...]
+    hosts: str
+    candidates_meta: str
+    cluster: str = POOL_CLUSTER
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_candidates(cands: tuple[Target, ...]) -> str:
+    return orjson.dumps([[t.backend, t.model, t.address] for t in cands]).decode()
+
+
+def decode_candidates(meta: str) -> tuple[Target, ...]:
+    """Inverse of encode_candidates; raises ValueError on anything malformed."""
+    try:
+        raw = orjson.loads(meta)
+        return tuple(Target(str(b), str(m), str(a)) for b, m, a in raw)
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"bad candidate metadata: {exc}") from None
+
+
+class RoutingTable:
+    """Public names (exact and alias) to ordered candidates, compiled from the config."""
+
+    def __init__(self, cfg: Config):
+        self.config = cfg
+        addresses = {b.name: backend_endpoint(b.url).address for b in cfg.backends}
+        self.entries: dict[str, PublicEntry] = {}
+        self.aliases: dict[str, str] = {}
+        named: set[tuple[str, str]] = set()
+
+        def add(name: str, cands: list[Target], owned_by: str) -> None:
+            tup = tuple(cands)
+            self.entries[name] = PublicEntry(
+                name, tup, owned_by, ",".join(t.address for t in tup), encode_candidates(tup)
+            )
+
+        for pm in cfg.models:
+            cands = [Target(c.backend, c.model, addresses[c.backend]) for c in pm.candidates]
+            named.update((c.backend, c.model) for c in pm.candidates)
+            add(pm.name, cands, pm.owned_by)
+            for alias in pm.aliases:
+                self.aliases[alias] = pm.name
+        if cfg.expose_backend_models:
+            by_model: dict[str, list[Target]] = {}
+            for b in cfg.backends:
+                for m in b.models:
+                    if (b.name, m.name) in named or m.name in self.entries:
+                        continue
+                    if m.name in self.aliases:
+                        continue
+                    by_model.setdefault(m.name, []).append(
+                        Target(b.name, m.name, addresses[b.name])
+                    )
+            for name, cands in by_model.items():
+                add(name, cands, cands[0].backend)
+        self.routed_paths = frozenset(cfg.routed_paths)
+        self.created = int(time.time())
+
+    def public_names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def resolve(self, model: str) -> tuple[PublicEntry, Resolution] | None:
+        entry = self.entries.get(model)
+        if entry is not None:
+            return entry, "exact"
+        target = self.aliases.get(model)
+        if target is not None:
+            return self.entries[target], "alias"
+        return None
+
+    def models_list(self) -> dict[str, Any]:
+        data = [
+            {"id": n, "object": "model", "created": self.created, "owned_by": e.owned_by}
+            for n, e in sorted(self.entries.items())
+        ]
+        data += [
+            {"id": a, "object": "model", "created": self.created, "owned_by": "llm-extproc",
+             "alias_of": t}
+            for a, t in sorted(self.aliases.items())
+        ]
+        return {"object": "list", "data": data}
+
+
+def _model_not_found(table: RoutingTable, model: str) -> Reply:
+    names = table.public_names() + sorted(table.aliases)
+    return error_reply(
+        404,
+        f"The model '{model}' does not exist. Available models: {', '.join(names)}",
+        code="model_not_found",
+        param="model",
+        extra={"available_models": names},
+    )
+
+
+def answer_get(table: RoutingTable, path: str) -> Reply:
+    """GET requests the gateway answers itself from the config."""
+    if path in ("/v1/models", "/models"):
+        return json_reply(200, table.models_list())
+    prefix = "/v1/models/" if path.startswith("/v1/models/") else "/models/"
+    if path.startswith(prefix):
+        name = path[len(prefix):]
+        for item in table.models_list()["data"]:
+            if item["id"] == name:
+                return json_reply(200, item)
+        return _model_not_found(table, name)
+    return error_reply(404, f"Unknown path {path}", code="unknown_path", param=None)
+
+
+def check_request_line(table: RoutingTable, method: str, path: str) -> Reply | None:
+    """Answer (or refuse) from the headers alone; None means: wait for the body and route it."""
+    if method == "GET":
+        return answer_get(table, path)
+    if path not in table.routed_paths:
+        return error_reply(
+            404,
+            f"Unknown path {path}; routed paths: {', '.join(sorted(table.routed_paths))}",
+            code="unknown_path",
+        )
+    if method != "POST":
+        return error_reply(405, f"Method {method} is not allowed on {path}; use POST",
+                           code="method_not_allowed")
+    return None
+
+
+def parse_json_body(body: bytes) -> dict[str, Any] | Reply:
+    """Parse a request body; a syntax error and a wrong top-level type are told apart."""
+    if not body:
+        return error_reply(400, "The request body is empty; expected a JSON object",
+                           code="invalid_json")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return error_reply(
+            400,
+            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno} (char {exc.pos})",
+            code="invalid_json",
+        )
+    if not isinstance(data, dict):
+        return error_reply(
+            400,
+            f"The request body must be a JSON object, got {type(data).__name__}",
+            code="invalid_type",
+        )
+    return data
+
+
+def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | Reply:
+    """Pick the ordered candidates for a parsed POST body by its ``model``."""
+    model = data.get("model")
+    resolution: Resolution
+    if model is None:
+        default = table.config.default_model
+        if default is None:
+            return error_reply(400, "You must provide a model parameter ('model')",
+                               code="missing_model", param="model")
+        found = table.resolve(default)
+        assert found is not None  # validated at config load
+        entry, resolution = found[0], "default"
+    elif not isinstance(model, str):
+        return error_reply(
+            400,
+            f"Invalid type for 'model': expected a string, got {type(model).__name__}",
+            code="invalid_type",
+            param="model",
+        )
+    else:
+        found = table.resolve(model)
+        if found is None:
+            return _model_not_found(table, model)
+        entry, resolution = found
+    return RouteDecision(
+        requested=model if isinstance(model, str) else None,
+        public_model=entry.name,
+        resolution=resolution,
+        candidates=entry.candidates,
+        hosts=entry.hosts,
+        candidates_meta=entry.candidates_meta,
+        body=data,
+    )
+
+
+def route_body(table: RoutingTable, body: bytes) -> RouteDecision | Reply:
+    data = parse_json_body(body)
+    return data if isinstance(data, Reply) else route_request(table, data)
