@@ -1,0 +1,44 @@
+# The README's contract: `make run` (the main job) and `make test`. Everything installs into
+# a local virtual environment on first use; nothing needs to be installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export DEMO_OPENAI_KEY ?= sk-demo-local-not-a-secret
+
+.PHONY: install run demo test lint bench envoy-config clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: Envoy + the service + demo backends in the foreground (Ctrl-C stops all)
+run: install
+	$(PY) -m extproc.cli stack --config config/demo.yaml
+
+## make demo: start the stack, send real requests with the openai SDK, print a table, stop
+demo: install
+	$(PY) -m extproc.demo --config config/demo.yaml
+
+## make test: lint + the whole suite (core, gRPC servicer, end-to-end through a real Envoy)
+test: install
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check src tests bench
+
+## make bench: bare Envoy vs Envoy + llm-extproc, side by side (not part of make test)
+bench: install
+	$(PY) bench/bench.py
+
+## make envoy-config: re-render envoy/demo.yaml from config/demo.yaml
+envoy-config: install
+	$(PY) -m extproc.cli envoy --config config/demo.yaml --out envoy/demo.yaml
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .ruff_cache

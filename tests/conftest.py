@@ -1,0 +1,84 @@
+"""Shared fixtures: configs on free loopback ports and a real stack (emulators + service + Envoy)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from extproc.devstack import Stack, free_port
+
+BACKEND_KEY = "sk-backend-secret-123"
+
+
+def stack_config(backends: list[dict[str, Any]], models: list[dict[str, Any]],
+                 **extra: Any) -> dict[str, Any]:
+    """A config with every port free; backends given as {name, preset, models, ...}."""
+    out_backends = []
+    for b in backends:
+        b = dict(b)
+        b.setdefault("url", f"http://127.0.0.1:{free_port()}/v1")
+        b["models"] = [{"name": m} if isinstance(m, str) else m for m in b["models"]]
+        out_backends.append(b)
+    cfg: dict[str, Any] = {
+        "service": {"host": "127.0.0.1", "port": free_port(), "log_level": "info"},
+        "envoy": {"listen_port": free_port(), "admin_port": free_port()},
+        "backends": out_backends,
+        "models": models,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def write_config(tmp: Path, cfg: dict[str, Any]) -> Path:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def start_stack(tmp: Path, cfg: dict[str, Any], **kw: Any) -> Stack:
+    return Stack(write_config(tmp, cfg), workdir=str(tmp), env={"E2E_BACKEND_KEY": BACKEND_KEY},
+                 **kw).start()
+
+
+def received(stack: Stack, backend: str) -> list[dict[str, Any]]:
+    r = httpx.get(stack.backend_url(backend) + "/_emulator/requests", timeout=5)
+    return [x for x in r.json()["requests"] if x["method"] == "POST"]
+
+
+def reset(stack: Stack, backend: str) -> None:
+    httpx.post(stack.backend_url(backend) + "/_emulator/reset", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def routing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Four backends: two vLLM-like, one llama.cpp-like (with a key), one that is dead."""
+    cfg = stack_config(
+        backends=[
+            {"name": "vllm-a", "preset": "vllm", "models": ["qwen3-coder-25b", "shared-7b"]},
+            {"name": "llama-b", "preset": "llamacpp", "models": ["coder-40b-q5"],
+             "api_key_env": "E2E_BACKEND_KEY"},
+            {"name": "vllm-c", "preset": "vllm", "models": ["shared-7b-awq", "big-1"]},
+            {"name": "dead", "preset": "vllm", "models": ["big-1"]},
+        ],
+        models=[
+            {"name": "qwen3-coder-25b", "aliases": ["coder"],
+             "candidates": [{"backend": "vllm-a", "model": "qwen3-coder-25b"}]},
+            {"name": "coder-40b", "candidates": [{"backend": "llama-b", "model": "coder-40b-q5"}]},
+            {"name": "shared", "candidates": [{"backend": "vllm-c", "model": "shared-7b-awq"},
+                                              {"backend": "vllm-a", "model": "shared-7b"}]},
+            {"name": "only-dead", "candidates": [{"backend": "dead", "model": "big-1"}]},
+            {"name": "failover", "candidates": [{"backend": "dead", "model": "big-1"},
+                                                {"backend": "vllm-c", "model": "big-1"}]},
+        ],
+        default_model="coder",
+    )
+    stack = start_stack(tmp_path_factory.mktemp("routing"), cfg, dead_backends=("dead",))
+    try:
+        yield stack
+    finally:
+        stack.stop()

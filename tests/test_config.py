@@ -1,0 +1,102 @@
+"""Config validation: every problem reported with the path of the bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base() -> dict:
+    return {
+        "backends": [
+            {"name": "a", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "m1"}]},
+            {"name": "b", "url": "http://localhost:8002", "models": [{"name": "m2"}]},
+        ],
+        "models": [{"name": "pub", "aliases": ["p"],
+                    "candidates": [{"backend": "a", "model": "m1"}]}],
+    }
+
+
+def problems(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    return exc.value.problems
+
+
+def test_demo_config_is_valid() -> None:
+    cfg = load_config(ROOT / "config" / "demo.yaml")
+    assert {b.name for b in cfg.backends} >= {"local-vllm", "local-llamacpp"}
+
+
+def test_missing_field_has_key_path() -> None:
+    d = base()
+    d["backends"][1]["models"][0] = {}
+    assert problems(d) == ["backends[1].models[0].name: field required"]
+
+
+def test_every_problem_is_reported() -> None:
+    d = base()
+    d["backends"][0]["url"] = "ftp://x"
+    d["backends"][1]["nonsense"] = 1
+    d["service"] = {"port": 0}
+    ps = problems(d)
+    assert any(p.startswith("backends[0].url:") for p in ps)
+    assert any(p.startswith("backends[1].nonsense: extra inputs") for p in ps)
+    assert any(p.startswith("service.port:") for p in ps)
+
+
+def test_cross_references_checked() -> None:
+    d = base()
+    d["models"].append({"name": "x", "aliases": ["pub"],
+                        "candidates": [{"backend": "zz", "model": "m1"},
+                                       {"backend": "b", "model": "nope"}]})
+    d["default_model"] = "missing"
+    ps = problems(d)
+    assert "models[1].aliases[0]: 'pub' is already used by models[0].name" in ps
+    assert any(p.startswith("models[1].candidates[0].backend: unknown backend 'zz'") for p in ps)
+    assert any(p.startswith("models[1].candidates[1].model: backend 'b' has no model 'nope'")
+               for p in ps)
+    assert any(p.startswith("default_model:") for p in ps)
+
+
+def test_hostname_and_duplicate_address_rejected() -> None:
+    d = base()
+    d["backends"].append({"name": "c", "url": "http://api.example.com/v1", "models": [{"name": "q"}]})
+    d["backends"].append({"name": "d", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "r"}]})
+    ps = problems(d)
+    assert any(p.startswith("backends[2].url: host 'api.example.com'") for p in ps)
+    assert any(p.startswith("backends[3].url: 127.0.0.1:8001 is already backend 'a'") for p in ps)
+
+
+def test_check_cli_exits_nonzero_with_paths(tmp_path: Path) -> None:
+    d = base()
+    del d["backends"][1]["models"][0]["name"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(d))
+    r = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "backends[1].models[0].name: field required" in r.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    r = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(good)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def test_not_yaml_and_not_mapping(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("backends: [")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    assert exc.value.problems[0].startswith("(file): not valid YAML")
+    assert problems([1, 2]) == ["(root): the config must be a mapping"]  # type: ignore[arg-type]

@@ -1,0 +1,125 @@
+"""The sans-IO core: routing decisions, candidate matching, model rewrite, credentials."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from extproc.attempt import BackendRuntime, backend_runtimes, header_plan, pick_candidate, rewrite_model
+from extproc.config import parse_config
+from extproc.errors import Reply
+from extproc.routing import RoutingTable, Target, check_request_line, decode_candidates, route_body
+
+CFG = parse_config({
+    "backends": [
+        {"name": "a", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "m1"}, {"name": "solo"}]},
+        {"name": "b", "url": "http://127.0.0.1:8002", "models": [{"name": "m1-q"}, {"name": "solo"}],
+         "api_key_env": "B_KEY"},
+    ],
+    "models": [{"name": "pub", "aliases": ["p"], "candidates": [
+        {"backend": "a", "model": "m1"}, {"backend": "b", "model": "m1-q"}]}],
+    "default_model": "p",
+})
+TABLE = RoutingTable(CFG)
+
+
+def body(**kw: object) -> bytes:
+    return orjson.dumps({"messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def err(reply: object) -> dict:
+    assert isinstance(reply, Reply)
+    return orjson.loads(reply.body)["error"]
+
+
+def test_exact_alias_default_resolution() -> None:
+    d = route_body(TABLE, body(model="pub"))
+    assert not isinstance(d, Reply)
+    assert d.resolution == "exact" and [t.backend for t in d.candidates] == ["a", "b"]
+    assert d.hosts == "127.0.0.1:8001,127.0.0.1:8002"
+    assert decode_candidates(d.candidates_meta) == d.candidates
+    d = route_body(TABLE, body(model="p"))
+    assert not isinstance(d, Reply) and d.resolution == "alias" and d.public_model == "pub"
+    d = route_body(TABLE, body())
+    assert not isinstance(d, Reply) and d.resolution == "default" and d.public_model == "pub"
+
+
+def test_backend_models_exposed_with_all_serving_backends() -> None:
+    d = route_body(TABLE, body(model="solo"))
+    assert not isinstance(d, Reply)
+    assert [(t.backend, t.model) for t in d.candidates] == [("a", "solo"), ("b", "solo")]
+    assert "m1" not in TABLE.entries  # named by a public model: not exposed twice
+
+
+def test_errors_name_the_problem() -> None:
+    e = err(route_body(TABLE, b'{"model": "pub",'))
+    assert e["code"] == "invalid_json" and "line 1" in e["message"]
+    assert err(route_body(TABLE, b"[1]"))["code"] == "invalid_type"
+    e = err(route_body(TABLE, body(model=["x"])))
+    assert e["param"] == "model" and "expected a string" in e["message"]
+    e = err(route_body(TABLE, body(model="zzz")))
+    assert e["code"] == "model_not_found" and "pub" in e["available_models"]
+    assert err(route_body(TABLE, b""))["code"] == "invalid_json"
+
+
+def test_request_line() -> None:
+    assert check_request_line(TABLE, "POST", "/v1/chat/completions") is None
+    models = check_request_line(TABLE, "GET", "/v1/models")
+    assert isinstance(models, Reply) and models.status == 200
+    ids = [m["id"] for m in orjson.loads(models.body)["data"]]
+    assert ids == ["pub", "solo", "p"]
+    r = check_request_line(TABLE, "PUT", "/v1/chat/completions")
+    assert isinstance(r, Reply) and r.status == 405
+    r = check_request_line(TABLE, "POST", "/v1/files")
+    assert isinstance(r, Reply) and r.status == 404
+
+
+CANDS = (Target("a", "m1", "1.1.1.1:1"), Target("b", "m2", "2.2.2.2:2"),
+         Target("a", "m3", "1.1.1.1:1"))
+
+
+@pytest.mark.parametrize(("attempt", "addr", "expected"), [
+    (1, "1.1.1.1:1", 0), (2, "2.2.2.2:2", 1), (3, "1.1.1.1:1", 2),
+    (2, "1.1.1.1:1", 2),  # entry 2 skipped (not in cluster): next with that address
+    (4, "2.2.2.2:2", 1),  # past the list (fallback pick): any candidate with that address
+])
+def test_pick_candidate(attempt: int, addr: str, expected: int) -> None:
+    picked = pick_candidate(CANDS, attempt, addr)
+    assert picked is not None and picked[0] == expected
+
+
+def test_pick_candidate_unknown_address() -> None:
+    assert pick_candidate(CANDS, 1, "9.9.9.9:9") is None
+
+
+def test_rewrite_model_splices_without_reserialising() -> None:
+    raw = b'{ "messages": [{"role":"user","content":"say \\"model\\": \\"x\\""}],\n "model" : "pub"}'
+    out = rewrite_model(raw, "pub", "m1-q")
+    assert out == raw.replace(b'"pub"', b'"m1-q"')
+    assert rewrite_model(raw, "m1-q", "m1-q") is None
+
+
+def test_rewrite_model_ambiguous_falls_back_to_parse() -> None:
+    raw = orjson.dumps({"model": "pub", "metadata": {"model": "pub"}})
+    out = orjson.loads(rewrite_model(raw, "pub", "new") or b"")
+    assert out == {"model": "new", "metadata": {"model": "pub"}}
+
+
+def test_rewrite_model_inserts_when_absent() -> None:
+    assert orjson.loads(rewrite_model(b'{"a": 1}', None, "x") or b"") == {"a": 1, "model": "x"}
+    assert orjson.loads(rewrite_model(b" { } ", None, "x") or b"") == {"model": "x"}
+
+
+def test_credentials_and_paths() -> None:
+    with pytest.raises(Exception, match="B_KEY"):
+        backend_runtimes(CFG, env={})
+    rts = backend_runtimes(CFG, env={"B_KEY": "sek"})
+    plan_b = header_plan(rts["b"], "/v1/chat/completions")
+    assert ("authorization", "Bearer sek") in plan_b.set
+    assert "x-api-key" in plan_b.remove and "authorization" not in plan_b.remove
+    plan_a = header_plan(rts["a"], "/v1/chat/completions")
+    assert "authorization" in plan_a.remove and not plan_a.set
+    fwd = BackendRuntime("f", None, None, True, "/openai/v1")
+    plan_f = header_plan(fwd, "/v1/chat/completions")
+    assert "authorization" not in plan_f.remove
+    assert (":path", "/openai/v1/chat/completions") in plan_f.set

@@ -1,0 +1,50 @@
+"""The rendered Envoy config: up to date in the repo, and accepted by the real Envoy binary."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from extproc.config import load_config
+from extproc.devstack import envoy_binary
+from extproc.envoy_config import render, render_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_repo_envoy_config_is_up_to_date() -> None:
+    cfg = load_config(ROOT / "config" / "demo.yaml")
+    assert (ROOT / "envoy" / "demo.yaml").read_text() == render_yaml(cfg, "demo.yaml"), (
+        "envoy/demo.yaml is stale: run `make envoy-config`")
+
+
+def test_envoy_validates_rendered_config() -> None:
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c",
+                        str(ROOT / "envoy" / "demo.yaml")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK" in r.stdout + r.stderr
+
+
+def test_security_and_limits_in_rendered_config() -> None:
+    cfg = load_config(ROOT / "config" / "demo.yaml")
+    doc = render(cfg)
+    listener = doc["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    rc = hcm["route_config"]
+    assert "x-extproc-cluster" in rc["internal_only_headers"]
+    route = rc["virtual_hosts"][0]["routes"][0]
+    assert route["route"]["cluster_header"] == "x-extproc-cluster"
+    assert route["request_body_buffer_limit"] >= 8 * 1024 * 1024
+    assert listener["per_connection_buffer_limit_bytes"] >= 8 * 1024 * 1024
+    route_filter = hcm["http_filters"][0]["typed_config"]
+    assert route_filter["failure_mode_allow"] is False
+    assert route_filter["processing_mode"]["request_body_mode"] == "BUFFERED"
+    pool = doc["static_resources"]["clusters"][1]
+    addrs = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in pool["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert addrs == [18001, 18002, 18003, 18004]
+    assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    yaml.safe_load(render_yaml(cfg))  # round-trips

@@ -1,0 +1,141 @@
+"""The gRPC servicer over a real grpc.aio channel, fed the messages Envoy sends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import orjson
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import struct_pb2
+
+from extproc.config import parse_config
+from extproc.service import (
+    ATTR_ADDRESS,
+    ATTR_ATTEMPT,
+    ATTR_BODY_MODEL,
+    ATTR_CANDIDATES,
+    Processor,
+    Runtime,
+)
+
+CFG = parse_config({
+    "backends": [
+        {"name": "a", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "m1"}]},
+        {"name": "b", "url": "http://127.0.0.1:8002/v1", "models": [{"name": "m2"}],
+         "api_key_env": "B_KEY"},
+    ],
+    "models": [{"name": "pub", "candidates": [{"backend": "a", "model": "m1"},
+                                              {"backend": "b", "model": "m2"}]}],
+})
+
+
+def hdrs(pairs: dict[str, str], eos: bool = False) -> pb.HttpHeaders:
+    return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]),
+        end_of_stream=eos)
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[pb_grpc.ExternalProcessorStub]:
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        Processor(Runtime.build(CFG, env={"B_KEY": "sek"})), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield pb_grpc.ExternalProcessorStub(ch)
+    await server.stop(None)
+
+
+async def exchange(stub: pb_grpc.ExternalProcessorStub, stage: str,
+                   msgs: list[pb.ProcessingRequest]) -> list[pb.ProcessingResponse]:
+    call = stub.Process(metadata=(("x-extproc-stage", stage),))
+    out = []
+    for m in msgs:
+        await call.write(m)
+        out.append(await call.read())
+    await call.done_writing()
+    return out
+
+
+POST = {":method": "POST", ":path": "/v1/chat/completions", "x-request-id": "rid-1"}
+
+
+async def test_route_stage_sets_cluster_order_and_metadata(stub) -> None:
+    body = orjson.dumps({"model": "pub", "messages": []})
+    r_hdr, r_body = await exchange(stub, "route", [
+        pb.ProcessingRequest(request_headers=hdrs(POST)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+    ])
+    assert r_hdr.WhichOneof("response") == "request_headers"
+    common = r_body.request_body.response
+    assert common.clear_route_cache
+    sets = {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+    assert sets == {"x-extproc-cluster": "llm_backends", "x-envoy-max-retries": "1"}
+    meta = r_body.dynamic_metadata.fields["extproc"].struct_value.fields
+    assert meta["hosts"].string_value == "127.0.0.1:8001,127.0.0.1:8002"
+    assert orjson.loads(meta["candidates"].string_value)[1] == ["b", "m2", "127.0.0.1:8002"]
+
+
+async def test_route_stage_unknown_model_is_immediate_404(stub) -> None:
+    _, r = await exchange(stub, "route", [
+        pb.ProcessingRequest(request_headers=hdrs(POST)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model":"x"}', end_of_stream=True)),
+    ])
+    assert r.immediate_response.status.code == 404
+    assert orjson.loads(r.immediate_response.body)["error"]["code"] == "model_not_found"
+
+
+def attempt_req(attempt: int, address: str, candidates: str, body_model: str = '"pub"'
+                ) -> pb.ProcessingRequest:
+    attrs = struct_pb2.Struct()
+    attrs.update({ATTR_ADDRESS: address, ATTR_ATTEMPT: float(attempt),
+                  ATTR_CANDIDATES: candidates, ATTR_BODY_MODEL: body_model})
+    return pb.ProcessingRequest(
+        request_headers=hdrs({**POST, "authorization": "Bearer client"}),
+        attributes={"envoy.filters.http.ext_proc": attrs})
+
+
+CANDS = orjson.dumps([["a", "m1", "127.0.0.1:8001"], ["b", "m2", "127.0.0.1:8002"]]).decode()
+
+
+async def test_attempt_stage_rewrites_model_and_injects_key(stub) -> None:
+    body = b'{"model": "pub", "messages": []}'
+    r_hdr, r_body, r_resp = await exchange(stub, "attempt", [
+        attempt_req(2, "127.0.0.1:8002", CANDS),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+        pb.ProcessingRequest(response_headers=hdrs({":status": "200"})),
+    ])
+    mut = r_hdr.request_headers.response.header_mutation
+    assert {h.header.key: h.header.raw_value for h in mut.set_headers} == {
+        "authorization": b"Bearer sek"}
+    new = r_body.request_body.response.body_mutation.body
+    assert orjson.loads(new) == {"model": "m2", "messages": []}
+    cl = r_body.request_body.response.header_mutation.set_headers[0].header
+    assert (cl.key, cl.raw_value) == ("content-length", str(len(new)).encode())
+    sets = {h.header.key: h.header.raw_value for h in
+            r_resp.response_headers.response.header_mutation.set_headers}
+    assert sets == {"x-extproc-backend": b"b", "x-extproc-model": b"m2"}
+
+
+async def test_attempt_stage_skips_body_when_model_unchanged(stub) -> None:
+    (r,) = await exchange(stub, "attempt", [attempt_req(1, "127.0.0.1:8001", CANDS, '"m1"')])
+    assert r.mode_override.request_body_mode == 0  # NONE: the body is not sent to us at all
+    assert "authorization" in r.request_headers.response.header_mutation.remove_headers
+
+
+async def test_internal_error_is_json_500_with_request_id(stub) -> None:
+    (r,) = await exchange(stub, "attempt", [attempt_req(1, "127.0.0.1:8001", "[[broken")])
+    assert r.immediate_response.status.code == 500
+    e = orjson.loads(r.immediate_response.body)["error"]
+    assert e["code"] == "internal_error" and e["request_id"] == "rid-1"
+    assert "rid-1" in e["message"]
+
+
+async def test_attempt_without_routing_decision_is_refused(stub) -> None:
+    (r,) = await exchange(stub, "attempt", [attempt_req(1, "127.0.0.1:8001", "")])
+    assert r.immediate_response.status.code == 502
