@@ -189,3 +189,22 @@ def test_unreachable_backend_gives_json_503_naming_model(routing_stack: Stack) -
     err = r.json()["error"]
     assert err["model"] == "only-dead" and "only-dead" in err["message"]
     assert err["type"] == "upstream_error" and err["request_id"] == r.headers["x-request-id"]
+
+
+def test_concurrent_large_bodies_do_not_crash_envoy(routing_stack: Stack) -> None:
+    """Regression: with the gRPC cluster's default 1 MiB buffer limit, concurrent multi-MB
+    bodies made Envoy 1.40 segfault in the attempt-stage (upstream) ext_proc filter."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blob = base64.b64encode(os.urandom(3_000_000)).decode()
+    body = orjson.dumps({"model": "coder-40b", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{blob}"}}]}]})
+
+    def send(_: int) -> int:
+        return httpx.post(routing_stack.envoy_url + "/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=60).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(send, range(18)))
+    assert statuses == [200] * 18
+    assert routing_stack.procs["envoy"].poll() is None

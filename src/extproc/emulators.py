@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import threading
+from collections import deque
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +75,7 @@ class Emulator:
     flavour: str
     models: list[str]
     api_key: str | None = None
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
     behaviour: Behaviour = field(default_factory=Behaviour)
     lock: threading.Lock = field(default_factory=threading.Lock)
     record_bodies: bool = True
@@ -266,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key")
     ap.add_argument("--no-record-bodies", action="store_true")
     a = ap.parse_args(argv)
-    emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key,
-                   record_bodies=not a.no_record_bodies)
+    record = not (a.no_record_bodies or os.environ.get("EMULATOR_NO_RECORD_BODIES"))
+    emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key, record_bodies=record)
 
     async def run() -> None:
         server = await start_server(emu, a.host, a.port)

@@ -1,0 +1,209 @@
+"""Reference benchmark: bare Envoy vs Envoy + llm-extproc, side by side, same emulated backend.
+
+Runs the cases interleaved (A, B, A, B, ...) so drift on a shared machine hits both, prints a
+table with p50/p99/req/s and the ratio to bare Envoy, and writes bench/results/latest.json.
+Needs `wrk` (Debian package `wrk`; `make bench` installs it when missing).
+
+    python bench/bench.py [--duration 5] [--repeat 2] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import yaml
+
+from extproc.devstack import Stack, envoy_binary, free_port, wait_port
+
+HERE = Path(__file__).resolve().parent
+
+
+def bench_config(backend_port: int) -> dict:
+    return {
+        "service": {"port": free_port(), "log_level": "warning"},
+        "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
+        "backends": [{"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{backend_port}/v1",
+                      "models": [{"name": "bench-model-awq"}]}],
+        "models": [{"name": "bench-model", "candidates": [
+            {"backend": "emu", "model": "bench-model-awq"}]}],
+    }
+
+
+def bare_envoy_config(listen: int, admin: int, backend_port: int, limit: int) -> dict:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "bare", "per_connection_buffer_limit_bytes": limit,
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                        "http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "bare",
+                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                         "routes": [{"match": {"prefix": "/"},
+                                                     "route": {"cluster": "emu"}}]}]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                            "router.v3.Router"}}],
+                    }}]}],
+            }],
+            "clusters": [{
+                "name": "emu", "type": "STATIC", "connect_timeout": "1s",
+                "per_connection_buffer_limit_bytes": limit,
+                "load_assignment": {"cluster_name": "emu", "endpoints": [{"lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {
+                        "address": "127.0.0.1", "port_value": backend_port}}}}]}]},
+            }],
+        },
+    }
+
+
+def make_bodies(tmp: Path) -> dict[str, Path]:
+    chat = {"model": "bench-model", "max_tokens": 64, "messages": [
+        {"role": "system", "content": "You are a helpful assistant. " * 8},
+        {"role": "user", "content": "Explain the difference between TCP and UDP. " * 14}]}
+    img = base64.b64encode(os.urandom(3_000_000)).decode()
+    big = {"model": "bench-model", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this image?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}]}]}
+    out = {}
+    for name, body in (("chat_1k", chat), ("image_4m", big)):
+        p = tmp / f"{name}.json"
+        p.write_bytes(orjson.dumps(body))
+        out[name] = p
+    return out
+
+
+def lua_script(tmp: Path, body: Path) -> Path:
+    p = tmp / f"{body.stem}.lua"
+    p.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["content-type"] = "application/json"\n'
+        f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
+    return p
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def run_wrk(url: str, script: Path, conc: int, duration: float) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(conc), "-d", f"{max(1, round(duration))}s", "--latency", "-s", str(script),
+         url + "/v1/chat/completions"], capture_output=True, text=True, timeout=duration + 60)
+    text = out.stdout
+    if "Requests/sec" not in text:
+        raise RuntimeError(f"wrk failed: {out.stdout}{out.stderr}")
+    pct = {}
+    for p, val, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M):
+        pct[p] = float(val) * _UNITS[unit]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {"p50_ms": pct.get("50"), "p99_ms": pct.get("99"), "rps": rps,
+            "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def wait_idle(max_wait: float = 10.0, threshold: float = 0.6) -> None:
+    """Wait until the 1-minute-ish load settles (cheap proxy: /proc/loadavg 1-min < threshold x cores)."""
+    deadline = time.monotonic() + max_wait
+    cores = os.cpu_count() or 1
+    while time.monotonic() < deadline:
+        with open("/proc/loadavg") as f:
+            if float(f.read().split()[0]) < threshold * cores:
+                return
+        time.sleep(0.5)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="1s per case, one repeat (for tests)")
+    ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    args = ap.parse_args()
+    if args.smoke:
+        args.duration, args.repeat = 1.0, 1
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    backend_port = free_port()
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(bench_config(backend_port)))
+    bodies = make_bodies(tmp)
+    scripts = {k: lua_script(tmp, v) for k, v in bodies.items()}
+    bare_port, bare_admin = free_port(), free_port()
+    (tmp / "bare.yaml").write_text(yaml.safe_dump(
+        bare_envoy_config(bare_port, bare_admin, backend_port, 32 * 1024 * 1024)))
+    cases = [("chat 1KB", "chat_1k", 1), ("chat 1KB", "chat_1k", 8), ("image 4MB", "image_4m", 4)]
+    results: dict[str, dict[str, list[dict]]] = {}
+    stack = Stack(cfg_path, workdir=str(tmp), env={"EMULATOR_NO_RECORD_BODIES": "1"})
+    bare = None
+    try:
+        stack.start()
+        bare = subprocess.Popen([envoy_binary(), "-c", str(tmp / "bare.yaml"), "--concurrency",
+                                 "1", "--log-level", "warn", "--base-id", str(os.getpid() % 9000 + 1)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port("127.0.0.1", bare_port, proc=bare)
+        targets = {"bare Envoy": f"http://127.0.0.1:{bare_port}", "Envoy + extproc": stack.envoy_url}
+        for name, body, conc in cases:
+            key = f"{name} c={conc}"
+            results[key] = {t: [] for t in targets}
+            for url in targets.values():  # warm-up
+                run_wrk(url, scripts[body], conc, 1)
+            for _ in range(args.repeat):
+                for t, url in targets.items():
+                    wait_idle()
+                    results[key][t].append(run_wrk(url, scripts[body], conc, args.duration))
+    finally:
+        stack.stop()
+        if bare is not None:
+            bare.terminate()
+            bare.wait(timeout=10)
+    summary = []
+    for key, per in results.items():
+        row = {"case": key}
+        for t, runs in per.items():
+            row[t] = {m: statistics.median(r[m] for r in runs) for m in ("p50_ms", "p99_ms", "rps")}
+            row[t]["spread_rps"] = [round(r["rps"]) for r in runs]
+            row[t]["non_2xx"] = sum(r["non_2xx"] for r in runs)
+        b, x = row["bare Envoy"], row["Envoy + extproc"]
+        row["p50_ratio"] = x["p50_ms"] / b["p50_ms"]
+        row["rps_ratio"] = x["rps"] / b["rps"]
+        summary.append(row)
+    machine = f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}, " \
+              f"{time.strftime('%Y-%m-%d')}"
+    print(f"\nmachine: {machine}; {args.duration}s x {args.repeat} per target, interleaved\n")
+    hdr = f"{'case':18} {'target':16} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'runs req/s':>16} {'non2xx':>6}"
+    print(hdr)
+    print("-" * len(hdr))
+    for row in summary:
+        for t in ("bare Envoy", "Envoy + extproc"):
+            v = row[t]
+            print(f"{row['case']:18} {t:16} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['rps']:8.0f} "
+                  f"{str(v['spread_rps']):>16} {v['non_2xx']:6d}")
+        print(f"{'':18} {'ratio':16} {row['p50_ratio']:7.1f}x {'':8} {row['rps_ratio']:7.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "cases": summary}, indent=2))
+    print(f"\nwritten: {args.out}")
+    bad = sum(row[t]["non_2xx"] for row in summary for t in ("bare Envoy", "Envoy + extproc"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

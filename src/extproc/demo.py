@@ -1,0 +1,78 @@
+"""`make demo`: start the local stack, send real requests with the openai SDK, show where each
+went and what came back, then stop everything."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import httpx
+import openai
+
+from .devstack import Stack
+
+CASES: list[tuple[str, str | None, str]] = [
+    ("exact model name", "qwen3-coder-25b", "routes to the vLLM backend serving it"),
+    ("alias", "coder-big", "alias -> qwen3-coder-40b on llama.cpp (served as -q5)"),
+    ("cloud alias", "cloud", "the cloud backend gets its own key, never the client's"),
+    ("backend model", "llama3.2:3b", "a backend model exposed under its own name"),
+    ("no model", None, "the configured default model"),
+    ("failover", "coder", "vLLM answers 503 once: Envoy retries the next candidate (Ollama)"),
+    ("unknown model", "gpt-9", "404 model_not_found listing the models"),
+]
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w)[:w] for c, w in zip(cells, widths, strict=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="config/demo.yaml")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("DEMO_OPENAI_KEY", "sk-demo-local-not-a-secret")
+    with Stack(args.config, workdir=tempfile.mkdtemp(prefix="extproc-demo-")) as stack:
+        print(f"stack up: Envoy on {stack.envoy_url}, logs in {stack.log_dir}\n")
+        c = openai.OpenAI(base_url=stack.envoy_url + "/v1", api_key="client-key", max_retries=0)
+        ids = [m.id for m in c.models.list()]
+        print(f"GET /v1/models -> {len(ids)} models: {', '.join(ids)}\n")
+        widths = [16, 16, 7, 15, 19, 44]
+        print(_row(["case", "model asked", "status", "backend", "served model", "answer"], widths))
+        print(_row(["-" * w for w in widths], widths))
+        failures = 0
+        for label, model, _why in CASES:
+            if label == "failover":
+                httpx.post(stack.backend_url("local-vllm") + "/_emulator/behaviour",
+                           json={"fail_status": 503, "fail_times": 1})
+            try:
+                if model is None:
+                    # The SDK requires a model; send a raw request without one.
+                    r = httpx.post(stack.envoy_url + "/v1/chat/completions",
+                                   json={"messages": [{"role": "user", "content": "hi"}]})
+                    status, hdrs = r.status_code, r.headers
+                    answer = r.json()["choices"][0]["message"]["content"]
+                else:
+                    raw = c.chat.completions.with_raw_response.create(
+                        model=model, messages=[{"role": "user", "content": "hi"}])
+                    status, hdrs = raw.status_code, raw.headers
+                    answer = raw.parse().choices[0].message.content or ""
+            except openai.APIStatusError as exc:
+                status, hdrs = exc.status_code, exc.response.headers
+                answer = f"{exc.body.get('code')}: {exc.body.get('message', '')}"
+            expected_ok = model != "gpt-9"
+            if (status == 200) != expected_ok:
+                failures += 1
+            print(_row([label, model or "(none)", str(status), hdrs.get("x-extproc-backend", "-"),
+                        hdrs.get("x-extproc-model", "-"), answer], widths))
+        print("\nwhy:")
+        for label, model, why in CASES:
+            print(f"  {label:16} {model or '(none)':16} {why}")
+        print(f"\nrouting decisions (one JSON line per request): {stack.log_path('service')}")
+    print("stack stopped.")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
