@@ -36,7 +36,8 @@ def bench_config(backend_port: int) -> dict:
         "service": {"port": free_port(), "log_level": "warning"},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
         "backends": [{"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{backend_port}/v1",
-                      "models": [{"name": "bench-model-awq"}]}],
+                      # bare Envoy sends "bench-model" unchanged, so the emulator serves both
+                      "models": [{"name": "bench-model-awq"}, {"name": "bench-model"}]}],
         "models": [{"name": "bench-model", "candidates": [
             {"backend": "emu", "model": "bench-model-awq"}]}],
     }
@@ -104,8 +105,9 @@ _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 def run_wrk(url: str, script: Path, conc: int, duration: float) -> dict:
     out = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(conc), "-d", f"{max(1, round(duration))}s", "--latency", "-s", str(script),
-         url + "/v1/chat/completions"], capture_output=True, text=True, timeout=duration + 60)
+        ["wrk", "-t", "1", "-c", str(conc), "-d", f"{max(1, round(duration))}s", "--latency",
+         "-s", str(script), url + "/v1/chat/completions"],
+        capture_output=True, text=True, timeout=duration + 60)
     text = out.stdout
     if "Requests/sec" not in text:
         raise RuntimeError(f"wrk failed: {out.stdout}{out.stderr}")
@@ -189,14 +191,15 @@ def main() -> int:
     machine = f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}, " \
               f"{time.strftime('%Y-%m-%d')}"
     print(f"\nmachine: {machine}; {args.duration}s x {args.repeat} per target, interleaved\n")
-    hdr = f"{'case':18} {'target':16} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'runs req/s':>16} {'non2xx':>6}"
+    hdr = (f"{'case':18} {'target':16} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} "
+           f"{'runs req/s':>16} {'non2xx':>6}")
     print(hdr)
     print("-" * len(hdr))
     for row in summary:
         for t in ("bare Envoy", "Envoy + extproc"):
             v = row[t]
             print(f"{row['case']:18} {t:16} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['rps']:8.0f} "
-                  f"{str(v['spread_rps']):>16} {v['non_2xx']:6d}")
+                  f"{v['spread_rps']!s:>16} {v['non_2xx']:6d}")
         print(f"{'':18} {'ratio':16} {row['p50_ratio']:7.1f}x {'':8} {row['rps_ratio']:7.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "cases": summary}, indent=2))

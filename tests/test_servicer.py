@@ -139,3 +139,40 @@ async def test_internal_error_is_json_500_with_request_id(stub) -> None:
 async def test_attempt_without_routing_decision_is_refused(stub) -> None:
     (r,) = await exchange(stub, "attempt", [attempt_req(1, "127.0.0.1:8001", "")])
     assert r.immediate_response.status.code == 502
+
+
+async def test_sigterm_lets_in_flight_stream_finish(tmp_path) -> None:
+    """A stream open when SIGTERM arrives still gets its answers; then the process exits 0."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from extproc.devstack import free_port, wait_port
+
+    port = free_port()
+    cfg = {"service": {"port": port, "shutdown_grace_s": 5},
+           "backends": [{"name": "a", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "m1"}]}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--config",
+                             str(tmp_path / "c.yaml")], stderr=subprocess.PIPE)
+    try:
+        wait_port("127.0.0.1", port, proc=proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = pb_grpc.ExternalProcessorStub(ch).Process(metadata=(("x-extproc-stage", "route"),))
+            await call.write(pb.ProcessingRequest(request_headers=hdrs(POST)))
+            assert (await call.read()).WhichOneof("response") == "request_headers"
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(
+                body=b'{"model": "m1"}', end_of_stream=True)))
+            resp = await call.read()
+            assert resp.request_body.response.clear_route_cache
+            await call.done_writing()
+        assert proc.wait(timeout=10) == 0
+        assert b"service.stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -16,8 +16,8 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections import deque
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
