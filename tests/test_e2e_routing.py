@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 
 import httpx
 import openai
@@ -171,8 +172,12 @@ def test_bad_requests_get_json_errors(routing_stack: Stack) -> None:
 def test_decision_record_logged(routing_stack: Stack) -> None:
     r = chat(routing_stack, "failover")
     rid = r.headers["x-request-id"]
-    lines = [orjson.loads(x) for x in routing_stack.log_path("service").read_text().splitlines()
-             if rid in x and '"routing.decision"' in x]
+    lines: list[dict] = []
+    deadline = time.monotonic() + 5  # written when the route-stage stream closes
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lines = [orjson.loads(x) for x in routing_stack.log_path("service").read_text()
+                 .splitlines() if rid in x and '"routing.decision"' in x]
     assert len(lines) == 1
     rec = lines[0]
     assert rec["model_requested"] == "failover" and rec["resolution"] == "exact"

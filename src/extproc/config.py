@@ -39,6 +39,38 @@ class BackendModel(_Strict):
     name: str = Field(description="the model name the backend expects in the request body")
 
 
+class PartsOverride(_Strict):
+    """Overrides of a preset's content-part profile; unset fields keep the preset's value."""
+
+    accepts: list[str] | None = Field(default=None, description="part shapes taken natively")
+    audio_formats: list[str] | None = Field(default=None, description="input_audio formats")
+    fetches_urls: bool | None = Field(default=None, description="downloads http(s) URLs itself")
+    image_mimes: list[str] | None = Field(default=None, description="data-URL image subtypes")
+    keeps_detail: bool | None = None
+
+    @field_validator("accepts")
+    @classmethod
+    def _shapes(cls, v: list[str] | None) -> list[str] | None:
+        from .parts import SHAPES
+
+        for shape in v or ():
+            if shape not in SHAPES:
+                raise ValueError(f"unknown part shape {shape!r} (known: {', '.join(sorted(SHAPES))})")
+        return v
+
+
+class FetchSettings(_Strict):
+    """Remote URL fetches (for backends that only take inline data)."""
+
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    allow_private: bool = Field(default=False, description="allow loopback/private/link-local")
+    allow_hosts: list[str] = Field(default=[], description="hosts exempt from the address check")
+    allow_http: bool = False
+    max_redirects: int = Field(default=3, ge=0, le=10)
+    ca_bundle: str | None = None
+
+
 class Backend(_Strict):
     name: str
     url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1")
@@ -54,6 +86,7 @@ class Backend(_Strict):
     preset: Literal["vllm", "sglang", "llamacpp", "ollama", "openai"] = Field(
         default="openai", description="which server this is; sets its content-part profile"
     )
+    parts: PartsOverride = PartsOverride()
     models: list[BackendModel] = Field(min_length=1)
 
     @field_validator("name")
@@ -118,6 +151,7 @@ class EnvoySettings(_Strict):
 class Config(_Strict):
     service: ServiceSettings = ServiceSettings()
     envoy: EnvoySettings = EnvoySettings()
+    fetch: FetchSettings = FetchSettings()
     backends: list[Backend] = Field(min_length=1)
     models: list[PublicModel] = []
     expose_backend_models: bool = Field(

@@ -23,6 +23,9 @@ class DecisionRecord:
     outcome: str = "incomplete"
     status: int | None = None
     error_code: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    converted_parts: int = 0
 
     def routed(self, d: RouteDecision) -> None:
         self.model_requested = d.requested
@@ -31,6 +34,9 @@ class DecisionRecord:
         self.candidates = [
             {"backend": t.backend, "model": t.model, "address": t.address} for t in d.candidates
         ]
+        self.warnings = d.warnings
+        self.dropped = [{"backend": t.backend, "model": t.model, "reason": f"cannot take {why}"}
+                        for t, why in d.dropped]
 
     def answered(self, status: int, backend: str | None, model: str | None,
                  attempt_count: int | None) -> None:
@@ -72,5 +78,8 @@ class DecisionRecord:
             "outcome": self.outcome,
             "status": self.status,
             "error_code": self.error_code,
+            "dropped_candidates": self.dropped,
+            "converted_parts": self.converted_parts,
+            "warnings": self.warnings,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
         }

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -145,6 +148,7 @@ class Emulator:
         return str(model)
 
     def _check_parts(self, messages: Any) -> None:
+        """Refuse parts the way the real server does (content-parts.md)."""
         if not isinstance(messages, list):
             raise _error(self.flavour, 400, "'messages' must be a list", param="messages")
         accepted = ACCEPTED_PARTS[self.flavour]
@@ -153,21 +157,47 @@ class Emulator:
             if not isinstance(content, list):
                 continue
             for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind is None and isinstance(part, dict) and "image_url" in part:
-                    kind = "untyped_image_url"
-                elif kind == "image_url" and isinstance(part.get("image_url"), str):
-                    kind = "image_url_string"
-                if kind not in accepted:
-                    where = f"messages[{i}].content[{j}]"
-                    if self.flavour == "vllm":
-                        raise _error("vllm", 400, f"Unknown part type: {kind}")
-                    if self.flavour == "openai":
-                        raise _error("openai", 400, f"Invalid value: '{kind}'. Supported values "
-                                     "are: 'text', 'image_url', 'input_audio', 'refusal', "
-                                     "'audio', and 'file'.", param=f"{where}.type",
-                                     code="invalid_value")
-                    raise _error(self.flavour, 400, f"unsupported content part type: {kind}")
+                self._check_part(part, f"messages[{i}].content[{j}]", accepted)
+
+    def _check_part(self, part: Any, where: str, accepted: frozenset[str]) -> None:
+        f = self.flavour
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind is None and isinstance(part, dict) and "image_url" in part:
+            kind = "untyped_image_url"
+        elif kind == "image_url" and isinstance(part.get("image_url"), str):
+            kind = "image_url_string"
+        if kind not in accepted:
+            if f == "vllm":
+                raise _error("vllm", 400, f"Unsupported chat content part type: {kind}")
+            if f == "openai":
+                if kind == "image_url_string":
+                    raise _error("openai", 400, f"Invalid type for '{where}.image_url': expected "
+                                 "an object, but got a string instead.",
+                                 param=f"{where}.image_url", code="invalid_type")
+                raise _error("openai", 400, f"Invalid value: '{kind}'. Supported values are: "
+                             "'text', 'image_url', 'input_audio', 'refusal', 'audio', and 'file'.",
+                             param=f"{where}.type", code="invalid_value")
+            if f == "llamacpp":
+                raise _error(f, 400, f"unsupported content[].type: {kind}")
+            raise _error(f, 400, f"invalid content part type: {kind}")
+        if kind == "input_audio":
+            audio = part.get("input_audio") or {}
+            fmt, data = audio.get("format"), audio.get("data")
+            if f in ("llamacpp", "openai", "sglang") and fmt not in ("wav", "mp3"):
+                raise _error(f, 400, "input_audio.format must be either 'wav' or 'mp3'",
+                             param=f"{where}.input_audio.format", code="invalid_value")
+            try:
+                base64.b64decode(data or "", validate=True)
+            except (ValueError, binascii.Error):
+                raise _error(f, 400, "input_audio.data contains invalid base64 data") from None
+        if kind in ("image_url", "image_url_string") and f == "ollama":
+            value = part["image_url"]
+            url = value if isinstance(value, str) else value.get("url", "")
+            if not url.startswith("data:"):
+                raise _error(f, 400, "image URLs are not currently supported, please use "
+                             "base64 encoded data instead")
+            if not re.match(r"data:image/(jpeg|png|webp);base64,", url):
+                raise _error(f, 400, "invalid image input")
 
     def _complete(self, path: str, data: dict[str, Any]) -> tuple[int, Any, str]:
         model = self._check_model(data)

@@ -14,6 +14,7 @@ import orjson
 
 from .config import Config, backend_endpoint
 from .errors import Reply, error_reply, json_reply
+from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
 
 POOL_CLUSTER = "llm_backends"
 
@@ -51,6 +52,9 @@ class RouteDecision:
     candidates_meta: str
     cluster: str = POOL_CLUSTER
     body: dict[str, Any] = field(default_factory=dict)
+    sigs: list[Sig] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dropped: list[tuple[Target, str]] = field(default_factory=list)
 
 
 def encode_candidates(cands: tuple[Target, ...]) -> str:
@@ -72,6 +76,8 @@ class RoutingTable:
     def __init__(self, cfg: Config):
         self.config = cfg
         addresses = {b.name: backend_endpoint(b.url).address for b in cfg.backends}
+        self.profiles: dict[str, Profile] = {
+            b.name: profile_for(b.preset, b.parts) for b in cfg.backends}
         self.entries: dict[str, PublicEntry] = {}
         self.aliases: dict[str, str] = {}
         named: set[tuple[str, str]] = set()
@@ -217,7 +223,11 @@ def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | 
         if found is None:
             return _model_not_found(table, model)
         entry, resolution = found
-    return RouteDecision(
+    try:
+        report = inspect_parts(data)
+    except PartError as exc:
+        return exc.reply
+    decision = RouteDecision(
         requested=model if isinstance(model, str) else None,
         public_model=entry.name,
         resolution=resolution,
@@ -225,7 +235,47 @@ def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | 
         hosts=entry.hosts,
         candidates_meta=entry.candidates_meta,
         body=data,
+        sigs=report.sigs,
+        warnings=report.warnings,
     )
+    if decision.sigs:
+        return _filter_by_parts(table, decision, report.parts)
+    return decision
+
+
+def _filter_by_parts(table: RoutingTable, d: RouteDecision, parts: list[Any]) -> RouteDecision | Reply:
+    """Drop candidates whose backend cannot take some part even after conversion."""
+    keep: list[Target] = []
+    for t in d.candidates:
+        bad = refused(table.profiles[t.backend], d.sigs)
+        if bad is None:
+            keep.append(t)
+        else:
+            d.dropped.append((t, describe(bad)))
+    if not keep:
+        sig = refused(table.profiles[d.candidates[0].backend], d.sigs)
+        assert sig is not None
+        where = next(p.path for p in parts if p.sig == sig)
+        able = sorted(n for n, e in table.entries.items()
+                      if any(refused(table.profiles[c.backend], [sig]) is None
+                             for c in e.candidates))
+        backends = ", ".join(f"{t.backend} ({t.model})" for t in d.candidates)
+        if sig.kind == "audio":
+            fmts = sorted({f for t in d.candidates for f in table.profiles[t.backend].audio_formats})
+            if fmts:
+                backends += f"; they accept audio formats: {', '.join(fmts)}"
+        return error_reply(
+            400,
+            f"{where}: a {describe(sig)} cannot be sent to any candidate of model "
+            f"'{d.public_model}' ({backends}), and no conversion exists. "
+            + (f"Models that accept it: {', '.join(able)}" if able else
+               "No configured model accepts it."),
+            code="unsupported_content", param=where, extra={"models_accepting": able})
+    if len(keep) != len(d.candidates):
+        d.candidates = tuple(keep)
+        d.hosts = ",".join(t.address for t in keep)
+        d.candidates_meta = encode_candidates(d.candidates)
+    return d
 
 
 def route_body(table: RoutingTable, body: bytes) -> RouteDecision | Reply:

@@ -27,7 +27,9 @@ from .attempt import BackendRuntime, backend_runtimes, header_plan, pick_candida
 from .config import Config
 from .decision import DecisionRecord
 from .errors import Reply, error_reply, internal_error
+from .fetch import Fetcher, FetchError, FetchPolicy
 from .logs import log_event
+from .parts import ConvertError, Sig, convert_body, fetch_targets, inspect_parts, needs_change
 from .routing import (
     RouteDecision,
     RoutingTable,
@@ -46,10 +48,13 @@ ATTR_ADDRESS = "upstream.address"
 ATTR_ATTEMPT = "upstream.request_attempt_count"
 ATTR_CANDIDATES = "metadata.filter_metadata['extproc']['candidates']"
 ATTR_BODY_MODEL = "metadata.filter_metadata['extproc']['body_model']"
-ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL)
+ATTR_PARTS = "metadata.filter_metadata['extproc']['parts']"
+ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL, ATTR_PARTS)
 RESP_BACKEND = "x-extproc-backend"
 RESP_MODEL = "x-extproc-model"
 RESP_ATTEMPTS = "x-extproc-attempts"
+RESP_CONVERTED = "x-extproc-converted-parts"
+RESP_WARNINGS = "x-extproc-warnings"
 
 _SKIP_BODY = processing_mode_pb2.ProcessingMode(
     request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
@@ -68,10 +73,14 @@ class Runtime:
     config: Config
     table: RoutingTable
     backends: dict[str, BackendRuntime]
+    fetcher: Fetcher
 
     @classmethod
     def build(cls, cfg: Config, env: dict[str, str] | None = None) -> Runtime:
-        return cls(cfg, RoutingTable(cfg), backend_runtimes(cfg, env))
+        f = cfg.fetch
+        policy = FetchPolicy(f.timeout_s, f.max_bytes, f.allow_private, frozenset(f.allow_hosts),
+                             f.allow_http, f.max_redirects, f.ca_bundle)
+        return cls(cfg, RoutingTable(cfg), backend_runtimes(cfg, env), Fetcher(policy))
 
 
 # ---------------------------------------------------------------- message helpers
@@ -133,7 +142,7 @@ class RouteStream:
         self.path = ""
         self.record = DecisionRecord(request_id="-")
 
-    def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+    async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         kind = req.WhichOneof("request")
         if kind == "request_headers":
             return self._on_headers(req.request_headers)
@@ -184,6 +193,8 @@ class RouteStream:
             "body_model": orjson.dumps(body_model).decode(),
             "public_model": d.public_model,
         }
+        if d.sigs:
+            meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
         common = pb.CommonResponse(
             header_mutation=mutation([
                 (CLUSTER_HEADER, d.cluster),
@@ -206,10 +217,16 @@ class RouteStream:
         n = int(attempts) if attempts and attempts.isdigit() else None
         if self.record.outcome == "incomplete":
             self.record.answered(status, h.get(RESP_BACKEND), h.get(RESP_MODEL), n)
+            converted = h.get(RESP_CONVERTED)
+            if converted and converted.isdigit():
+                self.record.converted_parts = int(converted)
+        add = [(RESP_ATTEMPTS, str(n))] if n else []
+        if self.record.warnings:
+            add.append((RESP_WARNINGS, "; ".join(self.record.warnings)[:2000]))
         return pb.ProcessingResponse(
             response_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=mutation(
-                    [(RESP_ATTEMPTS, str(n))] if n else [], ["x-envoy-attempt-count"]))
+                    add, ["x-envoy-attempt-count"]))
             )
         )
 
@@ -232,18 +249,21 @@ class AttemptStream:
         self.model: str | None = None
         self.new_model: str | None = None
         self.body_model: str | None = None
+        self.convert = False
+        self.converted = 0
 
-    def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+    async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         kind = req.WhichOneof("request")
         if kind == "request_headers":
             return self._on_headers(req)
         if kind == "request_body":
-            return self._on_body(req.request_body)
+            return await self._on_body(req.request_body)
         if kind == "response_headers":
+            tags = [(RESP_BACKEND, self.backend or ""), (RESP_MODEL, self.model or "")]
+            if self.converted:
+                tags.append((RESP_CONVERTED, str(self.converted)))
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(header_mutation=mutation(
-                    [(RESP_BACKEND, self.backend or ""), (RESP_MODEL, self.model or "")])))
-            )
+                response=pb.CommonResponse(header_mutation=mutation(tags))))
         return None
 
     def _on_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -267,7 +287,12 @@ class AttemptStream:
         raw_model = attrs.get(ATTR_BODY_MODEL)
         self.body_model = orjson.loads(raw_model) if isinstance(raw_model, str) else None
         plan = header_plan(self.rt.backends[target.backend], h.get(":path", ""))
-        needs_body = target.model != self.body_model and not req.request_headers.end_of_stream
+        raw_parts = attrs.get(ATTR_PARTS)
+        if isinstance(raw_parts, str) and raw_parts:
+            sigs = [Sig.decode(x) for x in orjson.loads(raw_parts)]
+            self.convert = needs_change(self.rt.table.profiles[target.backend], sigs)
+        needs_body = (target.model != self.body_model or self.convert) \
+            and not req.request_headers.end_of_stream
         self.new_model = target.model
         resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(plan.set, plan.remove))))
@@ -275,15 +300,39 @@ class AttemptStream:
             resp.mode_override.CopyFrom(_SKIP_BODY)
         return resp
 
-    def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
-        assert self.new_model is not None
-        new = rewrite_model(msg.body, self.body_model, self.new_model)
+    async def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        assert self.new_model is not None and self.backend is not None
+        if self.convert:
+            try:
+                new: bytes | None = await self._convert(msg.body)
+            except (ConvertError, FetchError) as exc:
+                return immediate(exc.reply)
+        else:
+            new = rewrite_model(msg.body, self.body_model, self.new_model)
         if new is None:
             return pb.ProcessingResponse(request_body=pb.BodyResponse())
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
             header_mutation=mutation([("content-length", str(len(new)))]),
             body_mutation=pb.BodyMutation(body=new),
         )))
+
+    async def _convert(self, body: bytes) -> bytes:
+        """Parse once, fetch what this backend cannot fetch itself, convert, serialise once."""
+        assert self.backend is not None
+        data = orjson.loads(body)
+        report = inspect_parts(data)
+        profile = self.rt.table.profiles[self.backend]
+        targets = fetch_targets(profile, report)
+        fetched: dict[str, tuple[str, bytes]] = {}
+        if targets:
+            urls = list(dict.fromkeys(p.url for p in targets if p.url))
+            params = {p.url: p.path for p in targets}
+            results = await asyncio.gather(
+                *(self.rt.fetcher.fetch(u, params[u]) for u in urls))
+            fetched = dict(zip(urls, results, strict=True))
+        self.converted = convert_body(data, report, profile, fetched)
+        data["model"] = self.new_model
+        return orjson.dumps(data)
 
     def fail(self) -> pb.ProcessingResponse:
         return immediate(internal_error(self.request_id))
@@ -309,7 +358,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         try:
             async for req in request_iterator:
                 try:
-                    out = handler.handle(req)
+                    out = await handler.handle(req)
                 except Exception:
                     log.exception("servicer error", extra={"fields": {
                         "event": "servicer.error", "stage": stage,
