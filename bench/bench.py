@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
 import platform
@@ -23,7 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
+import soundfile
 import yaml
 
 from extproc.devstack import Stack, envoy_binary, free_port, wait_port
@@ -31,15 +34,21 @@ from extproc.devstack import Stack, envoy_binary, free_port, wait_port
 HERE = Path(__file__).resolve().parent
 
 
-def bench_config(backend_port: int) -> dict:
+def bench_config(backend_port: int, llama_port: int) -> dict:
     return {
         "service": {"port": free_port(), "log_level": "warning"},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
-        "backends": [{"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{backend_port}/v1",
-                      # bare Envoy sends "bench-model" unchanged, so the emulator serves both
-                      "models": [{"name": "bench-model-awq"}, {"name": "bench-model"}]}],
-        "models": [{"name": "bench-model", "candidates": [
-            {"backend": "emu", "model": "bench-model-awq"}]}],
+        "backends": [
+            {"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{backend_port}/v1",
+             # bare Envoy sends the public names unchanged, so the emulator serves them too
+             "models": [{"name": "bench-model-awq"}, {"name": "bench-model"},
+                        {"name": "bench-audio"}]},
+            {"name": "emu-llama", "preset": "llamacpp", "url": f"http://127.0.0.1:{llama_port}/v1",
+             "models": [{"name": "audio-gguf"}]}],
+        "models": [
+            {"name": "bench-model", "candidates": [{"backend": "emu", "model": "bench-model-awq"}]},
+            # audio_url is not taken by llama.cpp: converted to input_audio on every request
+            {"name": "bench-audio", "candidates": [{"backend": "emu-llama", "model": "audio-gguf"}]}],
     }
 
 
@@ -83,8 +92,16 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
     big = {"model": "bench-model", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is in this image?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}]}]}
+    rng = np.random.default_rng(1)
+    wav = io.BytesIO()
+    soundfile.write(wav, rng.uniform(-0.3, 0.3, 1_500_000).astype("float32"), 16000,
+                    format="WAV", subtype="PCM_16")
+    audio_b64 = base64.b64encode(wav.getvalue()).decode()
+    audio = {"model": "bench-audio", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Transcribe this."},
+        {"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{audio_b64}"}}]}]}
     out = {}
-    for name, body in (("chat_1k", chat), ("image_4m", big)):
+    for name, body in (("chat_1k", chat), ("image_4m", big), ("audio_4m", audio)):
         p = tmp / f"{name}.json"
         p.write_bytes(orjson.dumps(body))
         out[name] = p
@@ -146,13 +163,14 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     backend_port = free_port()
     cfg_path = tmp / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(bench_config(backend_port)))
+    cfg_path.write_text(yaml.safe_dump(bench_config(backend_port, free_port())))
     bodies = make_bodies(tmp)
     scripts = {k: lua_script(tmp, v) for k, v in bodies.items()}
     bare_port, bare_admin = free_port(), free_port()
     (tmp / "bare.yaml").write_text(yaml.safe_dump(
         bare_envoy_config(bare_port, bare_admin, backend_port, 32 * 1024 * 1024)))
-    cases = [("chat 1KB", "chat_1k", 1), ("chat 1KB", "chat_1k", 8), ("image 4MB", "image_4m", 4)]
+    cases = [("chat 1KB", "chat_1k", 1), ("chat 1KB", "chat_1k", 8), ("image 4MB", "image_4m", 4),
+             ("audio_url 4MB", "audio_4m", 4)]
     results: dict[str, dict[str, list[dict]]] = {}
     stack = Stack(cfg_path, workdir=str(tmp), env={"EMULATOR_NO_RECORD_BODIES": "1"})
     bare = None

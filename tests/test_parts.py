@@ -168,3 +168,24 @@ def test_errors_name_the_exact_place(body: dict, code: str, param: str) -> None:
     err = orjson.loads(exc.value.reply.body)["error"]
     assert (exc.value.reply.status, err["code"], err["param"]) == (400, code, param)
     assert param.split(".")[-1].split("[")[0] in err["message"]
+
+
+def test_preset_fields_overridable_from_config() -> None:
+    from extproc.config import parse_config
+    from extproc.routing import RoutingTable
+
+    cfg = parse_config({"backends": [{
+        "name": "x", "preset": "llamacpp", "url": "http://127.0.0.1:1/v1", "models": [{"name": "m"}],
+        "parts": {"audio_formats": ["wav", "mp3", "flac"], "fetches_urls": False}}]})
+    p = RoutingTable(cfg).profiles["x"]
+    assert p.audio_formats == ("wav", "mp3", "flac") and p.fetches_urls is False
+    assert p.accepts == PRESETS["llamacpp"].accepts  # unset fields keep the preset's value
+    flac = inspect_parts(req({"type": "input_audio", "input_audio": {"data": b64(FLAC),
+                                                                     "format": "flac"}}))
+    assert plan(p, flac.parts[0].sig) == "keep"
+    from extproc.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"backends": [{"name": "x", "url": "http://127.0.0.1:1", "models": [
+            {"name": "m"}], "parts": {"accepts": ["text", "hologram"]}}]})
+    assert exc.value.problems[0].startswith("backends[0].parts.accepts: value error, unknown part")

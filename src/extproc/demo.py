@@ -21,7 +21,21 @@ CASES: list[tuple[str, str | None, str]] = [
     ("no model", None, "the configured default model"),
     ("failover", "coder", "vLLM answers 503 once: Envoy retries the next candidate (Ollama)"),
     ("unknown model", "gpt-9", "404 model_not_found listing the models"),
+    ("audio_url", "coder-big", "an audio_url part: llama.cpp only takes input_audio, converted"),
 ]
+
+
+def _wav_data_url() -> str:
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile
+
+    buf = io.BytesIO()
+    tone = 0.2 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
+    soundfile.write(buf, tone.astype("float32"), 16000, format="WAV", subtype="PCM_16")
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
@@ -54,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
                     status, hdrs = r.status_code, r.headers
                     answer = r.json()["choices"][0]["message"]["content"]
                 else:
+                    content: object = "hi"
+                    if label == "audio_url":
+                        content = [{"type": "text", "text": "What is said here?"},
+                                   {"type": "audio_url", "audio_url": {"url": _wav_data_url()}}]
                     raw = c.chat.completions.with_raw_response.create(
-                        model=model, messages=[{"role": "user", "content": "hi"}])
+                        model=model, messages=[{"role": "user", "content": content}])
                     status, hdrs = raw.status_code, raw.headers
                     answer = raw.parse().choices[0].message.content or ""
             except openai.APIStatusError as exc:
@@ -64,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             expected_ok = model != "gpt-9"
             if (status == 200) != expected_ok:
                 failures += 1
+            if hdrs.get("x-extproc-converted-parts"):
+                answer = f"[{hdrs['x-extproc-converted-parts']} part converted] {answer}"
             print(_row([label, model or "(none)", str(status), hdrs.get("x-extproc-backend", "-"),
                         hdrs.get("x-extproc-model", "-"), answer], widths))
         print("\nwhy:")
