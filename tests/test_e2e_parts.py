@@ -245,6 +245,7 @@ def test_unreadable_data_url_names_the_part(parts_stack) -> None:
     e = err(r)
     assert r.status_code == 400 and e["code"] == "invalid_data_url"
     assert e["param"] == "messages[0].content[0].audio_url.url"
+    assert "not a readable data URL" in e["message"]
 
 
 def test_part_no_candidate_takes_names_type_and_models(parts_stack) -> None:

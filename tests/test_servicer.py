@@ -13,14 +13,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from extproc.config import parse_config
-from extproc.service import (
+from extproc.messages import (
     ATTR_ADDRESS,
     ATTR_ATTEMPT,
     ATTR_BODY_MODEL,
     ATTR_CANDIDATES,
-    Processor,
-    Runtime,
 )
+from extproc.runtime import Runtime
+from extproc.service import Processor
 
 CFG = parse_config({
     "backends": [

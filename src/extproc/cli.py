@@ -45,7 +45,8 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .attempt import MissingCredential
     from .logs import setup_logging
-    from .service import Runtime, serve
+    from .runtime import Runtime
+    from .service import serve
 
     cfg = _load(args.config)
     setup_logging(cfg.service.log_level)

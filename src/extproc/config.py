@@ -33,10 +33,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+CAPABILITIES = ("tools", "vision", "audio", "json", "reasoning")
+Capability = Literal["tools", "vision", "audio", "json", "reasoning"]
+
+
 class BackendModel(_Strict):
     """A model as the backend knows it."""
 
     name: str = Field(description="the model name the backend expects in the request body")
+    capabilities: list[Capability] | None = Field(
+        default=None, description="what the model can do; unset means unknown")
+    tags: list[str] = Field(default=[], description="free-form tags (local, cloud, free...)")
 
 
 class PartsOverride(_Strict):
@@ -121,6 +128,30 @@ class PublicModel(_Strict):
     owned_by: str = "llm-extproc"
 
 
+DEFAULT_VISION_PROMPT = (
+    "Describe this image for someone who cannot see it: the main subject, any text in it "
+    "(verbatim), and details relevant to the question if one is given. Be factual and concise."
+)
+
+
+class VisionSettings(_Strict):
+    """The auxiliary vision model that describes images for models that cannot see."""
+
+    backend: str | None = Field(default=None, description="a configured backend serving it")
+    url: str | None = Field(default=None, description="or its own base URL (http://.../v1)")
+    api_key_env: str | None = None
+    model: str = Field(description="the aux model name, as its server expects it")
+    prompt: str = DEFAULT_VISION_PROMPT
+    include_user_text: bool = Field(
+        default=True, description="give the aux model the user's text from the same message")
+    max_tokens: int = Field(default=512, ge=16)
+    timeout_s: float = Field(default=20.0, gt=0)
+    concurrency: int = Field(default=4, ge=1)
+    cache_size: int = Field(default=1024, ge=0)
+    cache_ttl_s: float = Field(default=3600.0, ge=0)
+    on_failure: Literal["reject", "drop"] = "reject"
+
+
 class ServiceSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=1, le=65535)
@@ -152,6 +183,7 @@ class Config(_Strict):
     service: ServiceSettings = ServiceSettings()
     envoy: EnvoySettings = EnvoySettings()
     fetch: FetchSettings = FetchSettings()
+    vision: VisionSettings | None = None
     backends: list[Backend] = Field(min_length=1)
     models: list[PublicModel] = []
     expose_backend_models: bool = Field(
@@ -264,6 +296,18 @@ def _cross_check(cfg: Config) -> list[str]:
             exposed |= {m.name for b in cfg.backends for m in b.models}
         if cfg.default_model not in exposed:
             problems.append(f"default_model: {cfg.default_model!r} is not a public model or alias")
+    if cfg.vision is not None:
+        v = cfg.vision
+        if (v.backend is None) == (v.url is None):
+            problems.append("vision: give exactly one of 'backend' (a configured backend) or 'url'")
+        elif v.backend is not None:
+            b = backends.get(v.backend)
+            if b is None:
+                problems.append(f"vision.backend: unknown backend {v.backend!r}")
+            elif v.model not in {m.name for m in b.models}:
+                problems.append(f"vision.model: backend {v.backend!r} has no model {v.model!r}")
+        elif v.url is not None and urlsplit(v.url).scheme not in ("http", "https"):
+            problems.append("vision.url: must be an http:// or https:// URL")
     for k, p in enumerate(cfg.routed_paths):
         if not p.startswith("/"):
             problems.append(f"routed_paths[{k}]: must start with '/'")

@@ -26,6 +26,7 @@ class DecisionRecord:
     warnings: list[str] = field(default_factory=list)
     dropped: list[dict[str, str]] = field(default_factory=list)
     converted_parts: int = 0
+    vision: str | None = None
 
     def routed(self, d: RouteDecision) -> None:
         self.model_requested = d.requested
@@ -80,6 +81,7 @@ class DecisionRecord:
             "error_code": self.error_code,
             "dropped_candidates": self.dropped,
             "converted_parts": self.converted_parts,
+            "vision": self.vision,
             "warnings": self.warnings,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
         }

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from .config import Config, backend_endpoint
+from .messages import ATTEMPT_ATTRIBUTES, CLUSTER_HEADER, META_NS, STAGE_KEY
 from .routing import POOL_CLUSTER
-from .service import ATTEMPT_ATTRIBUTES, CLUSTER_HEADER, META_NS, STAGE_KEY
 
 SERVICE_CLUSTER = "extproc_service"
 RETRY_HEADER = "x-extproc-retry"

@@ -78,6 +78,11 @@ class RoutingTable:
         addresses = {b.name: backend_endpoint(b.url).address for b in cfg.backends}
         self.profiles: dict[str, Profile] = {
             b.name: profile_for(b.preset, b.parts) for b in cfg.backends}
+        # Declared capabilities per (backend, model); None = not declared (unknown).
+        self.caps: dict[tuple[str, str], frozenset[str] | None] = {
+            (b.name, m.name): None if m.capabilities is None else frozenset(m.capabilities)
+            for b in cfg.backends for m in b.models}
+        self.aux_vision = cfg.vision is not None
         self.entries: dict[str, PublicEntry] = {}
         self.aliases: dict[str, str] = {}
         named: set[tuple[str, str]] = set()
@@ -109,6 +114,11 @@ class RoutingTable:
                 add(name, cands, cands[0].backend)
         self.routed_paths = frozenset(cfg.routed_paths)
         self.created = int(time.time())
+
+    def lacks(self, t: Target, capability: str) -> bool:
+        """True only when the model's capabilities are declared and do not include it."""
+        caps = self.caps.get((t.backend, t.model))
+        return caps is not None and capability not in caps
 
     def public_names(self) -> list[str]:
         return sorted(self.entries)
@@ -239,8 +249,39 @@ def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | 
         warnings=report.warnings,
     )
     if decision.sigs:
-        return _filter_by_parts(table, decision, report.parts)
+        filtered = _filter_by_parts(table, decision, report.parts)
+        if isinstance(filtered, Reply) or table.aux_vision:
+            return filtered
+        if any(s.kind == "image" for s in decision.sigs):
+            return _filter_blind(table, decision)
     return decision
+
+
+def _set_candidates(d: RouteDecision, keep: list[Target]) -> None:
+    if len(keep) != len(d.candidates):
+        d.candidates = tuple(keep)
+        d.hosts = ",".join(t.address for t in keep)
+        d.candidates_meta = encode_candidates(d.candidates)
+
+
+def _filter_blind(table: RoutingTable, d: RouteDecision) -> RouteDecision | Reply:
+    """Without an aux vision model, never hand an image to a model known not to see."""
+    keep = [t for t in d.candidates if not table.lacks(t, "vision")]
+    d.dropped += [(t, "images (no vision, no auxiliary vision model)") for t in d.candidates
+                  if table.lacks(t, "vision")]
+    if not keep:
+        able = sorted(n for n, e in table.entries.items()
+                      if any(table.caps.get((c.backend, c.model)) and
+                             "vision" in (table.caps.get((c.backend, c.model)) or ())
+                             for c in e.candidates))
+        return error_reply(
+            400, f"The request contains images, but no candidate of model '{d.public_model}' has "
+            "the 'vision' capability and no auxiliary vision model is configured. "
+            + (f"Models with vision: {', '.join(able)}" if able else "No model has vision."),
+            code="unsupported_capability", param="messages",
+            extra={"capability": "vision", "models_with_capability": able})
+    _set_candidates(d, keep)
+    return d
 
 
 def _filter_by_parts(table: RoutingTable, d: RouteDecision, parts: list[Any]) -> RouteDecision | Reply:
@@ -271,10 +312,7 @@ def _filter_by_parts(table: RoutingTable, d: RouteDecision, parts: list[Any]) ->
             + (f"Models that accept it: {', '.join(able)}" if able else
                "No configured model accepts it."),
             code="unsupported_content", param=where, extra={"models_accepting": able})
-    if len(keep) != len(d.candidates):
-        d.candidates = tuple(keep)
-        d.hosts = ",".join(t.address for t in keep)
-        d.candidates_meta = encode_candidates(d.candidates)
+    _set_candidates(d, keep)
     return d
 
 

@@ -1,0 +1,47 @@
+"""Everything compiled from one config, built once and swapped whole."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .attempt import BackendRuntime, MissingCredential, backend_runtimes
+from .config import Config, backend_endpoint
+from .fetch import Fetcher, FetchPolicy
+from .routing import RoutingTable
+from .vision import AuxEndpoint, VisionClient
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    table: RoutingTable
+    backends: dict[str, BackendRuntime]
+    fetcher: Fetcher
+    vision: VisionClient | None
+
+    @classmethod
+    def build(cls, cfg: Config, env: dict[str, str] | None = None) -> Runtime:
+        env = dict(os.environ) if env is None else env
+        f = cfg.fetch
+        policy = FetchPolicy(f.timeout_s, f.max_bytes, f.allow_private, frozenset(f.allow_hosts),
+                             f.allow_http, f.max_redirects, f.ca_bundle)
+        backends = backend_runtimes(cfg, env)
+        vision = None
+        if cfg.vision is not None:
+            v = cfg.vision
+            if v.backend is not None:
+                b = backends[v.backend]
+                ep = backend_endpoint(next(x.url for x in cfg.backends if x.name == v.backend))
+                base = f"{ep.scheme}://{ep.host}:{ep.port}{b.base_path}"
+                endpoint = AuxEndpoint(base + "/chat/completions", b.auth_header, b.auth_value)
+            else:
+                assert v.url is not None
+                key = env.get(v.api_key_env, "") if v.api_key_env else ""
+                if v.api_key_env and not key:
+                    raise MissingCredential(f"vision: environment variable {v.api_key_env} is not set")
+                endpoint = AuxEndpoint(v.url.rstrip("/") + "/chat/completions",
+                                       "authorization" if key else None,
+                                       f"Bearer {key}" if key else None)
+            vision = VisionClient(v, endpoint)
+        return cls(cfg, RoutingTable(cfg), backends, Fetcher(policy), vision)

@@ -1,0 +1,324 @@
+"""The two stream handlers: the route stage (once per client request, in the HCM) and the attempt
+stage (once per upstream attempt, retries included). Each maps ext_proc messages to the core and
+yields responses; ``Processor`` in service.py drives them and guarantees they never raise out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import duration_pb2
+
+from .attempt import header_plan, pick_candidate, rewrite_model
+from .decision import DecisionRecord
+from .errors import Reply, error_reply, internal_error
+from .fetch import FetchError
+from .logs import log_event
+from .messages import (
+    ATTR_ADDRESS,
+    ATTR_ATTEMPT,
+    ATTR_BODY_MODEL,
+    ATTR_CANDIDATES,
+    ATTR_PARTS,
+    CLUSTER_HEADER,
+    META_NS,
+    RESP_ATTEMPTS,
+    RESP_BACKEND,
+    RESP_CONVERTED,
+    RESP_MODEL,
+    RESP_VISION,
+    RESP_WARNINGS,
+    SKIP_BODY,
+    attribute_values,
+    headers_dict,
+    immediate,
+    mutation,
+    struct,
+)
+from .parts import (
+    ConvertError,
+    Part,
+    PartsReport,
+    Sig,
+    convert_body,
+    fetch_targets,
+    inspect_parts,
+    needs_change,
+)
+from .routing import RouteDecision, check_request_line, decode_candidates, parse_json_body, route_request
+from .runtime import Runtime
+from .vision import VisionError, failure_text, substitution_text
+
+Out = AsyncIterator[pb.ProcessingResponse]
+
+
+class RouteStream:
+    """HCM-stage stream: one client request. Validates, routes, records the decision."""
+
+    def __init__(self, rt: Runtime, log: Any):
+        self.rt, self.log = rt, log
+        self.path = ""
+        self.record = DecisionRecord(request_id="-")
+
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    async def handle(self, req: pb.ProcessingRequest) -> Out:
+        kind = req.WhichOneof("request")
+        if kind == "request_headers":
+            yield self._on_headers(req.request_headers)
+        elif kind == "request_body":
+            yield self._on_body(req.request_body)
+        elif kind == "response_headers":
+            yield self._on_response(req.response_headers)
+
+    def _reject(self, reply: Reply) -> pb.ProcessingResponse:
+        self.record.rejected(reply.status, reply.code)
+        return immediate(reply)
+
+    def _on_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        h = headers_dict(msg)
+        self.record.request_id = h.get("x-request-id", "-")
+        method = h.get(":method", "")
+        self.path = h.get(":path", "").split("?", 1)[0]
+        self.record.method, self.record.path = method, self.path
+        early = check_request_line(self.rt.table, method, self.path)
+        if early is not None:
+            if method == "GET" and early.status == 200:
+                self.record.outcome, self.record.status = "answered", 200
+                return immediate(early)
+            return self._reject(early)
+        if msg.end_of_stream:
+            return self._reject(error_reply(
+                400, "The request has no body; expected a JSON object", code="invalid_json"))
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+    def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        data = parse_json_body(msg.body)
+        if isinstance(data, Reply):
+            return self._reject(data)
+        model = data.get("model")
+        self.record.model_requested = model if isinstance(model, str) else None
+        decision = route_request(self.rt.table, data)
+        if isinstance(decision, Reply):
+            return self._reject(decision)
+        self.record.routed(decision)
+        return self._routed(decision)
+
+    def _routed(self, d: RouteDecision) -> pb.ProcessingResponse:
+        body_model = d.requested if d.resolution != "default" else None
+        meta = {
+            "hosts": d.hosts,
+            "candidates": d.candidates_meta,
+            "body_model": orjson.dumps(body_model).decode(),
+            "public_model": d.public_model,
+        }
+        if d.sigs:
+            meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
+        common = pb.CommonResponse(
+            header_mutation=mutation([
+                (CLUSTER_HEADER, d.cluster),
+                ("x-envoy-max-retries", str(len(d.candidates) - 1)),
+            ]),
+            clear_route_cache=True,
+        )
+        return pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=common),
+            dynamic_metadata=struct({META_NS: meta}),
+        )
+
+    def _on_response(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        h = headers_dict(msg)
+        try:
+            status = int(h.get(":status", "0"))
+        except ValueError:
+            status = 0
+        attempts = h.get("x-envoy-attempt-count")
+        n = int(attempts) if attempts and attempts.isdigit() else None
+        if self.record.outcome == "incomplete":
+            self.record.answered(status, h.get(RESP_BACKEND), h.get(RESP_MODEL), n)
+            converted = h.get(RESP_CONVERTED)
+            if converted and converted.isdigit():
+                self.record.converted_parts = int(converted)
+            if h.get(RESP_VISION):
+                self.record.vision = h[RESP_VISION]
+        add = [(RESP_ATTEMPTS, str(n))] if n else []
+        if self.record.warnings:
+            add.append((RESP_WARNINGS, "; ".join(self.record.warnings)[:2000]))
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation(add, ["x-envoy-attempt-count"]))))
+
+    def fail(self) -> pb.ProcessingResponse:
+        self.record.rejected(500, "internal_error")
+        return immediate(internal_error(self.record.request_id))
+
+    def close(self) -> None:
+        if self.record.method:
+            log_event(self.log, self.record.as_log())
+
+
+class AttemptStream:
+    """Upstream-stage stream: one attempt at one backend (every retry is a new stream)."""
+
+    def __init__(self, rt: Runtime, log: Any):
+        self.rt, self.log = rt, log
+        self.request_id = "-"
+        self.backend: str | None = None
+        self.model: str | None = None
+        self.body_model: str | None = None
+        self.convert = False      # some part needs reshaping/fetching for this backend
+        self.substitute = False   # images must be described: this model cannot see
+        self.tags: list[tuple[str, str]] = []
+
+    async def handle(self, req: pb.ProcessingRequest) -> Out:
+        kind = req.WhichOneof("request")
+        if kind == "request_headers":
+            yield self._on_headers(req)
+        elif kind == "request_body":
+            async for out in self._on_body(req.request_body):
+                yield out
+        elif kind == "response_headers":
+            tags = [(RESP_BACKEND, self.backend or ""), (RESP_MODEL, self.model or ""), *self.tags]
+            yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(header_mutation=mutation(tags))))
+
+    def _on_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        h = headers_dict(req.request_headers)
+        self.request_id = h.get("x-request-id", "-")
+        attrs = attribute_values(req)
+        address = str(attrs.get(ATTR_ADDRESS) or "")
+        attempt = int(float(attrs.get(ATTR_ATTEMPT) or 1))
+        meta = attrs.get(ATTR_CANDIDATES)
+        if not isinstance(meta, str) or not meta:
+            return immediate(error_reply(
+                502, "request reached a backend without a routing decision (is the route-stage "
+                "ext_proc filter installed?)", code="no_routing_decision", type="server_error"))
+        picked = pick_candidate(decode_candidates(meta), attempt, address)
+        if picked is None:
+            return immediate(error_reply(
+                502, f"attempt {attempt} reached {address}, which is not a candidate for this "
+                "request", code="unexpected_upstream", type="server_error"))
+        target = picked[1]
+        self.backend, self.model = target.backend, target.model
+        raw_model = attrs.get(ATTR_BODY_MODEL)
+        self.body_model = orjson.loads(raw_model) if isinstance(raw_model, str) else None
+        plan = header_plan(self.rt.backends[target.backend], h.get(":path", ""))
+        raw_parts = attrs.get(ATTR_PARTS)
+        if isinstance(raw_parts, str) and raw_parts:
+            sigs = [Sig.decode(x) for x in orjson.loads(raw_parts)]
+            self.substitute = (self.rt.vision is not None
+                               and any(s.kind == "image" for s in sigs)
+                               and self.rt.table.lacks(target, "vision"))
+            self.convert = self.substitute or needs_change(
+                self.rt.table.profiles[target.backend], sigs)
+        needs_body = (target.model != self.body_model or self.convert) \
+            and not req.request_headers.end_of_stream
+        resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation(plan.set, plan.remove))))
+        if not needs_body:
+            resp.mode_override.CopyFrom(SKIP_BODY)
+        return resp
+
+    async def _on_body(self, msg: pb.HttpBody) -> Out:
+        assert self.model is not None and self.backend is not None
+        if self.substitute:
+            # Aux calls may outlast the per-message timeout: extend it first.
+            assert self.rt.vision is not None
+            limit = self.rt.config.envoy.max_message_timeout_ms / 1000
+            wait = min(self.rt.vision.cfg.timeout_s * 2 + 5, limit)
+            yield pb.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
+                seconds=int(wait), nanos=int((wait % 1) * 1e9)))
+        if self.convert:
+            try:
+                new: bytes | None = await self._convert(msg.body)
+            except (ConvertError, FetchError) as exc:
+                yield immediate(exc.reply)
+                return
+            except VisionError as exc:
+                assert self.rt.vision is not None
+                yield immediate(exc.reply(self.rt.vision.cfg.model))
+                return
+        else:
+            new = rewrite_model(msg.body, self.body_model, self.model)
+        if new is None:
+            yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+            return
+        yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=mutation([("content-length", str(len(new)))]),
+            body_mutation=pb.BodyMutation(body=new),
+        )))
+
+    async def _convert(self, body: bytes) -> bytes:
+        """Parse once, describe/fetch/convert what this backend needs, serialise once."""
+        assert self.backend is not None
+        data = orjson.loads(body)
+        report = inspect_parts(data)
+        if self.substitute:
+            await self._substitute_images(data, report)
+        profile = self.rt.table.profiles[self.backend]
+        targets = fetch_targets(profile, report)
+        fetched: dict[str, tuple[str, bytes]] = {}
+        if targets:
+            fetched = await self._fetch_all(targets)
+        converted = convert_body(data, report, profile, fetched)
+        if converted:
+            self.tags.append((RESP_CONVERTED, str(converted)))
+        data["model"] = self.model
+        return orjson.dumps(data)
+
+    async def _fetch_all(self, parts: list[Part]) -> dict[str, tuple[str, bytes]]:
+        urls = list(dict.fromkeys(p.url for p in parts if p.url))
+        where = {p.url: p.path for p in parts}
+        results = await asyncio.gather(*(self.rt.fetcher.fetch(u, where[u]) for u in urls))
+        return dict(zip(urls, results, strict=True))
+
+    async def _substitute_images(self, data: dict[str, Any], report: PartsReport) -> None:
+        """Replace every image, in place, by a text part describing it (or saying it failed)."""
+        vision = self.rt.vision
+        assert vision is not None and self.model is not None
+        images = [p for p in report.parts if p.sig.kind == "image"]
+        remote = [p for p in images if p.sig.source in ("http", "https")]
+        fetched = await self._fetch_all(remote) if remote else {}
+
+        def user_text(msg_index: int) -> str:
+            content = data["messages"][msg_index].get("content")
+            return " ".join(p.get("text", "") for p in content if isinstance(p, dict)
+                            and isinstance(p.get("text"), str)) if isinstance(content, list) else ""
+
+        async def one(p: Part) -> tuple[str, bool] | VisionError:
+            if p.b64 is not None:
+                mime, raw = p.mime or "image/png", base64.b64decode(p.b64)
+            else:
+                mime, raw = fetched[p.url or ""]
+            try:
+                return await vision.describe(raw, mime, vision.prompt_for(user_text(p.msg)))
+            except VisionError as exc:
+                return exc
+
+        results = await asyncio.gather(*(one(p) for p in images))
+        cached = 0
+        for n, (p, res) in enumerate(zip(images, results, strict=True), start=1):
+            if isinstance(res, VisionError):
+                if vision.cfg.on_failure == "reject":
+                    raise res
+                text = failure_text(n, vision.cfg.model, res.message)
+            else:
+                text = substitution_text(n, vision.cfg.model, self.model, res[0])
+                cached += res[1]
+            data["messages"][p.msg]["content"][p.idx] = {"type": "text", "text": text}
+        report.parts = [p for p in report.parts if p.sig.kind != "image"]
+        failed = sum(isinstance(r, VisionError) for r in results)
+        self.tags.append((RESP_VISION, f"substituted={len(images) - failed}; cached={cached}; "
+                                       f"failed={failed}; model={vision.cfg.model}"))
+
+    def fail(self) -> pb.ProcessingResponse:
+        return immediate(internal_error(self.request_id))
+
+    def close(self) -> None:
+        pass
