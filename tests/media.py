@@ -38,3 +38,14 @@ def png(width: int = 2, height: int = 2) -> bytes:
 
 def data_url(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{b64(data)}"
+
+
+def text_image(text: str, size: tuple[int, int] = (460, 120)) -> bytes:
+    """A PNG with ``text`` drawn large enough for OCR to read."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((20, 35), text, fill="black", font=ImageFont.load_default(size=44))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -22,6 +22,9 @@ CASES: list[tuple[str, str | None, str]] = [
     ("failover", "coder", "vLLM answers 503 once: Envoy retries the next candidate (Ollama)"),
     ("unknown model", "gpt-9", "404 model_not_found listing the models"),
     ("audio_url", "coder-big", "an audio_url part: llama.cpp only takes input_audio, converted"),
+    ("image, blind", "coder-big", "text-only model: the image is replaced by the OCR aux model's "
+     "description"),
+    ("image, vision", "gemma-4-e4b", "a vision model gets the image itself"),
 ]
 
 
@@ -36,6 +39,20 @@ def _wav_data_url() -> str:
     tone = 0.2 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
     soundfile.write(buf, tone.astype("float32"), 16000, format="WAV", subtype="PCM_16")
     return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _png_data_url() -> str:
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (460, 120), "white")
+    ImageDraw.Draw(img).text((20, 35), "INVOICE 4711", fill="black",
+                             font=ImageFont.load_default(size=44))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
@@ -72,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                     if label == "audio_url":
                         content = [{"type": "text", "text": "What is said here?"},
                                    {"type": "audio_url", "audio_url": {"url": _wav_data_url()}}]
+                    if label.startswith("image"):
+                        content = [{"type": "text", "text": "What is the invoice number?"},
+                                   {"type": "image_url", "image_url": {"url": _png_data_url()}}]
                     raw = c.chat.completions.with_raw_response.create(
                         model=model, messages=[{"role": "user", "content": content}])
                     status, hdrs = raw.status_code, raw.headers
@@ -84,11 +104,18 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
             if hdrs.get("x-extproc-converted-parts"):
                 answer = f"[{hdrs['x-extproc-converted-parts']} part converted] {answer}"
+            if hdrs.get("x-extproc-vision"):
+                answer = f"[vision: {hdrs['x-extproc-vision'].split(';')[0]}] {answer}"
             print(_row([label, model or "(none)", str(status), hdrs.get("x-extproc-backend", "-"),
                         hdrs.get("x-extproc-model", "-"), answer], widths))
         print("\nwhy:")
         for label, model, why in CASES:
             print(f"  {label:16} {model or '(none)':16} {why}")
+        blind = httpx.get(stack.backend_url("local-llamacpp") + "/_emulator/requests").json()
+        last = [r for r in blind["requests"] if r["method"] == "POST"][-1]["json"]["messages"][0]
+        print("\nwhat the text-only llama.cpp backend received for the image:")
+        for part in last["content"]:
+            print(f"  {part['type']}: {part.get('text', '')[:400]}")
         print(f"\nrouting decisions (one JSON line per request): {stack.log_path('service')}")
     print("stack stopped.")
     return 1 if failures else 0

@@ -102,7 +102,9 @@ class Stack:
                 if b.name in self.dead_backends:
                     continue
                 ep = backend_endpoint(b.url)
-                args = [py, "-m", "extproc.emulators", "--flavour", b.preset, "--name", b.name,
+                aux = cfg.vision is not None and cfg.vision.backend == b.name
+                args = [py, "-m", "extproc.emulators", "--flavour", "ocr" if aux else b.preset,
+                        "--name", b.name,
                         "--models", ",".join(m.name for m in b.models), "--host", ep.host,
                         "--port", str(ep.port)]
                 if b.api_key_env and self.env.get(b.api_key_env):

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-FLAVOURS = ("vllm", "llamacpp", "ollama", "openai", "sglang")
+FLAVOURS = ("vllm", "llamacpp", "ollama", "openai", "sglang", "ocr")
 
 # Which part types each flavour accepts (content-parts.md). "image_url_string" is the
 # {"type":"image_url","image_url":"<str>"} form; "untyped_image_url" is {"image_url":...} alone.
@@ -37,6 +37,7 @@ ACCEPTED_PARTS: dict[str, frozenset[str]] = {
     "sglang": frozenset({"text", "image_url", "input_audio", "audio_url", "video_url"}),
     "llamacpp": frozenset({"text", "image_url", "input_audio"}),
     "ollama": frozenset({"text", "image_url", "image_url_string"}),
+    "ocr": frozenset({"text", "image_url"}),
 }
 
 
@@ -68,6 +69,7 @@ class Behaviour:
     fail_status: int | None = None
     fail_times: int = 0
     delay_s: float = 0.0
+    garbage: bool = False     # answer 200 with something that is not a chat completion
 
 
 @dataclass
@@ -111,6 +113,9 @@ class Emulator:
                 if b.fail_status and b.fail_times != 0:
                     b.fail_times -= 1
                     raise _error(self.flavour, b.fail_status, f"emulated failure of {self.name}")
+                garbage = b.garbage
+            if garbage:
+                return 200, b"<html>upstream says hello</html>", "text/html"
             return self._complete(path, data)
         except EmulatorError as exc:
             rec["status"] = exc.status
@@ -211,7 +216,8 @@ class Emulator:
                          "model": model, "choices": [{"index": 0, "text": f"[{self.name}]",
                                                       "finish_reason": "stop"}]}, ""
         self._check_parts(data.get("messages"))
-        text = f"Hello from {self.name} serving {model}."
+        text = (self._describe(data["messages"]) if self.flavour == "ocr"
+                else f"Hello from {self.name} serving {model}.")
         if data.get("stream"):
             return 200, self._sse(model, text), "text/event-stream"
         return 200, {
@@ -221,6 +227,20 @@ class Emulator:
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
         }, ""
+
+    def _describe(self, messages: list[Any]) -> str:
+        from .aux_vision import describe_image
+
+        out = []
+        for msg in messages:
+            for part in msg.get("content") if isinstance(msg.get("content"), list) else ():
+                url = (part.get("image_url") or {}).get("url", "") if isinstance(part, dict) \
+                    else ""
+                if url.startswith("data:"):
+                    out.append(describe_image(base64.b64decode(url.split(",", 1)[1])))
+        if not out:
+            raise _error("openai", 400, "no image to describe", param="messages")
+        return "\n".join(out)
 
     def _sse(self, model: str, text: str) -> bytes:
         chunks = []
@@ -270,7 +290,8 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             delay = emu.behaviour.delay_s
             if delay and not target.startswith("/_emulator/"):
                 await asyncio.sleep(delay)
-            status, payload, ctype = emu.handle(method, target, headers, body)
+            status, payload, ctype = await asyncio.get_running_loop().run_in_executor(
+                None, emu.handle, method, target, headers, body)
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"
                     f"content-length: {len(data)}\r\n\r\n").encode()
