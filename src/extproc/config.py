@@ -34,15 +34,15 @@ class _Strict(BaseModel):
 
 
 CAPABILITIES = ("tools", "vision", "audio", "json", "reasoning")
-Capability = Literal["tools", "vision", "audio", "json", "reasoning"]
 
 
 class BackendModel(_Strict):
     """A model as the backend knows it."""
 
     name: str = Field(description="the model name the backend expects in the request body")
-    capabilities: list[Capability] | None = Field(
-        default=None, description="what the model can do; unset means unknown")
+    capabilities: list[str] | None = Field(
+        default=None, description="what the model can do (tools, vision, audio, json, "
+        "reasoning, or a name from extra_capabilities); unset means unknown")
     tags: list[str] = Field(default=[], description="free-form tags (local, cloud, free...)")
 
 
@@ -152,6 +152,23 @@ class VisionSettings(_Strict):
     on_failure: Literal["reject", "drop"] = "reject"
 
 
+class VirtualModel(_Strict):
+    """A model name that stands for every backend model with the required capabilities."""
+
+    name: str
+    requires: list[str] = Field(default=[], description="capabilities every member declares")
+    tags: list[str] = Field(default=[], description="tags every member has")
+    prefer: list[str] = Field(default=[], description="backends tried first, in this order")
+
+
+class CapabilityRouting(_Strict):
+    incapable: Literal["last", "drop"] = Field(
+        default="last", description="candidates known to lack a needed capability")
+    hold_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
+                                description="response bytes held while judging a forced need")
+    hold_max_s: float = Field(default=60.0, gt=0, description="longest hold before releasing")
+
+
 class ServiceSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=1, le=65535)
@@ -194,6 +211,10 @@ class Config(_Strict):
     default_model: str | None = Field(
         default=None, description="public model used when a request carries no model"
     )
+    extra_capabilities: list[str] = Field(default=[], description="capability names beyond "
+                                          "tools, vision, audio, json, reasoning")
+    virtual_models: list[VirtualModel] = []
+    capability_routing: CapabilityRouting = CapabilityRouting()
     routed_paths: list[str] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 
@@ -287,6 +308,25 @@ def _cross_check(cfg: Config) -> list[str]:
                     f"models[{i}].candidates[{j}].model: backend {c.backend!r} has no model "
                     f"{c.model!r} (it has: {', '.join(m.name for m in b.models)})"
                 )
+    known_caps = set(CAPABILITIES) | set(cfg.extra_capabilities)
+    for i, b in enumerate(cfg.backends):
+        for j, m in enumerate(b.models):
+            for k, cap in enumerate(m.capabilities or ()):
+                if cap not in known_caps:
+                    problems.append(
+                        f"backends[{i}].models[{j}].capabilities[{k}]: unknown capability "
+                        f"{cap!r} (known: {', '.join(sorted(known_caps))})")
+    for i, vm in enumerate(cfg.virtual_models):
+        if vm.name in public:
+            problems.append(f"virtual_models[{i}].name: {vm.name!r} is already used by "
+                            f"{public[vm.name]}")
+        public[vm.name] = f"virtual_models[{i}].name"
+        for k, cap in enumerate(vm.requires):
+            if cap not in known_caps:
+                problems.append(f"virtual_models[{i}].requires[{k}]: unknown capability {cap!r}")
+        for k, b_name in enumerate(vm.prefer):
+            if b_name not in backends:
+                problems.append(f"virtual_models[{i}].prefer[{k}]: unknown backend {b_name!r}")
     for i, b in enumerate(cfg.backends):
         if b.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", b.api_key_env):
             problems.append(f"backends[{i}].api_key_env: not an environment variable name")

@@ -27,6 +27,8 @@ class DecisionRecord:
     dropped: list[dict[str, str]] = field(default_factory=list)
     converted_parts: int = 0
     vision: str | None = None
+    unmet: str | None = None
+    retries: list[dict[str, Any]] = field(default_factory=list)
 
     def routed(self, d: RouteDecision) -> None:
         self.model_requested = d.requested
@@ -82,6 +84,8 @@ class DecisionRecord:
             "dropped_candidates": self.dropped,
             "converted_parts": self.converted_parts,
             "vision": self.vision,
+            "capability_retries": self.retries,
+            "unmet_capability": self.unmet,
             "warnings": self.warnings,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
         }

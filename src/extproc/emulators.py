@@ -70,6 +70,11 @@ class Behaviour:
     fail_times: int = 0
     delay_s: float = 0.0
     garbage: bool = False     # answer 200 with something that is not a chat completion
+    ignore_tools: bool = False    # answer text even when a tool call is forced
+    prose_json: bool = False      # answer prose when JSON is asked for
+    bad_schema: bool = False      # answer JSON that does not match the requested schema
+    reject_images: bool = False   # refuse images the way this server does without vision
+    stream_delay_s: float = 0.0   # pause between SSE events
 
 
 @dataclass
@@ -113,10 +118,10 @@ class Emulator:
                 if b.fail_status and b.fail_times != 0:
                     b.fail_times -= 1
                     raise _error(self.flavour, b.fail_status, f"emulated failure of {self.name}")
-                garbage = b.garbage
+                garbage, quirks = b.garbage, Behaviour(**vars(b))
             if garbage:
                 return 200, b"<html>upstream says hello</html>", "text/html"
-            return self._complete(path, data)
+            return self._complete(path, data, quirks)
         except EmulatorError as exc:
             rec["status"] = exc.status
             return exc.status, exc.body, ""
@@ -204,7 +209,8 @@ class Emulator:
             if not re.match(r"data:image/(jpeg|png|webp);base64,", url):
                 raise _error(f, 400, "invalid image input")
 
-    def _complete(self, path: str, data: dict[str, Any]) -> tuple[int, Any, str]:
+    def _complete(self, path: str, data: dict[str, Any], quirks: Behaviour
+                  ) -> tuple[int, Any, str]:
         model = self._check_model(data)
         created = 1_700_000_000
         if path.endswith("/embeddings"):
@@ -216,17 +222,46 @@ class Emulator:
                          "model": model, "choices": [{"index": 0, "text": f"[{self.name}]",
                                                       "finish_reason": "stop"}]}, ""
         self._check_parts(data.get("messages"))
-        text = (self._describe(data["messages"]) if self.flavour == "ocr"
-                else f"Hello from {self.name} serving {model}.")
+        if quirks.reject_images and _has_image(data.get("messages")):
+            raise {"vllm": _error("vllm", 400, f"{model} is not a multimodal model"),
+                   "llamacpp": _error("llamacpp", 500, "image input is not supported - hint: if "
+                                      "this is unexpected, you may need to provide the mmproj"),
+                   "ollama": _error("ollama", 500, "missing data required for image input"),
+                   }.get(self.flavour, _error(self.flavour, 400, "image input is not supported"))
+        message, finish = self._answer(model, data, quirks)
         if data.get("stream"):
-            return 200, self._sse(model, text), "text/event-stream"
+            return 200, self._sse(model, message, finish), "text/event-stream"
         return 200, {
             "id": "chatcmpl-emu", "object": "chat.completion", "created": created,
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
         }, ""
+
+    def _answer(self, model: str, data: dict[str, Any], q: Behaviour
+                ) -> tuple[dict[str, Any], str]:
+        """A capable model's answer, unless a quirk says otherwise."""
+        if self.flavour == "ocr":
+            return {"role": "assistant", "content": self._describe(data["messages"])}, "stop"
+        tools = data.get("tools") or []
+        choice = data.get("tool_choice")
+        forced = choice == "required" or isinstance(choice, dict)
+        if tools and forced and not q.ignore_tools:
+            name = ((choice or {}).get("function") or {}).get("name") if isinstance(choice, dict) \
+                else None
+            tool = next((t for t in tools if t.get("function", {}).get("name") == name), tools[0])
+            fn = tool.get("function", {})
+            args = orjson.dumps(_fake_json(fn.get("parameters") or {})).decode()
+            return {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_emu", "type": "function",
+                "function": {"name": fn.get("name"), "arguments": args}}]}, "tool_calls"
+        rf = data.get("response_format") or {}
+        text = f"Hello from {self.name} serving {model}."
+        if rf.get("type") in ("json_object", "json_schema") and not q.prose_json:
+            schema = (rf.get("json_schema") or {}).get("schema")
+            value = {} if q.bad_schema else (_fake_json(schema) if schema else {"answer": text})
+            text = orjson.dumps(value).decode()
+        return {"role": "assistant", "content": text}, "stop"
 
     def _describe(self, messages: list[Any]) -> str:
         from .aux_vision import describe_image
@@ -242,16 +277,48 @@ class Emulator:
             raise _error("openai", 400, "no image to describe", param="messages")
         return "\n".join(out)
 
-    def _sse(self, model: str, text: str) -> bytes:
-        chunks = []
+    def _sse(self, model: str, message: dict[str, Any], finish: str) -> list[bytes]:
         base = {"id": "chatcmpl-emu", "object": "chat.completion.chunk", "created": 1_700_000_000,
                 "model": model}
-        deltas = [{"role": "assistant", "content": ""}] + [{"content": w + " "}
-                                                           for w in text.split()]
-        for d in deltas:
-            chunks.append({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if message.get("tool_calls"):
+            call = message["tool_calls"][0]
+            deltas.append({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                           "function": {"name": call["function"]["name"],
+                                                        "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": 0, "function": {
+                "arguments": call["function"]["arguments"]}}]})
+        else:
+            words = message["content"].split(" ")
+            deltas += [{"content": w + (" " if i < len(words) - 1 else "")}
+                       for i, w in enumerate(words)]
+        chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+                  for d in deltas]
+        chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        return [b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+def _has_image(messages: Any) -> bool:
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        for p in content if isinstance(content, list) else ():
+            if isinstance(p, dict) and ("image" in str(p.get("type", "")) or "image_url" in p):
+                return True
+    return False
+
+
+def _fake_json(schema: Any) -> Any:
+    """A value that satisfies a simple JSON schema (what a capable model would produce)."""
+    if not isinstance(schema, dict):
+        return None
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        return {k: _fake_json(v) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_fake_json(schema.get("items") or {})]
+    return {"string": "x", "integer": 1, "number": 1.5, "boolean": True}.get(str(kind))
 
 
 # ---------------------------------------------------------------- minimal HTTP/1.1 server
@@ -292,6 +359,17 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
                 await asyncio.sleep(delay)
             status, payload, ctype = await asyncio.get_running_loop().run_in_executor(
                 None, emu.handle, method, target, headers, body)
+            if isinstance(payload, list):  # an event stream: chunked, paced
+                writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
+                             "transfer-encoding: chunked\r\n\r\n".encode())
+                for i, event in enumerate(payload):
+                    if i and emu.behaviour.stream_delay_s:
+                        await asyncio.sleep(emu.behaviour.stream_delay_s)
+                    writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                continue
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"
                     f"content-length: {len(data)}\r\n\r\n").encode()

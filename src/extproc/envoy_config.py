@@ -15,11 +15,10 @@ from typing import Any
 import yaml
 
 from .config import Config, backend_endpoint
-from .messages import ATTEMPT_ATTRIBUTES, CLUSTER_HEADER, META_NS, STAGE_KEY
+from .messages import ATTEMPT_ATTRIBUTES, CLUSTER_HEADER, META_NS, RETRY_HEADER, STAGE_KEY
 from .routing import POOL_CLUSTER
 
 SERVICE_CLUSTER = "extproc_service"
-RETRY_HEADER = "x-extproc-retry"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 UPSTREAM_FLAGS = ["UF", "UH", "URX", "UT", "UO", "UC", "NR", "UMSDR", "UPE", "DC"]
@@ -202,10 +201,13 @@ def render(cfg: Config) -> dict[str, Any]:
                     "name": "extproc.attempt",
                     "typed_config": _ext_proc(
                         cfg, "attempt",
+                        # Each attempt overrides the body modes to what it needs: the request
+                        # body when it changes, the response body only to judge a forced need.
                         {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                         "response_header_mode": "SEND", "response_body_mode": "NONE"},
+                         "response_header_mode": "SEND", "response_body_mode": "STREAMED"},
                         request_attributes=list(ATTEMPT_ATTRIBUTES),
                         allow_mode_override=True,
+                        send_body_without_waiting_for_header_response=True,
                     ),
                 },
                 {"name": "envoy.filters.http.upstream_codec", "typed_config": {

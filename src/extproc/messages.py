@@ -18,7 +18,11 @@ ATTR_ATTEMPT = "upstream.request_attempt_count"
 ATTR_CANDIDATES = "metadata.filter_metadata['extproc']['candidates']"
 ATTR_BODY_MODEL = "metadata.filter_metadata['extproc']['body_model']"
 ATTR_PARTS = "metadata.filter_metadata['extproc']['parts']"
-ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL, ATTR_PARTS)
+ATTR_NEEDS = "metadata.filter_metadata['extproc']['needs']"
+ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL, ATTR_PARTS,
+                      ATTR_NEEDS)
+RETRY_HEADER = "x-extproc-retry"
+RESP_UNMET = "x-extproc-unmet-capability"
 RESP_BACKEND = "x-extproc-backend"
 RESP_MODEL = "x-extproc-model"
 RESP_ATTEMPTS = "x-extproc-attempts"
@@ -27,11 +31,16 @@ RESP_WARNINGS = "x-extproc-warnings"
 RESP_VISION = "x-extproc-vision"
 
 _MODE = processing_mode_pb2.ProcessingMode
-SKIP_BODY = _MODE(
-    request_header_mode=_MODE.SEND, response_header_mode=_MODE.SEND,
-    request_body_mode=_MODE.NONE, response_body_mode=_MODE.NONE,
-    request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP,
-)
+
+
+def attempt_mode(request_body: bool, response_body: bool) -> processing_mode_pb2.ProcessingMode:
+    """The attempt stage's mode for one attempt: bodies only when this attempt needs them."""
+    return _MODE(
+        request_header_mode=_MODE.SEND, response_header_mode=_MODE.SEND,
+        request_body_mode=_MODE.BUFFERED if request_body else _MODE.NONE,
+        response_body_mode=_MODE.STREAMED if response_body else _MODE.NONE,
+        request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP,
+    )
 
 
 def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import orjson
 
+from .capabilities import Needs, rank, request_needs
 from .config import Config, backend_endpoint
 from .errors import Reply, error_reply, json_reply
 from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
@@ -35,6 +36,7 @@ class PublicEntry:
     name: str
     candidates: tuple[Target, ...]
     owned_by: str
+    virtual: bool
     # Precomputed Envoy metadata for the common case (the configured order, unchanged).
     hosts: str
     candidates_meta: str
@@ -55,6 +57,7 @@ class RouteDecision:
     sigs: list[Sig] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dropped: list[tuple[Target, str]] = field(default_factory=list)
+    needs: Needs = field(default_factory=Needs)
 
 
 def encode_candidates(cands: tuple[Target, ...]) -> str:
@@ -87,10 +90,11 @@ class RoutingTable:
         self.aliases: dict[str, str] = {}
         named: set[tuple[str, str]] = set()
 
-        def add(name: str, cands: list[Target], owned_by: str) -> None:
+        def add(name: str, cands: list[Target], owned_by: str, virtual: bool = False) -> None:
             tup = tuple(cands)
             self.entries[name] = PublicEntry(
-                name, tup, owned_by, ",".join(t.address for t in tup), encode_candidates(tup)
+                name, tup, owned_by, virtual, ",".join(t.address for t in tup),
+                encode_candidates(tup)
             )
 
         for pm in cfg.models:
@@ -112,6 +116,17 @@ class RoutingTable:
                     )
             for name, cands in by_model.items():
                 add(name, cands, cands[0].backend)
+        self.tags = {(b.name, m.name): frozenset(m.tags) for b in cfg.backends for m in b.models}
+        for vm in cfg.virtual_models:
+            members = [Target(b.name, m.name, addresses[b.name]) for b in cfg.backends
+                       for m in b.models
+                       if set(vm.requires) <= set(m.capabilities or ())
+                       and set(vm.tags) <= set(m.tags)
+                       and not (cfg.vision is not None and cfg.vision.backend == b.name)]
+            members.sort(key=lambda t: vm.prefer.index(t.backend) if t.backend in vm.prefer
+                         else len(vm.prefer))
+            if members:  # listed only when at least one model backs it
+                add(vm.name, members, "llm-extproc", virtual=True)
         self.routed_paths = frozenset(cfg.routed_paths)
         self.created = int(time.time())
 
@@ -134,7 +149,9 @@ class RoutingTable:
 
     def models_list(self) -> dict[str, Any]:
         data = [
-            {"id": n, "object": "model", "created": self.created, "owned_by": e.owned_by}
+            {"id": n, "object": "model", "created": self.created, "owned_by": e.owned_by,
+             **({"virtual": True, "members": [f"{t.backend}/{t.model}" for t in e.candidates]}
+                if e.virtual else {})}
             for n, e in sorted(self.entries.items())
         ]
         data += [
@@ -250,15 +267,55 @@ def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | 
     )
     if decision.sigs:
         filtered = _filter_by_parts(table, decision, report.parts)
-        if isinstance(filtered, Reply) or table.aux_vision:
+        if isinstance(filtered, Reply):
             return filtered
-        if any(s.kind == "image" for s in decision.sigs):
-            return _filter_blind(table, decision)
+        if not table.aux_vision and any(s.kind == "image" for s in decision.sigs):
+            filtered = _filter_blind(table, decision)
+            if isinstance(filtered, Reply):
+                return filtered
+    decision.needs = request_needs(data, decision.sigs)
+    if decision.needs.needed:
+        return _order_by_needs(table, decision)
     return decision
 
 
+def _order_by_needs(table: RoutingTable, d: RouteDecision) -> RouteDecision | Reply:
+    """All needs declared first, unknown (or substitutable) next, known-incapable last or
+    dropped; stable otherwise. A forced need nobody can serve is a 400."""
+    needs = d.needs
+    substitutable = {"vision"} if table.aux_vision else set()
+    hard = (needs.forced | (needs.needed & {"vision", "audio"})) - substitutable
+    for cap in sorted(hard):
+        if all(table.lacks(t, cap) for t in d.candidates):
+            able = sorted(n for n, e in table.entries.items()
+                          if any(cap in (table.caps.get((c.backend, c.model)) or ())
+                                 for c in e.candidates))
+            what = "forces" if cap in needs.forced else "needs"
+            return error_reply(
+                400, f"The request {what} the '{cap}' capability, but no candidate of model "
+                f"'{d.public_model}' has it. "
+                + (f"Models with '{cap}': {', '.join(able)}" if able else f"No model has '{cap}'."),
+                code="unsupported_capability", param=_CAP_PARAM.get(cap),
+                extra={"capability": cap, "models_with_capability": able})
+    ranked = sorted(enumerate(d.candidates), key=lambda it: (
+        rank(table.caps.get((it[1].backend, it[1].model)), needs.needed, substitutable), it[0]))
+    keep = [t for _, t in ranked]
+    if table.config.capability_routing.incapable == "drop":
+        able = [t for t in keep if rank(table.caps.get((t.backend, t.model)), needs.needed,
+                                        substitutable) < 2]
+        if able:  # never silently drop every candidate
+            d.dropped += [(t, "a needed capability") for t in keep if t not in able]
+            keep = able
+    _set_candidates(d, keep)
+    return d
+
+
+_CAP_PARAM = {"tools": "tool_choice", "json": "response_format", "vision": "messages",
+              "audio": "messages", "reasoning": "reasoning_effort"}
+
+
 def _set_candidates(d: RouteDecision, keep: list[Target]) -> None:
-    if len(keep) != len(d.candidates):
+    if tuple(keep) != d.candidates:
         d.candidates = tuple(keep)
         d.hosts = ",".join(t.address for t in keep)
         d.candidates_meta = encode_candidates(d.candidates)

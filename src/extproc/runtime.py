@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
 
 from .attempt import BackendRuntime, MissingCredential, backend_runtimes
 from .config import Config, backend_endpoint
@@ -19,6 +21,13 @@ class Runtime:
     backends: dict[str, BackendRuntime]
     fetcher: Fetcher
     vision: VisionClient | None
+    # Attempt outcomes the route stage's decision record picks up (same process only).
+    notes: OrderedDict[str, list[dict[str, Any]]] = field(default_factory=OrderedDict)
+
+    def note(self, request_id: str, entry: dict[str, Any]) -> None:
+        self.notes.setdefault(request_id, []).append(entry)
+        while len(self.notes) > 10_000:
+            self.notes.popitem(last=False)
 
     @classmethod
     def build(cls, cfg: Config, env: dict[str, str] | None = None) -> Runtime:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import duration_pb2
 
 from .attempt import header_plan, pick_candidate, rewrite_model
+from .capabilities import UNJUDGED, Needs, StreamJudge, Verdict, capability_gap, judge_completion
 from .decision import DecisionRecord
 from .errors import Reply, error_reply, internal_error
 from .fetch import FetchError
@@ -24,6 +26,7 @@ from .messages import (
     ATTR_ATTEMPT,
     ATTR_BODY_MODEL,
     ATTR_CANDIDATES,
+    ATTR_NEEDS,
     ATTR_PARTS,
     CLUSTER_HEADER,
     META_NS,
@@ -31,9 +34,11 @@ from .messages import (
     RESP_BACKEND,
     RESP_CONVERTED,
     RESP_MODEL,
+    RESP_UNMET,
     RESP_VISION,
     RESP_WARNINGS,
-    SKIP_BODY,
+    RETRY_HEADER,
+    attempt_mode,
     attribute_values,
     headers_dict,
     immediate,
@@ -121,6 +126,8 @@ class RouteStream:
         }
         if d.sigs:
             meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
+        if d.needs.needed:
+            meta["needs"] = d.needs.encode()
         common = pb.CommonResponse(
             header_mutation=mutation([
                 (CLUSTER_HEADER, d.cluster),
@@ -148,6 +155,7 @@ class RouteStream:
                 self.record.converted_parts = int(converted)
             if h.get(RESP_VISION):
                 self.record.vision = h[RESP_VISION]
+            self.record.unmet = h.get(RESP_UNMET)
         add = [(RESP_ATTEMPTS, str(n))] if n else []
         if self.record.warnings:
             add.append((RESP_WARNINGS, "; ".join(self.record.warnings)[:2000]))
@@ -159,6 +167,7 @@ class RouteStream:
         return immediate(internal_error(self.record.request_id))
 
     def close(self) -> None:
+        self.record.retries = self.rt.notes.pop(self.record.request_id, [])
         if self.record.method:
             log_event(self.log, self.record.as_log())
 
@@ -175,6 +184,16 @@ class AttemptStream:
         self.convert = False      # some part needs reshaping/fetching for this backend
         self.substitute = False   # images must be described: this model cannot see
         self.tags: list[tuple[str, str]] = []
+        self.needs: Needs | None = None
+        self.attempt = 1
+        self.last = True          # the final candidate: a failed check cannot be retried
+        # Response hold while judging a forced need.
+        self.holding = False
+        self.status = 0
+        self.held = 0
+        self.held_bytes = bytearray()
+        self.hold_since = 0.0
+        self.judge: StreamJudge | None = None
 
     async def handle(self, req: pb.ProcessingRequest) -> Out:
         kind = req.WhichOneof("request")
@@ -184,9 +203,11 @@ class AttemptStream:
             async for out in self._on_body(req.request_body):
                 yield out
         elif kind == "response_headers":
-            tags = [(RESP_BACKEND, self.backend or ""), (RESP_MODEL, self.model or ""), *self.tags]
-            yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(header_mutation=mutation(tags))))
+            async for out in self._on_response_headers(req.response_headers):
+                yield out
+        elif kind == "response_body":
+            async for out in self._on_response_body(req.response_body):
+                yield out
 
     def _on_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         h = headers_dict(req.request_headers)
@@ -199,13 +220,18 @@ class AttemptStream:
             return immediate(error_reply(
                 502, "request reached a backend without a routing decision (is the route-stage "
                 "ext_proc filter installed?)", code="no_routing_decision", type="server_error"))
-        picked = pick_candidate(decode_candidates(meta), attempt, address)
+        candidates = decode_candidates(meta)
+        picked = pick_candidate(candidates, attempt, address)
         if picked is None:
             return immediate(error_reply(
                 502, f"attempt {attempt} reached {address}, which is not a candidate for this "
                 "request", code="unexpected_upstream", type="server_error"))
         target = picked[1]
         self.backend, self.model = target.backend, target.model
+        self.attempt, self.last = attempt, picked[0] >= len(candidates) - 1
+        raw_needs = attrs.get(ATTR_NEEDS)
+        if isinstance(raw_needs, str) and raw_needs:
+            self.needs = Needs.decode(raw_needs)
         raw_model = attrs.get(ATTR_BODY_MODEL)
         self.body_model = orjson.loads(raw_model) if isinstance(raw_model, str) else None
         plan = header_plan(self.rt.backends[target.backend], h.get(":path", ""))
@@ -219,11 +245,86 @@ class AttemptStream:
                 self.rt.table.profiles[target.backend], sigs)
         needs_body = (target.model != self.body_model or self.convert) \
             and not req.request_headers.end_of_stream
-        resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=mutation(plan.set, plan.remove))))
-        if not needs_body:
-            resp.mode_override.CopyFrom(SKIP_BODY)
-        return resp
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(header_mutation=mutation(plan.set, plan.remove))),
+            mode_override=attempt_mode(needs_body, self.needs is not None),
+        )
+
+    # ------------------------------------------------------------ response judging
+
+    def _headers_answer(self, extra: list[tuple[str, str]] = ()) -> pb.ProcessingResponse:  # type: ignore[assignment]
+        tags = [(RESP_BACKEND, self.backend or ""), (RESP_MODEL, self.model or ""), *self.tags,
+                *extra]
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation(tags))))
+
+    async def _on_response_headers(self, msg: pb.HttpHeaders) -> Out:
+        h = headers_dict(msg)
+        try:
+            self.status = int(h.get(":status", "0"))
+        except ValueError:
+            self.status = 0
+        needs = self.needs
+        hold = needs is not None and not msg.end_of_stream and (
+            (self.status == 200 and bool(needs.forced)) or self.status >= 400)
+        if not hold:
+            yield self._headers_answer()
+            return
+        assert needs is not None
+        self.holding, self.hold_since = True, time.monotonic()
+        if self.status == 200 and "text/event-stream" in h.get("content-type", ""):
+            self.judge = StreamJudge(needs)
+        limit = self.rt.config.capability_routing.hold_max_s
+        yield pb.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
+            seconds=int(limit), nanos=int((limit % 1) * 1e9)))
+
+    async def _on_response_body(self, msg: pb.HttpBody) -> Out:
+        if not self.holding:
+            yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+            return
+        self.held += 1
+        verdict: Verdict | None
+        if self.judge is not None:
+            verdict = self.judge.feed(msg.body, msg.end_of_stream)
+        else:
+            self.held_bytes += msg.body
+            verdict = None
+            if msg.end_of_stream:
+                verdict = self._judge_whole(bytes(self.held_bytes))
+        cfg = self.rt.config.capability_routing
+        if verdict is None and (len(self.held_bytes) > cfg.hold_max_bytes
+                                or (self.judge and len(self.judge.buf) > cfg.hold_max_bytes)
+                                or time.monotonic() - self.hold_since > cfg.hold_max_s):
+            verdict = UNJUDGED  # bounded: release what we hold, never fail on doubt
+        if verdict is None:
+            return
+        self.holding = False
+        yield self._headers_answer(self._verdict_headers(verdict))
+        for _ in range(self.held):
+            yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+    def _judge_whole(self, body: bytes) -> Verdict:
+        if self.status == 200:
+            assert self.needs is not None
+            return judge_completion(body, self.needs)
+        gap = capability_gap(self.status, body)
+        return Verdict(False, f"{gap}: the backend's error says the model lacks it") if gap \
+            else UNJUDGED
+
+    def _verdict_headers(self, verdict: Verdict) -> list[tuple[str, str]]:
+        if verdict.ok is not False:
+            return []
+        self.rt.note(self.request_id, {"attempt": self.attempt, "backend": self.backend,
+                                       "model": self.model, "reason": verdict.reason,
+                                       "retried": not self.last})
+        log_event(self.log, {"event": "capability.retry" if not self.last else
+                             "capability.unmet", "request_id": self.request_id,
+                             "attempt": self.attempt, "backend": self.backend,
+                             "model": self.model, "reason": verdict.reason})
+        if self.last:
+            return [(RESP_UNMET, verdict.reason)]
+        return [(RETRY_HEADER, verdict.reason)]
 
     async def _on_body(self, msg: pb.HttpBody) -> Out:
         assert self.model is not None and self.backend is not None

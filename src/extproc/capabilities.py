@@ -1,0 +1,238 @@
+"""Capabilities: what a request needs and forces, candidate ordering, and response judging.
+
+Rules (../shared/design/capabilities.md):
+- needs: tools (non-empty ``tools``/``functions``), vision/audio (parts), json
+  (``response_format`` json_object/json_schema), reasoning (``reasoning_effort``/``reasoning``);
+- forced: tools when ``tool_choice`` is "required", names a function, or ``allowed_tools`` is
+  required, or legacy ``function_call`` names one; json when ``response_format`` asks for it;
+- a 200 that fails a forced need is a retry signal; a body that cannot be parsed as a chat
+  completion is never judged (no failover on doubt); ``tool_choice`` auto/none never retries.
+Pure functions only: the attempt stage feeds bytes in and acts on the verdicts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .parts import Sig
+
+
+@dataclass(slots=True)
+class Needs:
+    needed: set[str] = field(default_factory=set)
+    forced: set[str] = field(default_factory=set)
+    tool_name: str | None = None          # a forced, named function
+    schema: dict[str, Any] | None = None  # json_schema to validate against
+
+    def encode(self) -> str:
+        return orjson.dumps({"needed": sorted(self.needed), "forced": sorted(self.forced),
+                             "tool": self.tool_name, "schema": self.schema}).decode()
+
+    @classmethod
+    def decode(cls, raw: str) -> Needs:
+        d = orjson.loads(raw)
+        return cls(set(d.get("needed") or ()), set(d.get("forced") or ()), d.get("tool"),
+                   d.get("schema"))
+
+
+def request_needs(data: dict[str, Any], sigs: list[Sig]) -> Needs:
+    n = Needs()
+    tools = data.get("tools") or data.get("functions")
+    if isinstance(tools, list) and tools:
+        n.needed.add("tools")
+        choice = data.get("tool_choice")
+        if choice == "required":
+            n.forced.add("tools")
+        elif isinstance(choice, dict):
+            if choice.get("type") == "allowed_tools":
+                if (choice.get("allowed_tools") or {}).get("mode") == "required":
+                    n.forced.add("tools")
+            else:
+                name = (choice.get("function") or {}).get("name") or choice.get("name")
+                if isinstance(name, str):
+                    n.forced.add("tools")
+                    n.tool_name = name
+        fc = data.get("function_call")
+        if isinstance(fc, dict) and isinstance(fc.get("name"), str):
+            n.forced.add("tools")
+            n.tool_name = fc["name"]
+    rf = data.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
+        n.needed.add("json")
+        n.forced.add("json")
+        if rf.get("type") == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if isinstance(schema, dict):
+                n.schema = schema
+    if data.get("reasoning_effort") is not None or data.get("reasoning") is not None:
+        n.needed.add("reasoning")
+    kinds = {s.kind for s in sigs}
+    if "image" in kinds:
+        n.needed.add("vision")
+    if "audio" in kinds:
+        n.needed.add("audio")
+    return n
+
+
+def rank(caps: frozenset[str] | None, needed: set[str], substitutable: set[str]) -> int:
+    """0: every need declared; 1: some unknown or substitutable; 2: some need declared absent."""
+    if not needed:
+        return 0
+    if caps is None:
+        return 1
+    missing = needed - caps
+    if not missing:
+        return 0
+    return 1 if missing <= substitutable else 2
+
+
+# ---------------------------------------------------------------- response judging
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool | None       # None: could not judge (pass through)
+    reason: str = ""
+
+
+PASS, UNJUDGED = Verdict(True), Verdict(None)
+
+
+def _validate_json(text: str, needs: Needs) -> Verdict:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return Verdict(False, "json: content is not valid JSON")
+    if needs.schema is not None:
+        import jsonschema
+
+        try:
+            jsonschema.validate(value, needs.schema)
+        except jsonschema.ValidationError as exc:
+            return Verdict(False, f"json: does not match the schema ({exc.message[:120]})")
+        except jsonschema.SchemaError:
+            return UNJUDGED  # the client's schema is broken: not the model's fault
+    return PASS
+
+
+def judge_completion(body: bytes, needs: Needs) -> Verdict:
+    """Judge a whole chat.completion body against the forced needs."""
+    try:
+        data = orjson.loads(body)
+        choices = data["choices"]
+        if not isinstance(choices, list) or not choices:
+            return UNJUDGED
+        messages = [c["message"] for c in choices]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return UNJUDGED
+    if "tools" in needs.forced:
+        calls = [tc for m in messages for tc in (m.get("tool_calls") or [])]
+        legacy = [m["function_call"] for m in messages if m.get("function_call")]
+        names = [(tc.get("function") or {}).get("name") for tc in calls] + \
+            [f.get("name") for f in legacy]
+        if not names:
+            truncated = any(c.get("finish_reason") == "length" for c in choices)
+            return Verdict(False, "tools: truncated before a tool call" if truncated
+                           else "tools: forced, but the answer has no tool call")
+        if needs.tool_name and needs.tool_name not in names:
+            return Verdict(False, f"tools: called {names[0]!r}, not the forced "
+                                  f"{needs.tool_name!r}")
+    if "json" in needs.forced:
+        for c, m in zip(choices, messages, strict=True):
+            content = m.get("content")
+            if not isinstance(content, str):
+                continue
+            v = _validate_json(content, needs)
+            if v.ok is False and c.get("finish_reason") == "length":
+                return Verdict(False, "json: truncated (finish_reason length)")
+            if v.ok is False:
+                return v
+    return PASS
+
+
+class StreamJudge:
+    """Judges an SSE chat stream incrementally; decides at the first deciding event.
+
+    tools forced: a ``tool_calls`` delta passes (if the name matches), text content fails.
+    json forced: the first non-blank content character must open a JSON value.
+    """
+
+    def __init__(self, needs: Needs):
+        self.needs = needs
+        self.buf = b""
+        self.verdict: Verdict | None = None
+
+    def feed(self, chunk: bytes, end: bool = False) -> Verdict | None:
+        if self.verdict is not None:
+            return self.verdict
+        self.buf += chunk
+        while self.verdict is None:
+            sep = re.search(rb"\r?\n\r?\n", self.buf)
+            if sep is None:
+                break
+            event, self.buf = self.buf[: sep.start()], self.buf[sep.end():]
+            self.verdict = self._event(event)
+        if self.verdict is None and end:
+            if self.buf.strip():
+                self.verdict = self._event(self.buf)
+            if self.verdict is None:
+                self.verdict = Verdict(False, "stream ended without a tool call") \
+                    if "tools" in self.needs.forced else UNJUDGED
+        return self.verdict
+
+    def _event(self, event: bytes) -> Verdict | None:
+        data = b"".join(line[5:].strip() for line in event.splitlines()
+                        if line.startswith(b"data:"))
+        if not data or data == b"[DONE]":
+            return None
+        try:
+            chunk = orjson.loads(data)
+            deltas = [c.get("delta") or {} for c in chunk.get("choices") or []]
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            return UNJUDGED
+        for d in deltas:
+            calls = d.get("tool_calls") or ([d["function_call"]] if d.get("function_call")
+                                            else [])
+            if calls and "tools" in self.needs.forced:
+                name = (calls[0].get("function") or {}).get("name") or calls[0].get("name")
+                if self.needs.tool_name and name and name != self.needs.tool_name:
+                    return Verdict(False, f"tools: called {name!r}, not the forced "
+                                          f"{self.needs.tool_name!r}")
+                return PASS
+            text = d.get("content")
+            if isinstance(text, str) and text.strip():
+                if "tools" in self.needs.forced:
+                    return Verdict(False, "tools: forced, but the stream started with text")
+                if "json" in self.needs.forced:
+                    return PASS if text.lstrip()[0] in "{[" else Verdict(
+                        False, "json: the stream started with prose, not JSON")
+        return None
+
+
+# Error answers that are capability gaps, not transient faults (content-parts.md).
+_GAPS = [
+    (re.compile(r"is not a multimodal model", re.I), "vision"),
+    (re.compile(r"image input is not supported", re.I), "vision"),
+    (re.compile(r"does not support (image|vision)", re.I), "vision"),
+    (re.compile(r"missing data required for image input", re.I), "vision"),
+    (re.compile(r"audio input is not supported|does not support audio", re.I), "audio"),
+    (re.compile(r"does not support tools|tools? (is|are) not supported|"
+                r"tool[_ ]choice.*not supported", re.I), "tools"),
+    (re.compile(r"response_format.*not supported|does not support (json|structured)", re.I),
+     "json"),
+]
+
+
+def capability_gap(status: int, body: bytes) -> str | None:
+    """The capability an error answer says is missing, if it says so."""
+    if status < 400 or not body:
+        return None
+    text = body[:8192].decode("utf-8", "replace")
+    for pattern, cap in _GAPS:
+        if pattern.search(text):
+            return cap
+    return None

@@ -1,0 +1,125 @@
+"""Capabilities core: needs and forcing, ranking, whole-body and streaming judges, error gaps."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from extproc.capabilities import (
+    Needs,
+    StreamJudge,
+    capability_gap,
+    judge_completion,
+    rank,
+    request_needs,
+)
+from extproc.parts import Sig
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
+@pytest.mark.parametrize(("extra", "needed", "forced", "name"), [
+    ({"tools": TOOLS}, {"tools"}, set(), None),
+    ({"tools": TOOLS, "tool_choice": "auto"}, {"tools"}, set(), None),
+    ({"tools": TOOLS, "tool_choice": "none"}, {"tools"}, set(), None),
+    ({"tools": TOOLS, "tool_choice": "required"}, {"tools"}, {"tools"}, None),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     {"tools"}, {"tools"}, "get_weather"),
+    ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools",
+                                      "allowed_tools": {"mode": "required", "tools": []}}},
+     {"tools"}, {"tools"}, None),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "f"}}, {"tools"}, {"tools"}, "f"),
+    ({"tools": [], "tool_choice": "required"}, set(), set(), None),
+    ({"response_format": {"type": "json_object"}}, {"json"}, {"json"}, None),
+    ({"response_format": {"type": "text"}}, set(), set(), None),
+    ({"reasoning_effort": "high"}, {"reasoning"}, set(), None),
+    ({"reasoning_effort": None}, set(), set(), None),
+])
+def test_request_needs(extra: dict, needed: set, forced: set, name: str | None) -> None:
+    n = request_needs({"model": "m", "messages": [], **extra}, [])
+    assert (n.needed, n.forced, n.tool_name) == (needed, forced, name)
+
+
+def test_parts_add_vision_and_audio_needs() -> None:
+    n = request_needs({}, [Sig("image_url", "image", "data", "png"), Sig("input_audio", "audio")])
+    assert n.needed == {"vision", "audio"} and n.forced == set()
+
+
+def test_rank() -> None:
+    assert rank(frozenset({"tools"}), {"tools"}, set()) == 0
+    assert rank(None, {"tools"}, set()) == 1
+    assert rank(frozenset(), {"vision"}, {"vision"}) == 1
+    assert rank(frozenset({"json"}), {"tools", "json"}, set()) == 2
+    assert rank(frozenset(), set(), set()) == 0
+
+
+def completion(message: dict, finish: str = "stop") -> bytes:
+    return orjson.dumps({"object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}]})
+
+
+FORCED_TOOLS = Needs({"tools"}, {"tools"})
+CALL = {"content": None, "tool_calls": [{"id": "1", "type": "function",
+                                         "function": {"name": "get_weather", "arguments": "{}"}}]}
+
+
+def test_judge_tools() -> None:
+    assert judge_completion(completion(CALL), FORCED_TOOLS).ok is True
+    v = judge_completion(completion({"content": "It is sunny."}), FORCED_TOOLS)
+    assert v.ok is False and "no tool call" in v.reason
+    named = Needs({"tools"}, {"tools"}, tool_name="other")
+    v = judge_completion(completion(CALL), named)
+    assert v.ok is False and "'other'" in v.reason
+    v = judge_completion(completion({"content": "partial"}, "length"), FORCED_TOOLS)
+    assert v.reason == "tools: truncated before a tool call"
+
+
+def test_judge_json_and_schema() -> None:
+    schema = {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
+    needs = Needs({"json"}, {"json"}, schema=schema)
+    assert judge_completion(completion({"content": '{"city": "Oslo"}'}), needs).ok is True
+    v = judge_completion(completion({"content": "{}"}), needs)
+    assert v.ok is False and "schema" in v.reason and "city" in v.reason
+    v = judge_completion(completion({"content": "Oslo is nice"}), Needs({"json"}, {"json"}))
+    assert v.ok is False and "not valid JSON" in v.reason
+    v = judge_completion(completion({"content": '{"city": "Os'}, "length"), needs)
+    assert v.reason == "json: truncated (finish_reason length)"
+
+
+def test_unparseable_bodies_are_not_judged() -> None:
+    for body in (b"<html>", b"{}", b'{"choices": []}', b'{"choices": "x"}', b"[1]"):
+        assert judge_completion(body, FORCED_TOOLS).ok is None
+
+
+def sse(*deltas: dict) -> list[bytes]:
+    return [b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": d}]}) + b"\n\n"
+            for d in deltas] + [b"data: [DONE]\n\n"]
+
+
+def test_stream_judge_decides_at_first_deciding_event() -> None:
+    events = sse({"role": "assistant", "content": ""},
+                 {"tool_calls": [{"index": 0, "function": {"name": "get_weather"}}]})
+    j = StreamJudge(FORCED_TOOLS)
+    assert j.feed(events[0]) is None  # the role-only delta decides nothing
+    assert j.feed(events[1]).ok is True
+    j = StreamJudge(FORCED_TOOLS)
+    assert j.feed(b"".join(sse({"role": "assistant"}, {"content": "Sure"}))).ok is False
+    # An event split across chunks is reassembled.
+    raw = b"".join(sse({"content": "Hi"}))
+    j = StreamJudge(FORCED_TOOLS)
+    assert j.feed(raw[:10]) is None and j.feed(raw[10:]).ok is False
+    j = StreamJudge(Needs({"json"}, {"json"}))
+    assert j.feed(b"".join(sse({"content": "  {\"a\""}))).ok is True
+    j = StreamJudge(Needs({"json"}, {"json"}))
+    assert j.feed(b"".join(sse({"content": "Here is"}))).ok is False
+    j = StreamJudge(FORCED_TOOLS)
+    assert j.feed(b"data: [DONE]\n\n", end=True).ok is False  # ended with no tool call
+
+
+def test_capability_gaps_from_real_error_texts() -> None:
+    assert capability_gap(400, b'{"error":{"message":"m is not a multimodal model"}}') == "vision"
+    assert capability_gap(500, b'{"error":{"message":"image input is not supported - hint"}}') \
+        == "vision"
+    assert capability_gap(400, b"model x does not support tools") == "tools"
+    assert capability_gap(500, b"out of memory") is None
+    assert capability_gap(200, b"is not a multimodal model") is None
