@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 
 def bench_config(backend_port: int, llama_port: int) -> dict:
     return {
-        "service": {"port": free_port(), "log_level": "warning"},
+        "service": {"port": free_port(), "log_level": "warning", "metrics_port": free_port()},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
         "backends": [
             {"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{backend_port}/v1",
@@ -137,6 +137,49 @@ def run_wrk(url: str, script: Path, conc: int, duration: float) -> dict:
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
+def ttfb(url: str, body: bytes, n: int) -> dict:
+    """Time to the first body byte of a streamed answer, over ``n`` sequential requests."""
+    import httpx
+
+    times = []
+    with httpx.Client(timeout=30) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            with c.stream("POST", url + "/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}) as r:
+                chunks = r.iter_raw()
+                for chunk in chunks:
+                    if chunk:
+                        times.append((time.perf_counter() - t0) * 1000)
+                        break
+                for _ in chunks:  # drain the rest of the stream
+                    pass
+    times.sort()
+    return {"p50_ms": statistics.median(times), "p99_ms": times[int(len(times) * 0.99) - 1],
+            "n": n}
+
+
+def stream_cases(bare: str, extproc: str, emulator: str, n: int) -> dict:
+    """Forced-tools streaming: TTFB through bare Envoy, the hold, and pass-through (auto)."""
+    import httpx
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"model": "bench-model", "stream": True, "tools": tools,
+            "messages": [{"role": "user", "content": "call f"}]}
+    forced = orjson.dumps({**body, "tool_choice": "required"})
+    auto = orjson.dumps({**body, "tool_choice": "auto"})
+    delay = 0.02  # between SSE events: the deciding tool_calls delta is the second event
+    httpx.post(emulator + "/_emulator/behaviour", json={"stream_delay_s": delay})
+    try:
+        out = {"event_gap_ms": delay * 1000,
+               "bare Envoy (forced)": ttfb(bare, forced, n),
+               "extproc pass-through (auto)": ttfb(extproc, auto, n),
+               "extproc hold (forced)": ttfb(extproc, forced, n)}
+    finally:
+        httpx.post(emulator + "/_emulator/behaviour", json={})
+    return out
+
+
 def wait_idle(max_wait: float = 10.0, threshold: float = 0.6) -> None:
     """Wait until the 1-minute-ish load settles (cheap proxy: /proc/loadavg 1-min < threshold x cores)."""
     deadline = time.monotonic() + max_wait
@@ -190,6 +233,9 @@ def main() -> int:
                 for t, url in targets.items():
                     wait_idle()
                     results[key][t].append(run_wrk(url, scripts[body], conc, args.duration))
+        wait_idle()
+        streaming = stream_cases(targets["bare Envoy"], stack.envoy_url,
+                                 stack.backend_url("emu"), 20 if args.smoke else 100)
     finally:
         stack.stop()
         if bare is not None:
@@ -219,8 +265,17 @@ def main() -> int:
             print(f"{row['case']:18} {t:16} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['rps']:8.0f} "
                   f"{v['spread_rps']!s:>16} {v['non_2xx']:6d}")
         print(f"{'':18} {'ratio':16} {row['p50_ratio']:7.1f}x {'':8} {row['rps_ratio']:7.2f}x")
+    print(f"\nforced-tools streaming, time to first byte (SSE events every "
+          f"{streaming['event_gap_ms']:.0f} ms; the deciding tool_calls delta is event 2):")
+    for name, v in streaming.items():
+        if isinstance(v, dict):
+            print(f"  {name:30} p50 {v['p50_ms']:7.2f} ms   p99 {v['p99_ms']:7.2f} ms   n={v['n']}")
+    hold = streaming["extproc hold (forced)"]["p50_ms"]
+    passthrough = streaming["extproc pass-through (auto)"]["p50_ms"]
+    print(f"  hold cost vs pass-through: {hold - passthrough:+.2f} ms p50")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "cases": summary}, indent=2))
+    Path(args.out).write_text(json.dumps({"machine": machine, "cases": summary,
+                                          "streaming_ttfb": streaming}, indent=2))
     print(f"\nwritten: {args.out}")
     bad = sum(row[t]["non_2xx"] for row in summary for t in ("bare Envoy", "Envoy + extproc"))
     return 1 if bad else 0

@@ -25,7 +25,8 @@ def stack_config(backends: list[dict[str, Any]], models: list[dict[str, Any]],
         b["models"] = [{"name": m} if isinstance(m, str) else m for m in b["models"]]
         out_backends.append(b)
     cfg: dict[str, Any] = {
-        "service": {"host": "127.0.0.1", "port": free_port(), "log_level": "info"},
+        "service": {"host": "127.0.0.1", "port": free_port(), "log_level": "info",
+                    "metrics_port": free_port()},
         "envoy": {"listen_port": free_port(), "admin_port": free_port()},
         "backends": out_backends,
         "models": models,

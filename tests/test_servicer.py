@@ -153,7 +153,7 @@ async def test_sigterm_lets_in_flight_stream_finish(tmp_path) -> None:
     from extproc.devstack import free_port, wait_port
 
     port = free_port()
-    cfg = {"service": {"port": port, "shutdown_grace_s": 5},
+    cfg = {"service": {"port": port, "shutdown_grace_s": 5, "metrics_port": 0},
            "backends": [{"name": "a", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "m1"}]}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--config",

@@ -54,6 +54,8 @@ class PartsOverride(_Strict):
     fetches_urls: bool | None = Field(default=None, description="downloads http(s) URLs itself")
     image_mimes: list[str] | None = Field(default=None, description="data-URL image subtypes")
     keeps_detail: bool | None = None
+    metadata: Literal["accept", "with_store"] | None = Field(
+        default=None, description="with_store: `metadata` only when `store` is true (OpenAI)")
 
     @field_validator("accepts")
     @classmethod
@@ -169,10 +171,56 @@ class CapabilityRouting(_Strict):
     hold_max_s: float = Field(default=60.0, gt=0, description="longest hold before releasing")
 
 
+HintKind = Literal["intent", "model", "backend", "order"]
+
+
+class HintNames(_Strict):
+    intent: str | None = None
+    model: str | None = None
+    backend: str | None = None
+    order: str | None = None
+
+
+class HintAccess(_Strict):
+    """Which clients (ids from ``client_header``; "*" = anyone) may use which hints."""
+
+    clients: list[str] = ["*"]
+    allow: list[HintKind] = []
+    intents: list[str] | None = Field(default=None, description="allowed intents (unset: all)")
+
+
+class Policy(_Strict):
+    """What an intent does to the candidates, by the models' tags."""
+
+    require_tags: list[str] = Field(default=[], description="keep only candidates with these")
+    exclude_tags: list[str] = []
+    prefer_tags: list[str] = Field(default=[], description="candidates with these go first")
+
+
+class HintSettings(_Strict):
+    metadata_prefix: str = Field(default="route_", description="namespace of routing keys")
+    metadata_keys: HintNames = HintNames(intent="intent", model="model", backend="backend",
+                                         order="order")
+    headers_enabled: bool = True
+    headers: HintNames = HintNames(intent="x-route-intent", model="x-route-model",
+                                   backend="x-route-backend", order="x-route-order")
+    client_header: str = Field(default="x-client-id", description="who is asking (set by "
+                               "Envoy's api_key_auth, or a tenant header)")
+    access: list[HintAccess] = [HintAccess(clients=["*"], allow=["intent"])]
+    on_denied: Literal["reject", "ignore"] = "reject"
+    on_unknown: Literal["reject", "ignore"] = "reject"
+    policies: dict[str, Policy] = {}
+    propagate: dict[str, str] = Field(default={}, description="backend header -> metadata key "
+                                      "or request header to copy into it")
+    intent_header: str | None = Field(default="x-llm-intent",
+                                      description="backend header carrying the applied intent")
+
+
 class ServiceSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=1, le=65535)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus; 0: off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
@@ -215,6 +263,7 @@ class Config(_Strict):
                                           "tools, vision, audio, json, reasoning")
     virtual_models: list[VirtualModel] = []
     capability_routing: CapabilityRouting = CapabilityRouting()
+    hints: HintSettings = HintSettings()
     routed_paths: list[str] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 
@@ -327,6 +376,13 @@ def _cross_check(cfg: Config) -> list[str]:
         for k, b_name in enumerate(vm.prefer):
             if b_name not in backends:
                 problems.append(f"virtual_models[{i}].prefer[{k}]: unknown backend {b_name!r}")
+    for name in cfg.hints.policies:
+        if not name:
+            problems.append("hints.policies: empty intent name")
+    for i, rule in enumerate(cfg.hints.access):
+        for k, intent in enumerate(rule.intents or ()):
+            if intent not in cfg.hints.policies:
+                problems.append(f"hints.access[{i}].intents[{k}]: no policy named {intent!r}")
     for i, b in enumerate(cfg.backends):
         if b.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", b.api_key_env):
             problems.append(f"backends[{i}].api_key_env: not an environment variable name")

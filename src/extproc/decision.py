@@ -30,6 +30,24 @@ class DecisionRecord:
     unmet: str | None = None
     retries: list[dict[str, Any]] = field(default_factory=list)
 
+    hints: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, str] = field(default_factory=dict)
+    needs: dict[str, Any] = field(default_factory=dict)
+
+    def reason(self) -> str:
+        """One line for access logs: how the model resolved and what steered it."""
+        out = f"{self.resolution}:{self.model_requested}->{self.public_model}"
+        if self.hints.get("policy"):
+            out += f"; intent={self.hints['policy']}"
+        applied = [k for k in self.hints.get("applied", ()) if k != "intent"]
+        if applied:
+            out += "; hints=" + ",".join(applied)
+        if self.needs.get("needed"):
+            out += "; needs=" + ",".join(self.needs["needed"])
+        if self.dropped:
+            out += f"; dropped={len(self.dropped)}"
+        return out
+
     def routed(self, d: RouteDecision) -> None:
         self.model_requested = d.requested
         self.public_model = d.public_model
@@ -38,6 +56,10 @@ class DecisionRecord:
             {"backend": t.backend, "model": t.model, "address": t.address} for t in d.candidates
         ]
         self.warnings = d.warnings
+        self.hints = d.hints.record() if d.hints.values else {}
+        self.context = dict(d.hints.context)
+        if d.needs.needed:
+            self.needs = {"needed": sorted(d.needs.needed), "forced": sorted(d.needs.forced)}
         self.dropped = [{"backend": t.backend, "model": t.model, "reason": f"cannot take {why}"}
                         for t, why in d.dropped]
 
@@ -87,5 +109,8 @@ class DecisionRecord:
             "capability_retries": self.retries,
             "unmet_capability": self.unmet,
             "warnings": self.warnings,
+            "hints": self.hints,
+            "context": self.context,
+            "needs": self.needs,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
         }

@@ -116,6 +116,7 @@ class Stack:
         envoy_yaml.write_text(render_yaml(cfg, Path(self.config_path).name))
         envoy = self._spawn("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--concurrency",
                                       "1", "--log-level", "warn", "--disable-hot-restart",
+                                      "--file-flush-interval-msec", "200",
                                       "--base-id", str(os.getpid() % 10000)])
         for name, proc in self.procs.items():
             if name.startswith("emulator-"):

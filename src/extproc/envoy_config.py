@@ -87,6 +87,8 @@ def _access_log() -> list[dict[str, Any]]:
                 "flags": "%RESPONSE_FLAGS%",
                 "details": "%RESPONSE_CODE_DETAILS%",
                 "public_model": f"%DYNAMIC_METADATA({META_NS}:public_model)%",
+                "route_reason": f"%DYNAMIC_METADATA({META_NS}:route_reason)%",
+                "intent": f"%DYNAMIC_METADATA({META_NS}:intent)%",
                 "upstream": "%UPSTREAM_HOST%",
                 "backend": "%RESP(X-EXTPROC-BACKEND)%",
                 "model": "%RESP(X-EXTPROC-MODEL)%",

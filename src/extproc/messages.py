@@ -19,8 +19,9 @@ ATTR_CANDIDATES = "metadata.filter_metadata['extproc']['candidates']"
 ATTR_BODY_MODEL = "metadata.filter_metadata['extproc']['body_model']"
 ATTR_PARTS = "metadata.filter_metadata['extproc']['parts']"
 ATTR_NEEDS = "metadata.filter_metadata['extproc']['needs']"
+ATTR_UNSTORED_META = "metadata.filter_metadata['extproc']['unstored_metadata']"
 ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL, ATTR_PARTS,
-                      ATTR_NEEDS)
+                      ATTR_NEEDS, ATTR_UNSTORED_META)
 RETRY_HEADER = "x-extproc-retry"
 RESP_UNMET = "x-extproc-unmet-capability"
 RESP_BACKEND = "x-extproc-backend"

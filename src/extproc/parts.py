@@ -39,10 +39,12 @@ class Profile:
     fetches_urls: bool = True               # downloads http(s) URLs itself
     image_mimes: tuple[str, ...] = ()       # data-URL image types; empty = any
     keeps_detail: bool = True
+    metadata: str = "accept"                # with_store: `metadata` only with `store: true`
 
 
 PRESETS: dict[str, Profile] = {
-    "openai": Profile(frozenset({"text", "image_url", "input_audio", "file"}), ("wav", "mp3")),
+    "openai": Profile(frozenset({"text", "image_url", "input_audio", "file"}), ("wav", "mp3"),
+                      metadata="with_store"),
     "vllm": Profile(frozenset({"text", "image_url", "input_audio", "audio_url", "video_url",
                                "input_text", "input_image", "untyped_image_url"}),
                     ("wav", "mp3", "flac", "ogg"), keeps_detail=False),
@@ -113,6 +115,7 @@ def profile_for(preset: str, override: Any) -> Profile:
         override.fetches_urls if override.fetches_urls is not None else base.fetches_urls,
         tuple(override.image_mimes) if override.image_mimes is not None else base.image_mimes,
         override.keeps_detail if override.keeps_detail is not None else base.keeps_detail,
+        override.metadata if override.metadata is not None else base.metadata,
     )
 
 

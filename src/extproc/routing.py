@@ -15,11 +15,12 @@ import orjson
 from .capabilities import Needs, rank, request_needs
 from .config import Config, backend_endpoint
 from .errors import Reply, error_reply, json_reply
+from .hints import Hints, allowed_intents, allowed_kinds, check_metadata, read_hints
 from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
 
 POOL_CLUSTER = "llm_backends"
 
-Resolution = Literal["exact", "alias", "default"]
+Resolution = Literal["exact", "alias", "default", "hint"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class RouteDecision:
     warnings: list[str] = field(default_factory=list)
     dropped: list[tuple[Target, str]] = field(default_factory=list)
     needs: Needs = field(default_factory=Needs)
+    hints: Hints = field(default_factory=Hints)
 
 
 def encode_candidates(cands: tuple[Target, ...]) -> str:
@@ -226,8 +228,13 @@ def parse_json_body(body: bytes) -> dict[str, Any] | Reply:
     return data
 
 
-def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | Reply:
+def route_request(table: RoutingTable, data: dict[str, Any],
+                  headers: dict[str, str] | None = None) -> RouteDecision | Reply:
     """Pick the ordered candidates for a parsed POST body by its ``model``."""
+    headers = headers or {}
+    bad_meta = check_metadata(data.get("metadata"))
+    if bad_meta is not None:
+        return bad_meta
     model = data.get("model")
     resolution: Resolution
     if model is None:
@@ -254,6 +261,13 @@ def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | 
         report = inspect_parts(data)
     except PartError as exc:
         return exc.reply
+    hints = read_hints(data, headers, table.config.hints)
+    if hints.values:
+        pinned = _pinned_model(table, hints, headers)
+        if isinstance(pinned, Reply):
+            return pinned
+        if pinned is not None:
+            entry, resolution = pinned, "hint"
     decision = RouteDecision(
         requested=model if isinstance(model, str) else None,
         public_model=entry.name,
@@ -264,7 +278,12 @@ def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | 
         body=data,
         sigs=report.sigs,
         warnings=report.warnings,
+        hints=hints,
     )
+    if hints.values:
+        hinted = _apply_hints(table, decision, headers)
+        if isinstance(hinted, Reply):
+            return hinted
     if decision.sigs:
         filtered = _filter_by_parts(table, decision, report.parts)
         if isinstance(filtered, Reply):
@@ -275,8 +294,102 @@ def route_request(table: RoutingTable, data: dict[str, Any]) -> RouteDecision | 
                 return filtered
     decision.needs = request_needs(data, decision.sigs)
     if decision.needs.needed:
-        return _order_by_needs(table, decision)
+        ordered = _order_by_needs(table, decision)
+        if isinstance(ordered, Reply):
+            return ordered
+    order = hints.values.get("order")
+    if order and "order" in hints.applied:
+        prefer = [b.strip() for b in order.split(",")]
+        _set_candidates(decision, sorted(decision.candidates, key=lambda t: (
+            prefer.index(t.backend) if t.backend in prefer else len(prefer))))
     return decision
+
+
+def _hint_refusal(table: RoutingTable, hints: Hints, kind: str, why: str, denied: bool
+                  ) -> Reply | None:
+    """Per config: refuse with a 400 (403 for not allowed), or ignore and record."""
+    cfg = table.config.hints
+    if (cfg.on_denied if denied else cfg.on_unknown) == "ignore":
+        hints.ignored.append(f"{kind}: {why}")
+        return None
+    source = hints.sources[kind]
+    return error_reply(403 if denied else 400, f"Routing hint {kind}={hints.values[kind]!r} "
+                       f"({source}): {why}", code="hint_not_allowed" if denied else "unknown_hint",
+                       param=source.split(":", 1)[1])
+
+
+def _client(table: RoutingTable, headers: dict[str, str]) -> str | None:
+    return headers.get(table.config.hints.client_header)
+
+
+def _pinned_model(table: RoutingTable, hints: Hints, headers: dict[str, str]
+                  ) -> PublicEntry | Reply | None:
+    value = hints.values.get("model")
+    if value is None:
+        return None
+    if "model" not in allowed_kinds(table.config.hints, _client(table, headers)):
+        return _hint_refusal(table, hints, "model", "this client may not pin a model", True)
+    found = table.resolve(value)
+    if found is None:
+        return _hint_refusal(table, hints, "model", "no such model", False)
+    hints.applied.append("model")
+    return found[0]
+
+
+def _apply_hints(table: RoutingTable, d: RouteDecision, headers: dict[str, str]
+                 ) -> Reply | None:
+    hints, cfg = d.hints, table.config.hints
+    client = _client(table, headers)
+    allowed = allowed_kinds(cfg, client)
+    for kind in ("intent", "backend", "order"):
+        if kind in hints.values and kind not in allowed:
+            refusal = _hint_refusal(table, hints, kind, f"this client may not use the {kind} hint",
+                                    True)
+            if refusal:
+                return refusal
+            del hints.values[kind]
+    intent = hints.values.get("intent")
+    if intent is not None:
+        policy = cfg.policies.get(intent)
+        permitted = allowed_intents(cfg, client)
+        if policy is None:
+            refusal = _hint_refusal(table, hints, "intent", "no such intent (known: "
+                                    f"{', '.join(sorted(cfg.policies)) or 'none'})", False)
+        elif permitted is not None and intent not in permitted:
+            refusal = _hint_refusal(table, hints, "intent", "this client may not use it", True)
+        else:
+            tags = table.tags
+            keep = [t for t in d.candidates
+                    if set(policy.require_tags) <= tags[(t.backend, t.model)]
+                    and not set(policy.exclude_tags) & tags[(t.backend, t.model)]]
+            if not keep:
+                return error_reply(
+                    400, f"No candidate of model '{d.public_model}' fits intent '{intent}' "
+                    f"(requires tags {policy.require_tags}, excludes {policy.exclude_tags})",
+                    code="no_candidate_for_intent", param=hints.sources["intent"].split(":")[1])
+            d.dropped += [(t, f"intent {intent}") for t in d.candidates if t not in keep]
+            keep.sort(key=lambda t: not set(policy.prefer_tags) & tags[(t.backend, t.model)])
+            _set_candidates(d, keep)
+            hints.applied.append("intent")
+            hints.policy = intent
+            refusal = None
+        if refusal:
+            return refusal
+    backend = hints.values.get("backend")
+    if backend is not None:
+        keep = [t for t in d.candidates if t.backend == backend]
+        if not keep:
+            known = backend in {b.name for b in table.config.backends}
+            refusal = _hint_refusal(table, hints, "backend", "not a candidate of model "
+                                    f"'{d.public_model}'" if known else "no such backend", False)
+            if refusal:
+                return refusal
+        else:
+            _set_candidates(d, keep)
+            hints.applied.append("backend")
+    if "order" in hints.values:
+        hints.applied.append("order")  # applied last, after capability ordering
+    return None
 
 
 def _order_by_needs(table: RoutingTable, d: RouteDecision) -> RouteDecision | Reply:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from . import metrics
 from .logs import log_event
 from .messages import STAGE_KEY
 from .runtime import Runtime
@@ -41,6 +43,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         )
         try:
             async for req in request_iterator:
+                t0 = time.perf_counter()
                 try:
                     async for out in handler.handle(req):
                         yield out
@@ -49,6 +52,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                         "event": "servicer.error", "stage": stage,
                         "request_id": handler.request_id}})
                     yield handler.fail()
+                metrics.STAGE_SECONDS.labels(stage, req.WhichOneof("request") or "-").observe(
+                    time.perf_counter() - t0)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -77,9 +82,11 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None) -
     if bound == 0:
         raise OSError(f"cannot bind {addr}")
     await server.start()
+    metrics.start(cfg.metrics_port, cfg.host)
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log_event(log, {"event": "service.started", "address": addr,
+                    "metrics_port": cfg.metrics_port or None,
                     "models": rt.table.public_names()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import duration_pb2
 
+from . import metrics
 from .attempt import header_plan, pick_candidate, rewrite_model
 from .capabilities import UNJUDGED, Needs, StreamJudge, Verdict, capability_gap, judge_completion
 from .decision import DecisionRecord
@@ -28,6 +29,7 @@ from .messages import (
     ATTR_CANDIDATES,
     ATTR_NEEDS,
     ATTR_PARTS,
+    ATTR_UNSTORED_META,
     CLUSTER_HEADER,
     META_NS,
     RESP_ATTEMPTS,
@@ -68,6 +70,7 @@ class RouteStream:
     def __init__(self, rt: Runtime, log: Any):
         self.rt, self.log = rt, log
         self.path = ""
+        self.headers: dict[str, str] = {}
         self.record = DecisionRecord(request_id="-")
 
     @property
@@ -88,7 +91,7 @@ class RouteStream:
         return immediate(reply)
 
     def _on_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        h = headers_dict(msg)
+        h = self.headers = headers_dict(msg)
         self.record.request_id = h.get("x-request-id", "-")
         method = h.get(":method", "")
         self.path = h.get(":path", "").split("?", 1)[0]
@@ -110,29 +113,56 @@ class RouteStream:
             return self._reject(data)
         model = data.get("model")
         self.record.model_requested = model if isinstance(model, str) else None
-        decision = route_request(self.rt.table, data)
+        decision = route_request(self.rt.table, data, self.headers)
         if isinstance(decision, Reply):
             return self._reject(decision)
         self.record.routed(decision)
-        return self._routed(decision)
+        return self._routed(decision, data)
 
-    def _routed(self, d: RouteDecision) -> pb.ProcessingResponse:
-        body_model = d.requested if d.resolution != "default" else None
+    def _routed(self, d: RouteDecision, data: dict[str, object]) -> pb.ProcessingResponse:
+        hcfg = self.rt.config.hints
+        # A pinned model changes what the body names; the attempt stage rewrites from there.
+        body_model = d.requested if d.resolution not in ("default",) else None
         meta = {
             "hosts": d.hosts,
             "candidates": d.candidates_meta,
             "body_model": orjson.dumps(body_model).decode(),
             "public_model": d.public_model,
+            "route_reason": self.record.reason(),
         }
         if d.sigs:
             meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
         if d.needs.needed:
             meta["needs"] = d.needs.encode()
+        if d.hints.policy:
+            meta["intent"] = d.hints.policy
+        set_headers = [(CLUSTER_HEADER, d.cluster),
+                       ("x-envoy-max-retries", str(len(d.candidates) - 1))]
+        # Hint headers and client copies of propagated headers never reach a backend.
+        remove = [n for n in hcfg.headers.model_dump().values() if n] + list(hcfg.propagate)
+        for header, value in d.hints.context.items():
+            if header in hcfg.propagate:
+                set_headers.append((header, value))
+        if d.hints.policy and hcfg.intent_header:
+            set_headers.append((hcfg.intent_header, d.hints.policy))
+            remove.append(hcfg.intent_header)
+        remove = [r for r in remove if r not in {k for k, _ in set_headers}]
+        body_mutation = None
+        metadata = data.get("metadata")
+        if d.hints.routing_keys and isinstance(metadata, dict):
+            rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
+            if rest:
+                data["metadata"] = rest
+            else:
+                del data["metadata"]
+            new = orjson.dumps(data)
+            body_mutation = pb.BodyMutation(body=new)
+            set_headers.append(("content-length", str(len(new))))
+        if data.get("metadata") and data.get("store") is not True:
+            meta["unstored_metadata"] = "1"
         common = pb.CommonResponse(
-            header_mutation=mutation([
-                (CLUSTER_HEADER, d.cluster),
-                ("x-envoy-max-retries", str(len(d.candidates) - 1)),
-            ]),
+            header_mutation=mutation(set_headers, remove),
+            body_mutation=body_mutation,
             clear_route_cache=True,
         )
         return pb.ProcessingResponse(
@@ -167,9 +197,20 @@ class RouteStream:
         return immediate(internal_error(self.record.request_id))
 
     def close(self) -> None:
-        self.record.retries = self.rt.notes.pop(self.record.request_id, [])
-        if self.record.method:
-            log_event(self.log, self.record.as_log())
+        rec = self.record
+        rec.retries = self.rt.notes.pop(rec.request_id, [])
+        if not rec.method:
+            return
+        log_event(self.log, rec.as_log())
+        backend = rec.attempts[-1].get("backend") if rec.attempts else None
+        model = rec.attempts[-1].get("model") if rec.attempts else None
+        metrics.REQUESTS.labels(rec.public_model or "-", backend or "-", model or "-",
+                                rec.outcome).inc()
+        for kind in rec.hints.get("hints", {}):
+            result = "applied" if kind in rec.hints.get("applied", ()) else "ignored"
+            metrics.HINTS.labels(kind, result).inc()
+        if rec.error_code in ("hint_not_allowed", "unknown_hint"):
+            metrics.HINTS.labels("-", "refused").inc()
 
 
 class AttemptStream:
@@ -183,6 +224,7 @@ class AttemptStream:
         self.body_model: str | None = None
         self.convert = False      # some part needs reshaping/fetching for this backend
         self.substitute = False   # images must be described: this model cannot see
+        self.drop_metadata = False  # the backend takes `metadata` only with `store: true`
         self.tags: list[tuple[str, str]] = []
         self.needs: Needs | None = None
         self.attempt = 1
@@ -243,6 +285,9 @@ class AttemptStream:
                                and self.rt.table.lacks(target, "vision"))
             self.convert = self.substitute or needs_change(
                 self.rt.table.profiles[target.backend], sigs)
+        if attrs.get(ATTR_UNSTORED_META) and \
+                self.rt.table.profiles[target.backend].metadata == "with_store":
+            self.drop_metadata = self.convert = True
         needs_body = (target.model != self.body_model or self.convert) \
             and not req.request_headers.end_of_stream
         return pb.ProcessingResponse(
@@ -315,6 +360,8 @@ class AttemptStream:
     def _verdict_headers(self, verdict: Verdict) -> list[tuple[str, str]]:
         if verdict.ok is not False:
             return []
+        metrics.ATTEMPT_RETRIES.labels(verdict.reason.split(":", 1)[0], self.backend or "-",
+                                       str(not self.last).lower()).inc()
         self.rt.note(self.request_id, {"attempt": self.attempt, "backend": self.backend,
                                        "model": self.model, "reason": verdict.reason,
                                        "retried": not self.last})
@@ -370,6 +417,9 @@ class AttemptStream:
         converted = convert_body(data, report, profile, fetched)
         if converted:
             self.tags.append((RESP_CONVERTED, str(converted)))
+            metrics.PART_CONVERSIONS.labels(self.backend).inc(converted)
+        if self.drop_metadata:
+            data.pop("metadata", None)
         data["model"] = self.model
         return orjson.dumps(data)
 
@@ -415,6 +465,10 @@ class AttemptStream:
             data["messages"][p.msg]["content"][p.idx] = {"type": "text", "text": text}
         report.parts = [p for p in report.parts if p.sig.kind != "image"]
         failed = sum(isinstance(r, VisionError) for r in results)
+        aux = vision.cfg.model
+        metrics.VISION.labels(aux, "described").inc(len(images) - failed - cached)
+        metrics.VISION.labels(aux, "cached").inc(cached)
+        metrics.VISION.labels(aux, "failed").inc(failed)
         self.tags.append((RESP_VISION, f"substituted={len(images) - failed}; cached={cached}; "
                                        f"failed={failed}; model={vision.cfg.model}"))
 
