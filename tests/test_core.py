@@ -48,7 +48,8 @@ def test_backend_models_exposed_with_all_serving_backends() -> None:
     d = route_body(TABLE, body(model="solo"))
     assert not isinstance(d, Reply)
     assert [(t.backend, t.model) for t in d.candidates] == [("a", "solo"), ("b", "solo")]
-    assert "m1" not in TABLE.entries  # named by a public model: not exposed twice
+    assert [t.backend for t in TABLE.entries["m1"].candidates] == ["a"]  # own name too
+    assert "pub" not in {t.model for e in TABLE.entries.values() for t in e.candidates}
 
 
 def test_errors_name_the_problem() -> None:
@@ -67,7 +68,7 @@ def test_request_line() -> None:
     models = check_request_line(TABLE, "GET", "/v1/models")
     assert isinstance(models, Reply) and models.status == 200
     ids = [m["id"] for m in orjson.loads(models.body)["data"]]
-    assert ids == ["pub", "solo", "p"]
+    assert ids == ["m1", "m1-q", "pub", "solo", "p"]
     r = check_request_line(TABLE, "PUT", "/v1/chat/completions")
     assert isinstance(r, Reply) and r.status == 405
     r = check_request_line(TABLE, "POST", "/v1/files")

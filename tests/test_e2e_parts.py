@@ -255,7 +255,9 @@ def test_part_no_candidate_takes_names_type_and_models(parts_stack) -> None:
     assert r.status_code == 400 and e["code"] == "unsupported_content"
     assert e["param"] == "messages[0].content[1]"
     assert "input_audio audio part" in e["message"] and "ollama" in e["message"]
-    assert set(e["models_accepting"]) == {"m-vllm", "m-sglang", "m-llamacpp", "m-openai"}
+    assert set(e["models_accepting"]) == {"m-vllm", "m-sglang", "m-llamacpp", "m-openai",
+                                          "vllm-model", "sglang-model", "llamacpp-model",
+                                          "openai-model"}
 
 
 def test_unconvertible_audio_format_names_accepted_formats(parts_stack) -> None:

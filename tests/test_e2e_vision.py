@@ -170,7 +170,7 @@ def test_no_aux_configured_never_sends_images_to_blind_model(tmp_path) -> None:
             ask(stack, "m-text", INVOICE)
         err = exc.value.body
         assert err["code"] == "unsupported_capability" and err["capability"] == "vision"
-        assert err["models_with_capability"] == ["m-both"]
+        assert err["models_with_capability"] == ["m-both", "vlm"]
         assert received(stack, "txt") == []
         r = ask(stack, "m-both", INVOICE)  # the blind candidate is skipped for this request
         assert r.headers["x-extproc-backend"] == "vis"

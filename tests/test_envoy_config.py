@@ -45,6 +45,6 @@ def test_security_and_limits_in_rendered_config() -> None:
     pool = doc["static_resources"]["clusters"][1]
     addrs = [e["endpoint"]["address"]["socket_address"]["port_value"]
              for e in pool["load_assignment"]["endpoints"][0]["lb_endpoints"]]
-    assert addrs == [18001, 18002, 18003, 18004, 18005]
+    assert addrs == [18001, 18002, 18006, 18003, 18004, 18005]
     assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     yaml.safe_load(render_yaml(cfg))  # round-trips

@@ -253,8 +253,8 @@ class Config(_Strict):
     models: list[PublicModel] = []
     expose_backend_models: bool = Field(
         default=True,
-        description="backend models not named by any public model are public under their own "
-        "name, with every backend serving that name as a candidate",
+        description="backend models are also public under their own name (unless a public "
+        "model or alias has it), with every backend serving that name as a candidate",
     )
     default_model: str | None = Field(
         default=None, description="public model used when a request carries no model"

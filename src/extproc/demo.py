@@ -21,10 +21,13 @@ CASES: list[tuple[str, str | None, str]] = [
     ("no model", None, "the configured default model"),
     ("failover", "coder", "vLLM answers 503 once: Envoy retries the next candidate (Ollama)"),
     ("unknown model", "gpt-9", "404 model_not_found listing the models"),
-    ("audio_url", "coder-big", "an audio_url part: llama.cpp only takes input_audio, converted"),
+    ("audio_url", "omni", "an audio_url part: llama.cpp only takes input_audio, converted"),
     ("image, blind", "coder-big", "text-only model: the image is replaced by the OCR aux model's "
      "description"),
     ("image, vision", "gemma-4-e4b", "a vision model gets the image itself"),
+    ("local default", "assistant", "local model first when no hint is given"),
+    ("force-cloud", "assistant", "metadata route_intent=force-cloud: only cloud-tagged models"),
+    ("auto:vision", "auto:vision", "a virtual model: every model declaring vision"),
 ]
 
 
@@ -92,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                     if label.startswith("image"):
                         content = [{"type": "text", "text": "What is the invoice number?"},
                                    {"type": "image_url", "image_url": {"url": _png_data_url()}}]
+                    extra: dict[str, object] = {}
+                    if label == "force-cloud":
+                        extra = {"metadata": {"route_intent": "force-cloud",
+                                              "session_id": "demo-session-1"}}
                     raw = c.chat.completions.with_raw_response.create(
-                        model=model, messages=[{"role": "user", "content": content}])
+                        model=model, messages=[{"role": "user", "content": content}], **extra)
                     status, hdrs = raw.status_code, raw.headers
                     answer = raw.parse().choices[0].message.content or ""
             except openai.APIStatusError as exc:

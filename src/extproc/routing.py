@@ -90,7 +90,6 @@ class RoutingTable:
         self.aux_vision = cfg.vision is not None
         self.entries: dict[str, PublicEntry] = {}
         self.aliases: dict[str, str] = {}
-        named: set[tuple[str, str]] = set()
 
         def add(name: str, cands: list[Target], owned_by: str, virtual: bool = False) -> None:
             tup = tuple(cands)
@@ -101,18 +100,18 @@ class RoutingTable:
 
         for pm in cfg.models:
             cands = [Target(c.backend, c.model, addresses[c.backend]) for c in pm.candidates]
-            named.update((c.backend, c.model) for c in pm.candidates)
             add(pm.name, cands, pm.owned_by)
             for alias in pm.aliases:
                 self.aliases[alias] = pm.name
         if cfg.expose_backend_models:
             by_model: dict[str, list[Target]] = {}
+            aux = cfg.vision.backend if cfg.vision else None
             for b in cfg.backends:
+                if b.name == aux:
+                    continue  # the aux vision model describes images; it is not a chat model
                 for m in b.models:
-                    if (b.name, m.name) in named or m.name in self.entries:
-                        continue
-                    if m.name in self.aliases:
-                        continue
+                    if m.name in self.entries or m.name in self.aliases:
+                        continue  # the name is taken by a public model or alias
                     by_model.setdefault(m.name, []).append(
                         Target(b.name, m.name, addresses[b.name])
                     )
