@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except MissingCredential as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(rt, args.host, args.port))
+    asyncio.run(serve(rt, args.host, args.port, config_path=args.config))
     return 0
 
 

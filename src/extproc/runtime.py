@@ -30,7 +30,9 @@ class Runtime:
             self.notes.popitem(last=False)
 
     @classmethod
-    def build(cls, cfg: Config, env: dict[str, str] | None = None) -> Runtime:
+    def build(cls, cfg: Config, env: dict[str, str] | None = None,
+              previous: Runtime | None = None) -> Runtime:
+        """Compile a config; on reload, keep the caches whose settings did not change."""
         env = dict(os.environ) if env is None else env
         f = cfg.fetch
         policy = FetchPolicy(f.timeout_s, f.max_bytes, f.allow_private, frozenset(f.allow_hosts),
@@ -52,5 +54,11 @@ class Runtime:
                 endpoint = AuxEndpoint(v.url.rstrip("/") + "/chat/completions",
                                        "authorization" if key else None,
                                        f"Bearer {key}" if key else None)
-            vision = VisionClient(v, endpoint)
-        return cls(cfg, RoutingTable(cfg), backends, Fetcher(policy), vision)
+            same = previous is not None and previous.vision is not None and \
+                (previous.vision.cfg, previous.vision.endpoint) == (v, endpoint)
+            # The same aux model keeps its cache across a reload.
+            vision = previous.vision if same and previous else VisionClient(v, endpoint)
+        fetcher = previous.fetcher if previous and previous.fetcher.policy == policy \
+            else Fetcher(policy)
+        return cls(cfg, RoutingTable(cfg), backends, fetcher, vision,
+                   previous.notes if previous else OrderedDict())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import metrics
+from .attempt import MissingCredential
+from .config import ConfigError, load_config
+from .envoy_config import render
 from .logs import log_event
 from .messages import STAGE_KEY
 from .runtime import Runtime
@@ -65,7 +69,56 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 log.exception("close error", extra={"fields": {"event": "close.error"}})
 
 
-async def serve(rt: Runtime, host: str | None = None, port: int | None = None) -> None:
+class Reloader:
+    """Reload the config on SIGHUP or when the file changes. A bad config is refused with a
+    logged error and the old one keeps serving; streams already open finish on the runtime they
+    started with (each handler holds its own reference)."""
+
+    def __init__(self, path: str, processor: Processor):
+        self.path, self.processor = path, processor
+        self.mtime = self._mtime()
+
+    def _mtime(self) -> float:
+        try:
+            return os.stat(self.path).st_mtime
+        except OSError:
+            return 0.0
+
+    def reload(self, why: str) -> bool:
+        old = self.processor.rt
+        try:
+            cfg = load_config(self.path)
+            rt = Runtime.build(cfg, previous=old)
+        except ConfigError as exc:
+            log_event(log, {"event": "config.reload_refused", "why": why, "path": self.path,
+                            "problems": exc.problems}, logging.ERROR)
+            return False
+        except MissingCredential as exc:
+            log_event(log, {"event": "config.reload_refused", "why": why, "path": self.path,
+                            "problems": [str(exc)]}, logging.ERROR)
+            return False
+        notes = []
+        if cfg.service != old.config.service:
+            notes.append("service settings (ports, limits) change only on restart")
+        if render(cfg)["static_resources"] != render(old.config)["static_resources"]:
+            notes.append("the rendered Envoy config differs (backends, limits): run "
+                         "`extproc envoy` and reload Envoy")
+        self.processor.rt = rt
+        log_event(log, {"event": "config.reloaded", "why": why, "path": self.path,
+                        "models": rt.table.public_names(), "notes": notes})
+        return True
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            mtime = self._mtime()
+            if mtime and mtime != self.mtime:
+                self.mtime = mtime
+                self.reload("file changed")
+
+
+async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
+                config_path: str | None = None) -> None:
     """Run until SIGTERM/SIGINT; in-flight streams get the configured grace period."""
     cfg = rt.config.service
     max_bytes = cfg.max_message_bytes
@@ -74,7 +127,8 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None) -
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(rt), server)
+    processor = Processor(rt)
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     addr = f"{host or cfg.host}:{port or cfg.port}"
@@ -92,7 +146,15 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if config_path:
+        reloader = Reloader(config_path, processor)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+        if cfg.reload_watch_s:
+            watcher = asyncio.create_task(reloader.watch(cfg.reload_watch_s))
     await stop.wait()
+    if watcher:
+        watcher.cancel()
     log_event(log, {"event": "service.stopping", "grace_s": cfg.shutdown_grace_s})
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
