@@ -83,3 +83,29 @@ def routing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_config_on_free_ports() -> dict[str, Any]:
+    """config/demo.yaml with every port moved to a free one (same stack, no clashes)."""
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    cfg["service"].update(port=free_port(), metrics_port=free_port())
+    cfg["envoy"].update(listen_port=free_port(), admin_port=free_port())
+    for b in cfg["backends"]:
+        base = b["url"].rsplit(":", 1)[0]
+        path = b["url"].split("/", 3)[3] if b["url"].count("/") >= 3 else ""
+        b["url"] = f"{base}:{free_port()}/{path}"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("demo")
+    stack = Stack(write_config(tmp, demo_config_on_free_ports()), workdir=str(tmp),
+                  env={"DEMO_OPENAI_KEY": "sk-demo-test"}).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -65,6 +65,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return run_foreground(args.config)
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import run
+
+    return run(args.fixtures, args.envoy, args.config, args.record, args.timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="extproc", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -83,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("stack", help="run emulators + service + Envoy in the foreground (demo)")
     p.add_argument("--config", default="config/demo.yaml")
     p.set_defaults(func=cmd_stack)
+    p = sub.add_parser("replay", help="send request fixtures through Envoy and check them")
+    p.add_argument("fixtures", nargs="+", help="fixture files or directories")
+    p.add_argument("--envoy", required=True, help="Envoy's URL, e.g. http://127.0.0.1:10000")
+    p.add_argument("--config", help="the service config: lets replay read what emulated "
+                   "backends received")
+    p.add_argument("--record", metavar="DIR", help="write fixtures with what happened")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_replay)
     args = ap.parse_args(argv)
     return int(args.func(args) or 0)
 
