@@ -176,3 +176,28 @@ async def test_sigterm_lets_in_flight_stream_finish(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_ai_gateway_mode_sets_model_header_and_canonical_body_model() -> None:
+    cfg = parse_config({
+        "backends": [{"name": "a", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "m1"}]}],
+        "models": [{"name": "canonical", "aliases": ["nick"],
+                    "candidates": [{"backend": "a", "model": "m1"}]}],
+        "ai_gateway": {"model_header": "x-ai-eg-model"}})
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(Runtime.build(cfg, env={})), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            body = b'{"model": "nick", "messages": [] }'
+            _, r = await exchange(pb_grpc.ExternalProcessorStub(ch), "route", [
+                pb.ProcessingRequest(request_headers=hdrs(POST)),
+                pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))])
+    finally:
+        await server.stop(None)
+    common = r.request_body.response
+    sets = {h.header.key: h.header.raw_value for h in common.header_mutation.set_headers}
+    assert sets["x-ai-eg-model"] == b"canonical"
+    assert common.body_mutation.body == b'{"model": "canonical", "messages": [] }'  # spliced
+    assert sets["content-length"] == str(len(common.body_mutation.body)).encode()

@@ -31,10 +31,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    from .envoy_config import render_yaml
+    from .envoy_config import render_snippets, render_yaml
 
     cfg = _load(args.config)
-    text = render_yaml(cfg, Path(args.config).name)
+    text = render_snippets(cfg) + "\n" if args.snippets else \
+        render_yaml(cfg, Path(args.config).name)
     if args.out:
         Path(args.out).write_text(text)
     else:
@@ -65,6 +66,23 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return run_foreground(args.config)
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """gRPC health check (container HEALTHCHECK, scripts): exit 0 only when SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"{args.address}: {exc.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{args.address}: {status}")
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import run
 
@@ -80,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("envoy", help="render the Envoy bootstrap for a config")
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--snippets", action="store_true",
+                   help="only the pieces to paste into an existing Envoy (Markdown)")
     p.set_defaults(func=cmd_envoy)
     p = sub.add_parser("serve", help="run the ext_proc gRPC service")
     p.add_argument("--config", required=True)
@@ -89,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("stack", help="run emulators + service + Envoy in the foreground (demo)")
     p.add_argument("--config", default="config/demo.yaml")
     p.set_defaults(func=cmd_stack)
+    p = sub.add_parser("health", help="check a running service's gRPC health")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--service", default="envoy.service.ext_proc.v3.ExternalProcessor")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
     p = sub.add_parser("replay", help="send request fixtures through Envoy and check them")
     p.add_argument("fixtures", nargs="+", help="fixture files or directories")
     p.add_argument("--envoy", required=True, help="Envoy's URL, e.g. http://127.0.0.1:10000")

@@ -216,6 +216,14 @@ class HintSettings(_Strict):
                                       description="backend header carrying the applied intent")
 
 
+class AIGatewaySettings(_Strict):
+    """Running in front of Envoy AI Gateway: it routes on a model header it derives from the
+    body, so the route stage rewrites the body's model to the resolved public name and sets the
+    header itself (aliases, virtual models and hints resolve before AI Gateway routes)."""
+
+    model_header: str | None = Field(default=None, description="e.g. x-ai-eg-model")
+
+
 class ServiceSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=1, le=65535)
@@ -266,6 +274,7 @@ class Config(_Strict):
     virtual_models: list[VirtualModel] = []
     capability_routing: CapabilityRouting = CapabilityRouting()
     hints: HintSettings = HintSettings()
+    ai_gateway: AIGatewaySettings = AIGatewaySettings()
     routed_paths: list[str] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 

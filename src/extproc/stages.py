@@ -117,11 +117,12 @@ class RouteStream:
         if isinstance(decision, Reply):
             return self._reject(decision)
         self.record.routed(decision)
-        return self._routed(decision, data)
+        return self._routed(decision, data, msg.body)
 
-    def _routed(self, d: RouteDecision, data: dict[str, object]) -> pb.ProcessingResponse:
+    def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes
+                ) -> pb.ProcessingResponse:
         hcfg = self.rt.config.hints
-        # A pinned model changes what the body names; the attempt stage rewrites from there.
+        # What the body's model says now; the attempt stage rewrites it per backend.
         body_model = d.requested if d.resolution not in ("default",) else None
         meta = {
             "hosts": d.hosts,
@@ -147,7 +148,8 @@ class RouteStream:
             set_headers.append((hcfg.intent_header, d.hints.policy))
             remove.append(hcfg.intent_header)
         remove = [r for r in remove if r not in {k for k, _ in set_headers}]
-        body_mutation = None
+        new_body: bytes | None = None
+        aig = self.rt.config.ai_gateway.model_header
         metadata = data.get("metadata")
         if d.hints.routing_keys and isinstance(metadata, dict):
             rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
@@ -155,9 +157,18 @@ class RouteStream:
                 data["metadata"] = rest
             else:
                 del data["metadata"]
-            new = orjson.dumps(data)
-            body_mutation = pb.BodyMutation(body=new)
-            set_headers.append(("content-length", str(len(new))))
+            if aig:
+                data["model"] = d.public_model
+            new_body = orjson.dumps(data)
+        elif aig:
+            new_body = rewrite_model(raw, body_model, d.public_model)
+        if aig:  # Envoy AI Gateway routes on this header and the body's model
+            set_headers.append((aig, d.public_model))
+            meta["body_model"] = orjson.dumps(d.public_model).decode()
+        body_mutation = None
+        if new_body is not None:
+            body_mutation = pb.BodyMutation(body=new_body)
+            set_headers.append(("content-length", str(len(new_body))))
         if data.get("metadata") and data.get("store") is not True:
             meta["unstored_metadata"] = "1"
         common = pb.CommonResponse(
