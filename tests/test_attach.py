@@ -63,9 +63,11 @@ def test_snippets_pasted_into_a_plain_envoy_route_traffic(tmp_path: Path) -> Non
                         "@type": "type.googleapis.com/envoy.extensions.filters.network."
                                  "http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "mine", **route, **filters}}]}]}],
-            "clusters": [service, {**pool, "type": "STATIC", "connect_timeout": "1s",
-                                   "load_assignment": {"cluster_name": pool["name"],
-                                                       "endpoints": [{"lb_endpoints": endpoints}]}}],
+            "clusters": [service] + [
+                {**c, "type": "STATIC", "connect_timeout": "1s",
+                 "load_assignment": {"cluster_name": c["name"],
+                                     "endpoints": [{"lb_endpoints": endpoints}]}}
+                for c in pool["clusters"]],
         }
     }
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))

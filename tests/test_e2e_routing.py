@@ -213,3 +213,27 @@ def test_concurrent_large_bodies_do_not_crash_envoy(routing_stack: Stack) -> Non
         statuses = list(pool.map(send, range(18)))
     assert statuses == [200] * 18
     assert routing_stack.procs["envoy"].poll() is None
+
+
+def envoy_stat(stack: Stack, name: str) -> int:
+    admin = f"http://127.0.0.1:{stack.config.envoy.admin_port}/stats?filter=^{name}$"
+    line = httpx.get(admin).text.strip()
+    return int(line.rsplit(":", 1)[1]) if line else 0
+
+
+def test_requests_with_nothing_per_backend_skip_the_attempt_stage(routing_stack: Stack) -> None:
+    direct = "cluster.llm_backends_direct.upstream_rq_total"
+    pool = "cluster.llm_backends.upstream_rq_total"
+    d0, p0 = envoy_stat(routing_stack, direct), envoy_stat(routing_stack, pool)
+    for b in ("vllm-a", "vllm-c"):
+        reset(routing_stack, b)
+    r1 = chat(routing_stack, "coder")     # one candidate: prepared whole by the route stage
+    r2 = chat(routing_stack, "shared")    # two candidates with different names: per attempt
+    assert r1.headers["x-extproc-backend"] == "vllm-a"   # named without an attempt stage
+    assert r2.headers["x-extproc-backend"] == "vllm-c"
+    assert envoy_stat(routing_stack, direct) == d0 + 1
+    assert envoy_stat(routing_stack, pool) == p0 + 1
+    for b in ("vllm-a", "vllm-c"):
+        (got,) = received(routing_stack, b)
+        leaked = [h for h in got["headers"] if h.startswith(("x-extproc", "x-envoy-max"))]
+        assert leaked == [], (b, leaked)

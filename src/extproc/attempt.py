@@ -121,3 +121,17 @@ def rewrite_model(body: bytes, body_model: str | None, new_model: str) -> bytes 
     data = orjson.loads(body)
     data["model"] = new_model
     return orjson.dumps(data)
+
+
+def common_backend(cands: tuple[Target, ...], backends: dict[str, BackendRuntime]
+                   ) -> BackendRuntime | None:
+    """The one attempt plan every candidate would get (same served model name, credentials and
+    path), or None when any two differ and the attempt stage must adapt each attempt."""
+    first = backends[cands[0].backend]
+    key = (cands[0].model, first.auth_header, first.auth_value, first.forward_client_auth,
+           first.base_path)
+    for t in cands[1:]:
+        b = backends[t.backend]
+        if (t.model, b.auth_header, b.auth_value, b.forward_client_auth, b.base_path) != key:
+            return None
+    return first

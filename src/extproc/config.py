@@ -252,6 +252,9 @@ class EnvoySettings(_Strict):
     retry_max_interval_ms: int = Field(default=50, ge=1)
     per_try_timeout_s: float | None = Field(default=None, gt=0)
     access_log: bool = True
+    direct_cluster: bool = Field(
+        default=True, description="render a twin pool cluster without the attempt stage; the "
+        "route stage sends requests there when no attempt would have anything to do")
 
 
 class Config(_Strict):

@@ -16,7 +16,7 @@ import yaml
 
 from .config import Config, backend_endpoint
 from .messages import ATTEMPT_ATTRIBUTES, CLUSTER_HEADER, META_NS, RETRY_HEADER, STAGE_KEY
-from .routing import POOL_CLUSTER
+from .routing import DIRECT_CLUSTER, POOL_CLUSTER
 
 SERVICE_CLUSTER = "extproc_service"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -143,6 +143,7 @@ def render(cfg: Config) -> dict[str, Any]:
                 "routes": [{
                     "match": {"prefix": "/"},
                     "request_body_buffer_limit": e.max_body_bytes,
+                    "request_headers_to_remove": [CLUSTER_HEADER],
                     "route": {
                         "cluster_header": CLUSTER_HEADER,
                         "timeout": _dur(e.route_timeout_s),
@@ -160,6 +161,8 @@ def render(cfg: Config) -> dict[str, Any]:
                      "response_header_mode": "SEND", "response_body_mode": "NONE"},
                     mutation_rules={"allow_envoy": True},
                     metadata_options={"receiving_namespaces": {"untyped": [META_NS]}},
+                    # which endpoint answered, for requests that skip the attempt stage
+                    response_attributes=["upstream.address"],
                 ),
             },
             {"name": "envoy.filters.http.router", "typed_config": {
@@ -218,6 +221,16 @@ def render(cfg: Config) -> dict[str, Any]:
             ],
         }},
     }
+    clusters = [pool]
+    if e.direct_cluster:
+        # The same endpoints and per-request order, without the attempt stage: for requests
+        # the route stage has fully prepared (nothing differs between candidates).
+        direct = {**pool, "name": DIRECT_CLUSTER,
+                  "load_assignment": {**pool["load_assignment"], "cluster_name": DIRECT_CLUSTER},
+                  "typed_extension_protocol_options": {PROTOCOL_OPTIONS: {
+                      "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+                      "explicit_http_config": {"http_protocol_options": {}}}}}
+        clusters.append(direct)
     service = {
         "name": SERVICE_CLUSTER,
         "type": "STATIC",
@@ -245,7 +258,7 @@ def render(cfg: Config) -> dict[str, Any]:
                     "typed_config": hcm,
                 }]}],
             }],
-            "clusters": [service, pool],
+            "clusters": [service, *clusters],
         },
     }
 
@@ -266,9 +279,9 @@ def render_snippets(cfg: Config) -> str:
     doc = render(cfg)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"]
-    service, pool = doc["static_resources"]["clusters"]
-    pool_part = {k: pool[k] for k in ("name", "load_balancing_policy",
-                                      "typed_extension_protocol_options")}
+    service, pool, *direct = doc["static_resources"]["clusters"]
+    keys = ("name", "load_balancing_policy", "typed_extension_protocol_options")
+    pool_part = {"clusters": [{k: c[k] for k in keys} for c in (pool, *direct)]}
 
     def block(title: str, value: object) -> str:
         text = yaml.safe_dump(value, sort_keys=False, width=100)
@@ -280,9 +293,10 @@ def render_snippets(cfg: Config) -> str:
               {"http_filters": hcm["http_filters"]}),
         block("2. Its route config: the cluster comes from a header only the route stage can "
               "set; retries walk the candidates.", {"route_config": hcm["route_config"]}),
-        block("3. The backend pool cluster: per-request endpoint order and the attempt stage "
-              "on every attempt (add your `type`, `connect_timeout` and endpoints: one per "
-              "backend, by IP address).", pool_part),
+        block("3. The backend pool clusters: per-request endpoint order and the attempt stage "
+              "on every attempt, and its twin without the attempt stage for requests the route "
+              "stage prepared whole (add your `type`, `connect_timeout` and the same endpoints "
+              "to both: one per backend, by IP address).", pool_part),
         block("4. The service itself, over HTTP/2 (keep its buffer limit well above your "
               "largest body).", service),
         SNIPPETS_END,

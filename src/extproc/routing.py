@@ -19,6 +19,7 @@ from .hints import Hints, allowed_intents, allowed_kinds, check_metadata, read_h
 from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
 
 POOL_CLUSTER = "llm_backends"
+DIRECT_CLUSTER = "llm_backends_direct"
 
 Resolution = Literal["exact", "alias", "default", "hint"]
 

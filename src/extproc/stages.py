@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import duration_pb2
 
 from . import metrics
-from .attempt import header_plan, pick_candidate, rewrite_model
+from .attempt import BackendRuntime, common_backend, header_plan, pick_candidate, rewrite_model
 from .capabilities import UNJUDGED, Needs, StreamJudge, Verdict, capability_gap, judge_completion
 from .decision import DecisionRecord
 from .errors import Reply, error_reply, internal_error
@@ -57,7 +57,15 @@ from .parts import (
     inspect_parts,
     needs_change,
 )
-from .routing import RouteDecision, check_request_line, decode_candidates, parse_json_body, route_request
+from .routing import (
+    DIRECT_CLUSTER,
+    RouteDecision,
+    Target,
+    check_request_line,
+    decode_candidates,
+    parse_json_body,
+    route_request,
+)
 from .runtime import Runtime
 from .vision import VisionError, failure_text, substitution_text
 
@@ -71,6 +79,7 @@ class RouteStream:
         self.rt, self.log = rt, log
         self.path = ""
         self.headers: dict[str, str] = {}
+        self.candidates: tuple[Target, ...] = ()
         self.record = DecisionRecord(request_id="-")
 
     @property
@@ -84,7 +93,7 @@ class RouteStream:
         elif kind == "request_body":
             yield self._on_body(req.request_body)
         elif kind == "response_headers":
-            yield self._on_response(req.response_headers)
+            yield self._on_response(req)
 
     def _reject(self, reply: Reply) -> pb.ProcessingResponse:
         self.record.rejected(reply.status, reply.code)
@@ -117,7 +126,27 @@ class RouteStream:
         if isinstance(decision, Reply):
             return self._reject(decision)
         self.record.routed(decision)
+        self.candidates = decision.candidates
         return self._routed(decision, data, msg.body)
+
+    def _direct(self, d: RouteDecision, unstored: bool) -> BackendRuntime | None:
+        """The backend plan to apply here when no attempt could differ from another (and no
+        forced capability needs judging): such requests skip the attempt stage entirely."""
+        if not self.rt.config.envoy.direct_cluster or self.rt.config.ai_gateway.model_header:
+            return None
+        if d.needs.forced or (d.needs.needed and len(d.candidates) > 1):
+            return None  # judging responses or capability-gap retries need the attempt stage
+        common = common_backend(d.candidates, self.rt.backends)
+        if common is None:
+            return None
+        table, images = self.rt.table, any(s.kind == "image" for s in d.sigs)
+        for t in d.candidates:
+            profile = table.profiles[t.backend]
+            if (d.sigs and needs_change(profile, d.sigs)) or \
+                    (images and self.rt.vision is not None and table.lacks(t, "vision")) or \
+                    (unstored and profile.metadata == "with_store"):
+                return None
+        return common
 
     def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes
                 ) -> pb.ProcessingResponse:
@@ -137,7 +166,9 @@ class RouteStream:
             meta["needs"] = d.needs.encode()
         if d.hints.policy:
             meta["intent"] = d.hints.policy
-        set_headers = [(CLUSTER_HEADER, d.cluster),
+        unstored = bool(data.get("metadata")) and data.get("store") is not True
+        direct = self._direct(d, unstored)
+        set_headers = [(CLUSTER_HEADER, DIRECT_CLUSTER if direct else d.cluster),
                        ("x-envoy-max-retries", str(len(d.candidates) - 1))]
         # Hint headers and client copies of propagated headers never reach a backend.
         remove = [n for n in hcfg.headers.model_dump().values() if n] + list(hcfg.propagate)
@@ -147,9 +178,16 @@ class RouteStream:
         if d.hints.policy and hcfg.intent_header:
             set_headers.append((hcfg.intent_header, d.hints.policy))
             remove.append(hcfg.intent_header)
+        if direct:
+            plan = header_plan(direct, self.path)
+            set_headers += plan.set
+            remove += [h for h in plan.remove if h not in (CLUSTER_HEADER, "x-envoy-max-retries")]
         remove = [r for r in remove if r not in {k for k, _ in set_headers}]
-        new_body: bytes | None = None
         aig = self.rt.config.ai_gateway.model_header
+        # The model the body must carry from here: AI Gateway routes on the canonical name; a
+        # direct request is prepared whole, so it names the backend's model now.
+        model_out = d.public_model if aig else d.candidates[0].model if direct else None
+        new_body: bytes | None = None
         metadata = data.get("metadata")
         if d.hints.routing_keys and isinstance(metadata, dict):
             rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
@@ -157,19 +195,20 @@ class RouteStream:
                 data["metadata"] = rest
             else:
                 del data["metadata"]
-            if aig:
-                data["model"] = d.public_model
+            if model_out:
+                data["model"] = model_out
             new_body = orjson.dumps(data)
-        elif aig:
-            new_body = rewrite_model(raw, body_model, d.public_model)
+        elif model_out:
+            new_body = rewrite_model(raw, body_model, model_out)
+        if model_out:
+            meta["body_model"] = orjson.dumps(model_out).decode()
         if aig:  # Envoy AI Gateway routes on this header and the body's model
             set_headers.append((aig, d.public_model))
-            meta["body_model"] = orjson.dumps(d.public_model).decode()
         body_mutation = None
         if new_body is not None:
             body_mutation = pb.BodyMutation(body=new_body)
             set_headers.append(("content-length", str(len(new_body))))
-        if data.get("metadata") and data.get("store") is not True:
+        if unstored:
             meta["unstored_metadata"] = "1"
         common = pb.CommonResponse(
             header_mutation=mutation(set_headers, remove),
@@ -181,23 +220,30 @@ class RouteStream:
             dynamic_metadata=struct({META_NS: meta}),
         )
 
-    def _on_response(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        h = headers_dict(msg)
+    def _on_response(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        h = headers_dict(req.response_headers)
         try:
             status = int(h.get(":status", "0"))
         except ValueError:
             status = 0
         attempts = h.get("x-envoy-attempt-count")
         n = int(attempts) if attempts and attempts.isdigit() else None
+        add: list[tuple[str, str]] = [(RESP_ATTEMPTS, str(n))] if n else []
+        backend, model = h.get(RESP_BACKEND), h.get(RESP_MODEL)
+        if backend is None and self.candidates:  # no attempt stage ran: name it from Envoy
+            address = attribute_values(req).get(ATTR_ADDRESS)
+            picked = pick_candidate(self.candidates, n or 1, str(address)) if address else None
+            if picked:
+                backend, model = picked[1].backend, picked[1].model
+                add += [(RESP_BACKEND, backend), (RESP_MODEL, model)]
         if self.record.outcome == "incomplete":
-            self.record.answered(status, h.get(RESP_BACKEND), h.get(RESP_MODEL), n)
+            self.record.answered(status, backend, model, n)
             converted = h.get(RESP_CONVERTED)
             if converted and converted.isdigit():
                 self.record.converted_parts = int(converted)
             if h.get(RESP_VISION):
                 self.record.vision = h[RESP_VISION]
             self.record.unmet = h.get(RESP_UNMET)
-        add = [(RESP_ATTEMPTS, str(n))] if n else []
         if self.record.warnings:
             add.append((RESP_WARNINGS, "; ".join(self.record.warnings)[:2000]))
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
