@@ -35,7 +35,7 @@ def vstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {"name": "m-failover", "candidates": [{"backend": "vis", "model": "vlm-7b"},
                                                   {"backend": "txt", "model": "coder-32b"}]},
         ],
-        vision={"backend": "aux", "model": "ocr-vision", "timeout_s": 3, "on_failure": "reject"},
+        vision={"backend": "aux", "model": "ocr-vision", "timeout_s": 5, "on_failure": "reject"},
     )
     stack = start_stack(tmp_path_factory.mktemp("vision"), cfg)
     yield stack
@@ -134,7 +134,7 @@ def test_concurrent_identical_requests_make_one_aux_call(vstack: Stack) -> None:
 
 
 @pytest.mark.parametrize(("behaviour", "status", "code"), [
-    ({"delay_s": 4}, 503, "aux_vision_timeout"),
+    ({"delay_s": 6}, 503, "aux_vision_timeout"),
     ({"garbage": True}, 502, "aux_vision_bad_response"),
     ({"fail_status": 500, "fail_times": -1}, 502, "aux_vision_error"),
 ])

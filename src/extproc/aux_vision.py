@@ -57,3 +57,10 @@ def describe_image(data: bytes) -> str:
     text = (f'Text in the image, read by OCR: "{" / ".join(lines)}".' if lines
             else "No text was found in the image.")
     return f"A {w}x{h} pixel {img.format or 'image'} image. Main colours: {colours}. {text}"
+
+
+def warm_up() -> None:
+    """Load the OCR engine and run it once, so the first real request is not the slow one."""
+    from PIL import Image
+
+    _ocr(Image.new("RGB", (64, 32), "white"))

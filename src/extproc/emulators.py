@@ -400,6 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     record = not (a.no_record_bodies or os.environ.get("EMULATOR_NO_RECORD_BODIES"))
     emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key, record_bodies=record)
 
+    if a.flavour == "ocr":
+        from .aux_vision import warm_up
+
+        warm_up()  # before listening: whoever waits for the port gets a warm model
+
     async def run() -> None:
         server = await start_server(emu, a.host, a.port)
         print(f"emulator {a.name} ({a.flavour}) on {a.host}:{a.port}", flush=True)
