@@ -122,7 +122,7 @@ class Stack:
             if name.startswith("emulator-"):
                 b = next(b for b in cfg.backends if f"emulator-{b.name}" == name)
                 ep = backend_endpoint(b.url)
-                wait_port(ep.host, ep.port, proc=proc)
+                wait_port(ep.host, ep.port, timeout=90, proc=proc)  # OCR warm-up on cold disks
         wait_port(cfg.service.host if cfg.service.host not in ("0.0.0.0", "::") else "127.0.0.1",
                   cfg.service.port, proc=svc)
         admin = f"http://{cfg.envoy.admin_host}:{cfg.envoy.admin_port}/ready"
