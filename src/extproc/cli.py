@@ -56,7 +56,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except MissingCredential as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(rt, args.host, args.port, config_path=args.config))
+    workers = args.workers or cfg.service.workers
+    if workers > 1 and args.worker is None:
+        from .workers import supervise
+
+        return supervise(args.config, cfg, workers)
+    metrics_port = 0 if args.worker is not None else None  # the supervisor serves them
+    asyncio.run(serve(rt, args.host, args.port, config_path=args.config,
+                      metrics_port=metrics_port))
     return 0
 
 
@@ -105,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="processes (default: service.workers); worker i "
+                   "listens on port + i, which the rendered Envoy config balances across")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("stack", help="run emulators + service + Envoy in the foreground (demo)")
     p.add_argument("--config", default="config/demo.yaml")

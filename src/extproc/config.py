@@ -231,6 +231,8 @@ class ServiceSettings(_Strict):
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus; 0: off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    workers: int = Field(default=1, ge=1, le=64, description="processes; worker i listens on "
+                         "port + i and Envoy balances streams across them")
     reload_watch_s: float = Field(default=2.0, ge=0, description="poll the config file for "
                                   "changes this often (0: only on SIGHUP)")
 

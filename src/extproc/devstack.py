@@ -123,8 +123,9 @@ class Stack:
                 b = next(b for b in cfg.backends if f"emulator-{b.name}" == name)
                 ep = backend_endpoint(b.url)
                 wait_port(ep.host, ep.port, timeout=90, proc=proc)  # OCR warm-up on cold disks
-        wait_port(cfg.service.host if cfg.service.host not in ("0.0.0.0", "::") else "127.0.0.1",
-                  cfg.service.port, proc=svc)
+        svc_host = cfg.service.host if cfg.service.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        for i in range(cfg.service.workers):
+            wait_port(svc_host, cfg.service.port + i, proc=svc)
         admin = f"http://{cfg.envoy.admin_host}:{cfg.envoy.admin_port}/ready"
         deadline = time.monotonic() + 20
         while True:

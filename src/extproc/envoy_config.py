@@ -240,7 +240,8 @@ def render(cfg: Config) -> dict[str, Any]:
         # (attempt-stage) ext_proc filter; measured: 4 MB bodies at concurrency 2+ crash it.
         "per_connection_buffer_limit_bytes": 4 * e.max_body_bytes,
         "load_assignment": {"cluster_name": SERVICE_CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _sock(service_host, cfg.service.port)}}]}]},
+            {"endpoint": {"address": _sock(service_host, cfg.service.port + i)}}
+            for i in range(cfg.service.workers)]}]},
         "typed_extension_protocol_options": {PROTOCOL_OPTIONS: {
             "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
             "explicit_http_config": {"http2_protocol_options": {}},

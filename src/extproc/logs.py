@@ -17,6 +17,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
         }
         fields = getattr(record, "fields", None)
         if fields:

@@ -33,3 +33,13 @@ STAGE_SECONDS = Histogram(
 def start(port: int, host: str = "127.0.0.1") -> None:
     if port:
         start_http_server(port, addr=host, registry=REGISTRY)
+
+
+def start_multiprocess(port: int, host: str) -> None:
+    """The supervisor of several workers serves their metrics summed (PROMETHEUS_MULTIPROC_DIR
+    was set before any worker imported prometheus_client)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)

@@ -118,7 +118,7 @@ class Reloader:
 
 
 async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
-                config_path: str | None = None) -> None:
+                config_path: str | None = None, metrics_port: int | None = None) -> None:
     """Run until SIGTERM/SIGINT; in-flight streams get the configured grace period."""
     cfg = rt.config.service
     max_bytes = cfg.max_message_bytes
@@ -136,7 +136,7 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     if bound == 0:
         raise OSError(f"cannot bind {addr}")
     await server.start()
-    metrics.start(cfg.metrics_port, cfg.host)
+    metrics.start(cfg.metrics_port if metrics_port is None else metrics_port, cfg.host)
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log_event(log, {"event": "service.started", "address": addr,
