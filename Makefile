@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export DEMO_OPENAI_KEY ?= sk-demo-local-not-a-secret
 
-.PHONY: install run demo test lint bench envoy-config clean
+.PHONY: install tools run demo test lint bench envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## wrk (Debian package) drives the benchmark and its smoke test
+tools:
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
+	  || { echo "could not install wrk (needs root or sudo): apt-get install wrk"; exit 1; }
 
 ## make run: Envoy + the service + demo backends in the foreground (Ctrl-C stops all)
 run: install
@@ -25,7 +30,7 @@ demo: install
 	$(PY) -m extproc.demo --config config/demo.yaml
 
 ## make test: lint + the whole suite (core, gRPC servicer, end-to-end through a real Envoy)
-test: install
+test: install tools
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
 
@@ -33,7 +38,7 @@ lint: install
 	$(PY) -m ruff check src tests bench
 
 ## make bench: bare Envoy vs Envoy + llm-extproc, side by side (not part of make test)
-bench: install
+bench: install tools
 	$(PY) bench/bench.py
 
 ## make envoy-config: re-render envoy/demo.yaml from config/demo.yaml

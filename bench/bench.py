@@ -1,10 +1,15 @@
-"""Reference benchmark: bare Envoy vs Envoy + llm-extproc, side by side, same emulated backend.
+"""Reference benchmark: side by side, interleaved, on the same emulated backend.
 
-Runs the cases interleaved (A, B, A, B, ...) so drift on a shared machine hits both, prints a
-table with p50/p99/req/s and the ratio to bare Envoy, and writes bench/results/latest.json.
-Needs `wrk` (Debian package `wrk`; `make bench` installs it when missing).
+Targets: (a) bare Envoy, (b) Envoy + an empty ext_proc (the floor: bench/empty_extproc.py),
+(c) Envoy + llm-extproc, (c2) the same with --workers 2, (d) the LiteLLM proxy (in its own
+virtual environment, bench/.litellm-venv, installed on first use; --no-litellm skips it).
+Cases: 1 KB chat at concurrency 1 and 8, a 1 MB image request needing no change, a 4 MB
+audio_url data URL needing conversion, an aux-vision cache hit, and forced-tools streaming
+(time to first byte). For each: p50/p99/req/s (median of the repeats, with the spread), CPU per
+request of every process involved, and the ratios (c)/(b), (c)/(a), (d)/(c).
+Waits for an idle machine before each run. Writes bench/results/latest.json.
 
-    python bench/bench.py [--duration 5] [--repeat 2] [--smoke]
+    python bench/bench.py [--duration 5] [--repeat 3] [--smoke] [--no-litellm]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import soundfile
@@ -32,76 +38,186 @@ import yaml
 from extproc.devstack import Stack, envoy_binary, free_port, wait_port
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from media import text_image  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
 
 
-def bench_config(backend_port: int, llama_port: int) -> dict:
+# ---------------------------------------------------------------- the stacks
+
+def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int = 1) -> dict:
     return {
-        "service": {"port": free_port(), "log_level": "warning", "metrics_port": free_port()},
+        "service": {"port": free_port() if workers == 1 else _free_run(workers),
+                    "log_level": "warning", "metrics_port": free_port(), "workers": workers},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
         "backends": [
-            {"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{backend_port}/v1",
-             # bare Envoy sends the public names unchanged, so the emulator serves them too
-             "models": [{"name": "bench-model-awq"}, {"name": "bench-model"},
-                        {"name": "bench-audio"}]},
-            {"name": "emu-llama", "preset": "llamacpp", "url": f"http://127.0.0.1:{llama_port}/v1",
-             "models": [{"name": "audio-gguf"}]}],
+            {"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{emu_port}/v1",
+             # bare Envoy and the floor send the public names unchanged: the emulator serves
+             # them too
+             "models": [{"name": "bench-model-awq", "capabilities": ["tools", "vision"]},
+                        {"name": "bench-model", "capabilities": ["tools", "vision"]},
+                        {"name": "bench-audio"}, {"name": "bench-blind"},
+                        {"name": "plain-model", "capabilities": ["vision"]}]},
+            {"name": "emu-llama", "preset": "llamacpp",
+             "url": f"http://127.0.0.1:{llama_port}/v1",
+             "models": [{"name": "audio-gguf", "capabilities": ["audio"]},
+                        {"name": "text-gguf", "capabilities": ["tools"]}]},
+            {"name": "aux", "preset": "openai", "url": f"http://127.0.0.1:{aux_port}/v1",
+             "models": [{"name": "ocr", "capabilities": ["vision"]}]},
+        ],
         "models": [
             {"name": "bench-model", "candidates": [{"backend": "emu", "model": "bench-model-awq"}]},
-            # audio_url is not taken by llama.cpp: converted to input_audio on every request
-            {"name": "bench-audio", "candidates": [{"backend": "emu-llama", "model": "audio-gguf"}]}],
+            # audio_url is not taken by llama.cpp: converted to input_audio every time
+            {"name": "bench-audio", "candidates": [{"backend": "emu-llama", "model": "audio-gguf"}]},
+            # a text-only model: images are described by the aux model (cached after the first)
+            {"name": "bench-blind", "candidates": [{"backend": "emu-llama", "model": "text-gguf"}]},
+        ],
+        "vision": {"backend": "aux", "model": "ocr", "timeout_s": 30},
     }
 
 
-def bare_envoy_config(listen: int, admin: int, backend_port: int, limit: int) -> dict:
+def _free_run(n: int) -> int:
+    """A base port with n free ports after it."""
+    while True:
+        base = free_port()
+        if all(_is_free(base + i) for i in range(n)):
+            return base
+
+
+def _is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _hcm(stat: str, filters: list, cluster: str) -> dict:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                     "http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat,
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                {"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
+            "http_filters": [*filters, {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        }}
+
+
+def plain_envoy(listen: int, admin: int, emu_port: int, floor_port: int | None) -> dict:
+    """(a) bare Envoy, or (b) with an ext_proc that answers without looking."""
+    limit = 32 * 1024 * 1024
+    clusters = [{"name": "emu", "type": "STATIC", "connect_timeout": "1s",
+                 "per_connection_buffer_limit_bytes": limit,
+                 "load_assignment": {"cluster_name": "emu", "endpoints": [{"lb_endpoints": [
+                     {"endpoint": {"address": {"socket_address": {
+                         "address": "127.0.0.1", "port_value": emu_port}}}}]}]}}]
+    filters = []
+    if floor_port:
+        filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
+                     "ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "floor"}},
+            "processing_mode": {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                                "response_header_mode": "SKIP"},
+            "message_timeout": "10s"}})
+        clusters.append({
+            "name": "floor", "type": "STATIC", "connect_timeout": "1s",
+            "per_connection_buffer_limit_bytes": 4 * limit,
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                             "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "floor", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": floor_port}}}}]}]}})
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
-            "listeners": [{
-                "name": "bare", "per_connection_buffer_limit_bytes": limit,
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                        "http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "bare",
-                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                                         "routes": [{"match": {"prefix": "/"},
-                                                     "route": {"cluster": "emu"}}]}]},
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                            "router.v3.Router"}}],
-                    }}]}],
-            }],
-            "clusters": [{
-                "name": "emu", "type": "STATIC", "connect_timeout": "1s",
-                "per_connection_buffer_limit_bytes": limit,
-                "load_assignment": {"cluster_name": "emu", "endpoints": [{"lb_endpoints": [{
-                    "endpoint": {"address": {"socket_address": {
-                        "address": "127.0.0.1", "port_value": backend_port}}}}]}]},
-            }],
-        },
-    }
+            "listeners": [{"name": "l", "per_connection_buffer_limit_bytes": limit,
+                           "address": {"socket_address": {"address": "127.0.0.1",
+                                                          "port_value": listen}},
+                           "filter_chains": [{"filters": [_hcm("l", filters, "emu")]}]}],
+            "clusters": clusters}}
 
+
+class Procs:
+    """Processes the benchmark starts itself; all stopped at the end."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.procs = tmp, {}
+
+    def start(self, name: str, args: list[str], port: int, env: dict | None = None,
+              timeout: float = 60) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+        self.procs[name] = p
+        wait_port("127.0.0.1", port, timeout=timeout, proc=p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
+    venv = HERE / ".litellm-venv"
+    exe = venv / "bin" / "litellm"
+    if not exe.exists():
+        print("installing litellm[proxy] into bench/.litellm-venv ...", flush=True)
+        r = subprocess.run(f"python3 -m venv {venv} && {venv}/bin/pip install -q "
+                           "'litellm[proxy]'", shell=True, capture_output=True, text=True)
+        if r.returncode != 0 or not exe.exists():
+            print(f"litellm unavailable: {r.stderr[-500:]}", flush=True)
+            return None
+    cfg = {"model_list": [{"model_name": name, "litellm_params": {
+        "model": f"openai/{name}", "api_base": f"http://127.0.0.1:{emu_port}/v1",
+        "api_key": "x"}} for name in ("bench-model", "bench-audio", "bench-blind")],
+        "litellm_settings": {"drop_params": True}}
+    (tmp / "litellm.yaml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    procs.start("litellm", [str(exe), "--config", str(tmp / "litellm.yaml"), "--port",
+                            str(port), "--host", "127.0.0.1", "--num_workers", "1"], port,
+                env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
+                timeout=180)
+    return f"http://127.0.0.1:{port}"
+
+
+# ---------------------------------------------------------------- bodies and load
 
 def make_bodies(tmp: Path) -> dict[str, Path]:
     chat = {"model": "bench-model", "max_tokens": 64, "messages": [
         {"role": "system", "content": "You are a helpful assistant. " * 8},
         {"role": "user", "content": "Explain the difference between TCP and UDP. " * 14}]}
-    img = base64.b64encode(os.urandom(3_000_000)).decode()
-    big = {"model": "bench-model", "messages": [{"role": "user", "content": [
+    img = base64.b64encode(os.urandom(750_000)).decode()
+    # Served under its own name by a backend that takes image_url: nothing to change at all.
+    image_1m = {"model": "plain-model", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is in this image?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}]}]}
-    rng = np.random.default_rng(1)
     wav = io.BytesIO()
-    soundfile.write(wav, rng.uniform(-0.3, 0.3, 1_500_000).astype("float32"), 16000,
-                    format="WAV", subtype="PCM_16")
-    audio_b64 = base64.b64encode(wav.getvalue()).decode()
+    soundfile.write(wav, np.random.default_rng(1).uniform(-0.3, 0.3, 1_500_000)
+                    .astype("float32"), 16000, format="WAV", subtype="PCM_16")
     audio = {"model": "bench-audio", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "Transcribe this."},
-        {"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{audio_b64}"}}]}]}
+        {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,"
+                                            + base64.b64encode(wav.getvalue()).decode()}}]}]}
+    shot = base64.b64encode(text_image("INVOICE 4711")).decode()
+    vision = {"model": "bench-blind", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is the invoice number?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{shot}"}}]}]}
     out = {}
-    for name, body in (("chat_1k", chat), ("image_4m", big), ("audio_4m", audio)):
+    for name, body in (("chat_1k", chat), ("image_1m", image_1m), ("audio_4m", audio),
+                       ("vision_hit", vision)):
         p = tmp / f"{name}.json"
         p.write_bytes(orjson.dumps(body))
         out[name] = p
@@ -110,10 +226,8 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
 
 def lua_script(tmp: Path, body: Path) -> Path:
     p = tmp / f"{body.stem}.lua"
-    p.write_text(
-        'wrk.method = "POST"\n'
-        'wrk.headers["content-type"] = "application/json"\n'
-        f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
+    p.write_text('wrk.method = "POST"\nwrk.headers["content-type"] = "application/json"\n'
+                 f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
     return p
 
 
@@ -128,19 +242,66 @@ def run_wrk(url: str, script: Path, conc: int, duration: float) -> dict:
     text = out.stdout
     if "Requests/sec" not in text:
         raise RuntimeError(f"wrk failed: {out.stdout}{out.stderr}")
-    pct = {}
-    for p, val, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M):
-        pct[p] = float(val) * _UNITS[unit]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    pct = {p: float(v) * _UNITS[u]
+           for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)}
+    total = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    return {"p50_ms": pct.get("50"), "p99_ms": pct.get("99"), "rps": rps,
-            "non_2xx": int(errors.group(1)) if errors else 0}
+    return {"p50_ms": pct.get("50"), "p99_ms": pct.get("99"),
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),  # type: ignore[union-attr]
+            "requests": total, "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def tree(pid: int) -> list[int]:
+    """A process and all its descendants (workers of a supervisor, etc.)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(_read(f"/proc/{d}/stat").rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for p in tree(pid):
+            try:
+                fields = _read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+    return total / TICK
+
+
+def wait_idle(max_wait: float = 8.0) -> None:
+    """Until the machine is quiet: under 10% of all CPUs busy over 0.5 s (or max_wait)."""
+    def busy() -> tuple[int, int]:
+        f = [int(x) for x in _read("/proc/stat").splitlines()[0].split()[1:]]
+        return sum(f) - f[3] - f[4], sum(f)
+
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        b0, t0 = busy()
+        time.sleep(0.5)
+        b1, t1 = busy()
+        if (b1 - b0) / max(1, t1 - t0) < 0.10:
+            return
 
 
 def ttfb(url: str, body: bytes, n: int) -> dict:
-    """Time to the first body byte of a streamed answer, over ``n`` sequential requests."""
-    import httpx
-
     times = []
     with httpx.Client(timeout=30) as c:
         for _ in range(n):
@@ -152,132 +313,188 @@ def ttfb(url: str, body: bytes, n: int) -> dict:
                     if chunk:
                         times.append((time.perf_counter() - t0) * 1000)
                         break
-                for _ in chunks:  # drain the rest of the stream
+                for _ in chunks:
                     pass
     times.sort()
-    return {"p50_ms": statistics.median(times), "p99_ms": times[int(len(times) * 0.99) - 1],
+    return {"p50_ms": statistics.median(times), "p99_ms": times[max(0, int(len(times) * .99) - 1)],
             "n": n}
 
 
-def stream_cases(bare: str, extproc: str, emulator: str, n: int) -> dict:
-    """Forced-tools streaming: TTFB through bare Envoy, the hold, and pass-through (auto)."""
-    import httpx
+# ---------------------------------------------------------------- main
 
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks it runs")
+    ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    args = ap.parse_args()
+    if args.smoke:
+        args.duration, args.repeat, args.no_litellm = 1.0, 1, True
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    emu_port, llama_port, aux_port = free_port(), free_port(), free_port()
+    bodies = make_bodies(tmp)
+    scripts = {k: lua_script(tmp, v) for k, v in bodies.items()}
+    procs = Procs(tmp)
+    stacks: list[Stack] = []
+    targets: dict[str, str] = {}
+    pids: dict[str, dict[str, int]] = {}
+    try:
+        py = sys.executable
+        emu = procs.start("emulator", [py, "-m", "extproc.emulators", "--flavour", "vllm",
+                                       "--name", "emu", "--models",
+                                       "bench-model-awq,bench-model,bench-audio,bench-blind,plain-model",
+                                       "--port", str(emu_port), "--no-record-bodies"], emu_port)
+        procs.start("emulator-llama", [py, "-m", "extproc.emulators", "--flavour", "llamacpp",
+                                       "--name", "emu-llama", "--models", "audio-gguf,text-gguf",
+                                       "--port", str(llama_port), "--no-record-bodies"],
+                    llama_port)
+        procs.start("aux-ocr", [py, "-m", "extproc.emulators", "--flavour", "ocr", "--name",
+                                "aux", "--models", "ocr", "--port", str(aux_port),
+                                "--no-record-bodies"], aux_port, timeout=120)
+        emulators = {"emulator": emu.pid, "emulator-llama": procs.procs["emulator-llama"].pid,
+                     "aux-ocr": procs.procs["aux-ocr"].pid}
+        for name, floor in (("a bare Envoy", False), ("b empty ext_proc", True)):
+            listen, admin = free_port(), free_port()
+            fport = free_port() if floor else None
+            if fport:
+                procs.start(f"floor-{name[0]}", [py, str(HERE / "empty_extproc.py"), "--port",
+                                                str(fport)], fport)
+            (tmp / f"{name[0]}.yaml").write_text(yaml.safe_dump(
+                plain_envoy(listen, admin, emu_port, fport)))
+            e = procs.start(f"envoy-{name[0]}", [envoy_binary(), "-c", str(tmp / f"{name[0]}.yaml"),
+                                                 "--concurrency", "1", "--log-level", "error",
+                                                 "--base-id", str(free_port())], listen)
+            targets[name] = f"http://127.0.0.1:{listen}"
+            pids[name] = {"envoy": e.pid}
+            if fport:
+                pids[name]["empty ext_proc"] = procs.procs[f"floor-{name[0]}"].pid
+        worker_counts = [1] if args.smoke else [1, 2]
+        for workers in worker_counts:
+            cfg = extproc_config(emu_port, llama_port, aux_port, workers)
+            path = tmp / f"extproc-{workers}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            st = Stack(path, workdir=str(tmp / f"x{workers}"), emulate=False)
+            (tmp / f"x{workers}").mkdir()
+            st.start()
+            stacks.append(st)
+            name = "c llm-extproc" if workers == 1 else "c2 llm-extproc x2"
+            targets[name] = st.envoy_url
+            pids[name] = {"envoy": st.procs["envoy"].pid, "llm-extproc": st.procs["service"].pid}
+        if not args.no_litellm:
+            url = start_litellm(procs, tmp, emu_port)
+            if url:
+                targets["d LiteLLM"] = url
+                pids["d LiteLLM"] = {"litellm": procs.procs["litellm"].pid}
+        # Warm the aux-vision cache so that case measures hits.
+        for st in stacks:
+            httpx.post(st.envoy_url + "/v1/chat/completions", content=bodies["vision_hit"]
+                       .read_bytes(), headers={"content-type": "application/json"}, timeout=60)
+        cases = [("chat 1KB", "chat_1k", 1), ("chat 1KB", "chat_1k", 8),
+                 ("image 1MB, no change", "image_1m", 4), ("audio_url 4MB, converted",
+                                                           "audio_4m", 4),
+                 ("aux-vision cache hit", "vision_hit", 4)]
+        if args.smoke:
+            cases = cases[:1]
+        results: dict[str, dict[str, list[dict]]] = {}
+        for label, body, conc in cases:
+            key = f"{label} c={conc}"
+            results[key] = {t: [] for t in targets}
+            for url in targets.values():
+                run_wrk(url, scripts[body], conc, 1)  # warm-up
+            for _ in range(args.repeat):
+                for t, url in targets.items():
+                    wait_idle()
+                    watched = {**pids[t], **emulators}
+                    before = {n: cpu_seconds([p]) for n, p in watched.items()}
+                    r = run_wrk(url, scripts[body], conc, args.duration)
+                    r["cpu_ms_per_req"] = {
+                        n: round((cpu_seconds([p]) - before[n]) * 1000 / max(1, r["requests"]), 3)
+                        for n, p in watched.items()}
+                    results[key][t].append(r)
+        streaming = {}
+        if not args.smoke:
+            wait_idle()
+            streaming = stream_case(targets, f"http://127.0.0.1:{emu_port}")
+    finally:
+        for st in stacks:
+            st.stop()
+        procs.stop()
+    return report(results, streaming, args)
+
+
+def stream_case(targets: dict[str, str], emulator: str) -> dict:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     body = {"model": "bench-model", "stream": True, "tools": tools,
             "messages": [{"role": "user", "content": "call f"}]}
     forced = orjson.dumps({**body, "tool_choice": "required"})
     auto = orjson.dumps({**body, "tool_choice": "auto"})
-    delay = 0.02  # between SSE events: the deciding tool_calls delta is the second event
+    delay = 0.02
     httpx.post(emulator + "/_emulator/behaviour", json={"stream_delay_s": delay})
     try:
-        out = {"event_gap_ms": delay * 1000,
-               "bare Envoy (forced)": ttfb(bare, forced, n),
-               "extproc pass-through (auto)": ttfb(extproc, auto, n),
-               "extproc hold (forced)": ttfb(extproc, forced, n)}
+        return {"event_gap_ms": delay * 1000,
+                "a bare Envoy (forced)": ttfb(targets["a bare Envoy"], forced, 100),
+                "c pass-through (auto)": ttfb(targets["c llm-extproc"], auto, 100),
+                "c hold (forced)": ttfb(targets["c llm-extproc"], forced, 100)}
     finally:
         httpx.post(emulator + "/_emulator/behaviour", json={})
-    return out
 
 
-def wait_idle(max_wait: float = 10.0, threshold: float = 0.6) -> None:
-    """Wait until the 1-minute-ish load settles (cheap proxy: /proc/loadavg 1-min < threshold x cores)."""
-    deadline = time.monotonic() + max_wait
-    cores = os.cpu_count() or 1
-    while time.monotonic() < deadline:
-        with open("/proc/loadavg") as f:
-            if float(f.read().split()[0]) < threshold * cores:
-                return
-        time.sleep(0.5)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--smoke", action="store_true", help="1s per case, one repeat (for tests)")
-    ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
-    args = ap.parse_args()
-    if args.smoke:
-        args.duration, args.repeat = 1.0, 1
-    if not shutil.which("wrk"):
-        print("wrk not found: apt-get install wrk", file=sys.stderr)
-        return 2
-    tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
-    backend_port = free_port()
-    cfg_path = tmp / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(bench_config(backend_port, free_port())))
-    bodies = make_bodies(tmp)
-    scripts = {k: lua_script(tmp, v) for k, v in bodies.items()}
-    bare_port, bare_admin = free_port(), free_port()
-    (tmp / "bare.yaml").write_text(yaml.safe_dump(
-        bare_envoy_config(bare_port, bare_admin, backend_port, 32 * 1024 * 1024)))
-    cases = [("chat 1KB", "chat_1k", 1), ("chat 1KB", "chat_1k", 8), ("image 4MB", "image_4m", 4),
-             ("audio_url 4MB", "audio_4m", 4)]
-    results: dict[str, dict[str, list[dict]]] = {}
-    stack = Stack(cfg_path, workdir=str(tmp), env={"EMULATOR_NO_RECORD_BODIES": "1"})
-    bare = None
-    try:
-        stack.start()
-        bare = subprocess.Popen([envoy_binary(), "-c", str(tmp / "bare.yaml"), "--concurrency",
-                                 "1", "--log-level", "warn", "--base-id", str(os.getpid() % 9000 + 1)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port("127.0.0.1", bare_port, proc=bare)
-        targets = {"bare Envoy": f"http://127.0.0.1:{bare_port}", "Envoy + extproc": stack.envoy_url}
-        for name, body, conc in cases:
-            key = f"{name} c={conc}"
-            results[key] = {t: [] for t in targets}
-            for url in targets.values():  # warm-up
-                run_wrk(url, scripts[body], conc, 1)
-            for _ in range(args.repeat):
-                for t, url in targets.items():
-                    wait_idle()
-                    results[key][t].append(run_wrk(url, scripts[body], conc, args.duration))
-        wait_idle()
-        streaming = stream_cases(targets["bare Envoy"], stack.envoy_url,
-                                 stack.backend_url("emu"), 20 if args.smoke else 100)
-    finally:
-        stack.stop()
-        if bare is not None:
-            bare.terminate()
-            bare.wait(timeout=10)
+def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
+    machine = (f"{platform.node()}, {os.cpu_count()} cores, Python "
+               f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    print(f"\nmachine: {machine}; {args.duration:.0f}s x {args.repeat} per target, interleaved")
     summary = []
+    bad = 0
     for key, per in results.items():
-        row = {"case": key}
+        row: dict = {"case": key}
+        print(f"\n{key}")
+        print(f"  {'target':22} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'runs req/s':>20} "
+              "cpu ms/request")
         for t, runs in per.items():
-            row[t] = {m: statistics.median(r[m] for r in runs) for m in ("p50_ms", "p99_ms", "rps")}
-            row[t]["spread_rps"] = [round(r["rps"]) for r in runs]
-            row[t]["non_2xx"] = sum(r["non_2xx"] for r in runs)
-        b, x = row["bare Envoy"], row["Envoy + extproc"]
-        row["p50_ratio"] = x["p50_ms"] / b["p50_ms"]
-        row["rps_ratio"] = x["rps"] / b["rps"]
+            v = {m: statistics.median(r[m] for r in runs) for m in ("p50_ms", "p99_ms", "rps")}
+            v["spread_rps"] = [round(r["rps"]) for r in runs]
+            v["cpu_ms_per_req"] = {k: statistics.median(r["cpu_ms_per_req"][k] for r in runs)
+                                   for k in runs[0]["cpu_ms_per_req"]}
+            v["non_2xx"] = sum(r["non_2xx"] for r in runs)
+            bad += v["non_2xx"]
+            row[t] = v
+            cpu = ", ".join(f"{k} {x:.2f}" for k, x in v["cpu_ms_per_req"].items() if x >= 0.005)
+            print(f"  {t:22} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['rps']:8.0f} "
+                  f"{v['spread_rps']!s:>20} {cpu}" + (f"  NON-2XX {v['non_2xx']}"
+                                                         if v["non_2xx"] else ""))
+        a, c = row["a bare Envoy"], row["c llm-extproc"]
+        b = row.get("b empty ext_proc")
+        ratios = {"c/a p50": c["p50_ms"] / a["p50_ms"], "c/a req/s": c["rps"] / a["rps"]}
+        if b:
+            ratios.update({"c/b p50": c["p50_ms"] / b["p50_ms"], "c/b req/s": c["rps"] / b["rps"],
+                           "c-a p50 ms": c["p50_ms"] - a["p50_ms"]})
+        if "c2 llm-extproc x2" in row:
+            ratios["c2/c req/s"] = row["c2 llm-extproc x2"]["rps"] / c["rps"]
+        if "d LiteLLM" in row:
+            d = row["d LiteLLM"]
+            ratios.update({"d/c p50": d["p50_ms"] / c["p50_ms"], "c/d req/s": c["rps"] / d["rps"]})
+        row["ratios"] = {k: round(x, 3) for k, x in ratios.items()}
+        print("  ratios: " + ", ".join(f"{k} {x:.2f}" for k, x in ratios.items()))
         summary.append(row)
-    machine = f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}, " \
-              f"{time.strftime('%Y-%m-%d')}"
-    print(f"\nmachine: {machine}; {args.duration}s x {args.repeat} per target, interleaved\n")
-    hdr = (f"{'case':18} {'target':16} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} "
-           f"{'runs req/s':>16} {'non2xx':>6}")
-    print(hdr)
-    print("-" * len(hdr))
-    for row in summary:
-        for t in ("bare Envoy", "Envoy + extproc"):
-            v = row[t]
-            print(f"{row['case']:18} {t:16} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['rps']:8.0f} "
-                  f"{v['spread_rps']!s:>16} {v['non_2xx']:6d}")
-        print(f"{'':18} {'ratio':16} {row['p50_ratio']:7.1f}x {'':8} {row['rps_ratio']:7.2f}x")
-    print(f"\nforced-tools streaming, time to first byte (SSE events every "
-          f"{streaming['event_gap_ms']:.0f} ms; the deciding tool_calls delta is event 2):")
-    for name, v in streaming.items():
-        if isinstance(v, dict):
-            print(f"  {name:30} p50 {v['p50_ms']:7.2f} ms   p99 {v['p99_ms']:7.2f} ms   n={v['n']}")
-    hold = streaming["extproc hold (forced)"]["p50_ms"]
-    passthrough = streaming["extproc pass-through (auto)"]["p50_ms"]
-    print(f"  hold cost vs pass-through: {hold - passthrough:+.2f} ms p50")
+    if streaming:
+        print(f"\nforced-tools streaming, time to first byte (SSE events every "
+              f"{streaming['event_gap_ms']:.0f} ms; the deciding tool_calls delta is event 2):")
+        for name, v in streaming.items():
+            if isinstance(v, dict):
+                print(f"  {name:24} p50 {v['p50_ms']:7.2f} ms   p99 {v['p99_ms']:7.2f} ms")
+        hold = streaming["c hold (forced)"]["p50_ms"]
+        first = streaming["a bare Envoy (forced)"]["p50_ms"] + streaming["event_gap_ms"]
+        print(f"  hold vs the deciding event through bare Envoy: {hold - first:+.2f} ms p50")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "cases": summary,
+    Path(args.out).write_text(json.dumps({"machine": machine, "duration_s": args.duration,
+                                          "repeat": args.repeat, "cases": summary,
                                           "streaming_ttfb": streaming}, indent=2))
     print(f"\nwritten: {args.out}")
-    bad = sum(row[t]["non_2xx"] for row in summary for t in ("bare Envoy", "Envoy + extproc"))
     return 1 if bad else 0
 
 
