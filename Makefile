@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export DEMO_OPENAI_KEY ?= sk-demo-local-not-a-secret
 
-.PHONY: install tools run demo test lint bench envoy-config clean
+.PHONY: install tools run demo test fuzz lint bench envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install
 test: install tools
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
+
+## make fuzz: the property tests at 20,000 examples each (over 100,000 in all)
+fuzz: install
+	HYPOTHESIS_EXAMPLES=20000 $(PY) -m pytest -q tests/test_properties.py
 
 lint: install
 	$(PY) -m ruff check src tests bench

@@ -42,6 +42,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from media import text_image  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+# Every request carries a client key (LiteLLM demands one; llm-extproc strips it for backends
+# without keys of their own; bare Envoy passes it on, which the emulator ignores).
+CLIENT_KEY = "sk-bench-master-key-not-a-secret"
 
 
 # ---------------------------------------------------------------- the stacks
@@ -186,10 +189,14 @@ def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
         "litellm_settings": {"drop_params": True}}
     (tmp / "litellm.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
-    procs.start("litellm", [str(exe), "--config", str(tmp / "litellm.yaml"), "--port",
-                            str(port), "--host", "127.0.0.1", "--num_workers", "1"], port,
-                env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
-                timeout=180)
+    try:
+        procs.start("litellm", [str(exe), "--config", str(tmp / "litellm.yaml"), "--port",
+                                str(port), "--host", "127.0.0.1", "--num_workers", "1"], port,
+                    env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+                         "LITELLM_MASTER_KEY": CLIENT_KEY}, timeout=180)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"litellm did not start ({exc}); see {tmp / 'litellm.log'}", flush=True)
+        return None
     return f"http://127.0.0.1:{port}"
 
 
@@ -227,6 +234,7 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
 def lua_script(tmp: Path, body: Path) -> Path:
     p = tmp / f"{body.stem}.lua"
     p.write_text('wrk.method = "POST"\nwrk.headers["content-type"] = "application/json"\n'
+                 f'wrk.headers["authorization"] = "Bearer {CLIENT_KEY}"\n'
                  f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
     return p
 

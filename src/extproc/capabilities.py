@@ -102,6 +102,14 @@ class Verdict:
 PASS, UNJUDGED = Verdict(True), Verdict(None)
 
 
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
 def _validate_json(text: str, needs: Needs) -> Verdict:
     try:
         value = orjson.loads(text)
@@ -129,10 +137,14 @@ def judge_completion(body: bytes, needs: Needs) -> Verdict:
         messages = [c["message"] for c in choices]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return UNJUDGED
+    if not all(isinstance(c, dict) for c in choices) or \
+            not all(isinstance(m, dict) for m in messages):
+        return UNJUDGED  # not shaped like a chat completion: never fail over on doubt
     if "tools" in needs.forced:
-        calls = [tc for m in messages for tc in (m.get("tool_calls") or [])]
-        legacy = [m["function_call"] for m in messages if m.get("function_call")]
-        names = [(tc.get("function") or {}).get("name") for tc in calls] + \
+        calls = [tc for m in messages for tc in _list(m.get("tool_calls"))
+                 if isinstance(tc, dict)]
+        legacy = [m["function_call"] for m in messages if isinstance(m.get("function_call"), dict)]
+        names = [_dict(tc.get("function")).get("name") for tc in calls] + \
             [f.get("name") for f in legacy]
         if not names:
             truncated = any(c.get("finish_reason") == "length" for c in choices)
@@ -191,14 +203,14 @@ class StreamJudge:
             return None
         try:
             chunk = orjson.loads(data)
-            deltas = [c.get("delta") or {} for c in chunk.get("choices") or []]
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            deltas = [_dict(_dict(c).get("delta")) for c in _list(_dict(chunk).get("choices"))]
+        except orjson.JSONDecodeError:
             return UNJUDGED
         for d in deltas:
-            calls = d.get("tool_calls") or ([d["function_call"]] if d.get("function_call")
-                                            else [])
+            calls = [c for c in _list(d.get("tool_calls")) if isinstance(c, dict)] or \
+                ([d["function_call"]] if isinstance(d.get("function_call"), dict) else [])
             if calls and "tools" in self.needs.forced:
-                name = (calls[0].get("function") or {}).get("name") or calls[0].get("name")
+                name = _dict(calls[0].get("function")).get("name") or calls[0].get("name")
                 if self.needs.tool_name and name and name != self.needs.tool_name:
                     return Verdict(False, f"tools: called {name!r}, not the forced "
                                           f"{self.needs.tool_name!r}")

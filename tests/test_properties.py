@@ -1,0 +1,173 @@
+"""Property tests over the core: any body, however malformed, gets either a routing decision or
+a 4xx JSON error that names the problem; never an exception. HYPOTHESIS_EXAMPLES scales the
+run (`make fuzz` sets 100,000)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extproc.capabilities import judge_completion, request_needs
+from extproc.config import parse_config
+from extproc.errors import Reply
+from extproc.parts import PRESETS, ConvertError, convert_body, inspect_parts
+from extproc.routing import RouteDecision, RoutingTable, route_body
+
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "700"))
+CFG = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+               suppress_health_check=list(HealthCheck))
+
+TABLE = RoutingTable(parse_config({
+    "backends": [
+        {"name": "v", "preset": "vllm", "url": "http://127.0.0.1:1/v1",
+         "models": [{"name": "m", "capabilities": ["tools", "vision"], "tags": ["local"]}]},
+        {"name": "l", "preset": "llamacpp", "url": "http://127.0.0.1:2/v1",
+         "models": [{"name": "m-q", "capabilities": ["tools"]}]},
+        {"name": "o", "preset": "ollama", "url": "http://127.0.0.1:3/v1",
+         "models": [{"name": "m-o"}]},
+    ],
+    "models": [{"name": "pub", "aliases": ["p"], "candidates": [
+        {"backend": "v", "model": "m"}, {"backend": "l", "model": "m-q"},
+        {"backend": "o", "model": "m-o"}]}],
+    "virtual_models": [{"name": "auto", "requires": ["tools"]}],
+    "hints": {"policies": {"local": {"require_tags": ["local"]}},
+              "access": [{"clients": ["*"], "allow": ["intent", "model", "backend", "order"]}]},
+    "default_model": "pub",
+}))
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                      st.text(max_size=20))
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=30)
+
+B64 = base64.b64encode(b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(64)).decode()
+PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(16)).decode()
+part = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "input_text"]),
+                           "text": st.one_of(st.text(max_size=20), json_value)}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.one_of(
+        st.just(PNG), st.fixed_dictionaries({"url": st.one_of(st.just(PNG), st.text(max_size=30),
+                                                              json_value)}), json_value)}),
+    st.fixed_dictionaries({"type": st.just("input_audio"), "input_audio": st.one_of(
+        st.fixed_dictionaries({"data": st.one_of(st.just(B64), st.text(max_size=12)),
+                               "format": st.sampled_from(["wav", "mp3", "flac", "m4a", "x"])}),
+        json_value)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["audio_url", "video_url"]),
+                           "audio_url": st.one_of(st.just({"url": "data:audio/wav;base64," + B64}),
+                                                  st.just({"url": "https://example.com/a.mp3"}),
+                                                  json_value)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "audio", "input_image", "file",
+                                                    "refusal"]),
+                           "url": st.one_of(st.just(PNG), st.text(max_size=10))}),
+    st.dictionaries(st.sampled_from(["type", "image_url", "text", "input_audio"]), json_value,
+                    max_size=3),
+    json_value,
+)
+message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                           "content": st.one_of(st.text(max_size=20), st.lists(part, max_size=4),
+                                                json_value)}),
+    json_value)
+near_valid = st.fixed_dictionaries(
+    {"model": st.one_of(st.sampled_from(["pub", "p", "auto", "m", "nope"]), json_value)},
+    optional={
+        "messages": st.one_of(st.lists(message, max_size=4), json_value),
+        "tools": st.one_of(st.just([{"type": "function", "function": {"name": "f"}}]),
+                           json_value),
+        "tool_choice": st.one_of(st.sampled_from(["auto", "none", "required"]),
+                                 st.just({"type": "function", "function": {"name": "f"}}),
+                                 json_value),
+        "response_format": st.one_of(st.just({"type": "json_object"}), st.just(
+            {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}), json_value),
+        "metadata": st.one_of(st.dictionaries(st.text(max_size=70), st.one_of(
+            st.text(max_size=600), json_value), max_size=18), st.just(
+            {"route_intent": "local", "route_order": "o,v"}), json_value),
+        "stream": json_value,
+        "reasoning_effort": json_value,
+    })
+
+
+def dumps(value: object) -> bytes:
+    return json.dumps(value).encode()  # the stdlib writes what orjson cannot (huge integers)
+
+
+def check(body: bytes) -> None:
+    out = route_body(TABLE, body)
+    if isinstance(out, Reply):
+        assert 400 <= out.status < 500, out
+        err = orjson.loads(out.body)["error"]
+        assert err["message"] and err["code"], err
+        return
+    assert isinstance(out, RouteDecision) and out.candidates
+    # What the attempt stage would do with it must not raise either.
+    report = inspect_parts(out.body)
+    for preset in PRESETS.values():
+        data = orjson.loads(body)  # the route stage parsed it: so can the attempt stage
+        try:
+            convert_body(data, inspect_parts(data), preset, {
+                p.url: ("image/png", b"\x89PNG") for p in report.parts if p.url})
+        except ConvertError as exc:
+            assert 400 <= exc.reply.status < 500
+    request_needs(out.body, out.sigs)
+
+
+@CFG
+@given(json_value)
+def test_arbitrary_json_never_raises(value: object) -> None:
+    check(dumps(value))
+
+
+@CFG
+@given(near_valid)
+def test_near_valid_chat_requests_never_raise(body: dict) -> None:
+    check(dumps(body))
+
+
+@CFG
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    check(raw)
+
+
+@CFG
+@given(near_valid, st.integers(min_value=0, max_value=40))
+def test_truncated_and_duplicated_keys(body: dict, cut: int) -> None:
+    raw = dumps(body)
+    check(raw[: max(0, len(raw) - cut)])
+    check(b'{"model": "pub", ' + raw[1:])  # a duplicate "model" key
+
+
+def test_deep_nesting_and_invalid_utf8() -> None:
+    check(b'{"model": "pub", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    check(b'{"model": "pub\xff\xfe", "messages": []}')
+    check(b'{"model": "pub", "messages": [{"role": "user", "content": "\xc3\x28"}]}')
+
+
+@CFG
+@given(json_value)
+def test_response_judge_never_raises(value: object) -> None:
+    from extproc.capabilities import Needs
+
+    for needs in (Needs({"tools"}, {"tools"}, "f"), Needs({"json"}, {"json"}, schema={
+            "type": "object", "required": ["a"]})):
+        judge_completion(dumps(value), needs)
+        judge_completion(dumps({"choices": [{"message": value}]}), needs)
+
+
+@CFG
+@given(st.lists(st.binary(max_size=60), max_size=6), json_value)
+def test_stream_judge_never_raises(chunks: list[bytes], value: object) -> None:
+    from extproc.capabilities import Needs, StreamJudge
+
+    for needs in (Needs({"tools"}, {"tools"}, "f"), Needs({"json"}, {"json"})):
+        judge = StreamJudge(needs)
+        events = [*chunks, b"data: " + dumps({"choices": [{"delta": value}]}) + b"\n\n",
+                  b"data: " + dumps(value) + b"\n\n"]
+        for i, chunk in enumerate(events):
+            judge.feed(chunk, end=i == len(events) - 1)
