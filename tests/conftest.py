@@ -31,7 +31,11 @@ def stack_config(backends: list[dict[str, Any]], models: list[dict[str, Any]],
         "backends": out_backends,
         "models": models,
     }
-    cfg.update(extra)
+    for key, value in extra.items():  # service/envoy overrides keep the free ports
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
     return cfg
 
 

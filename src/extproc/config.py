@@ -216,6 +216,23 @@ class HintSettings(_Strict):
                                       description="backend header carrying the applied intent")
 
 
+class ClientKey(_Strict):
+    client: str
+    key: str | None = None
+    key_env: str | None = None
+
+
+class ClientAuth(_Strict):
+    """Client API keys, checked by Envoy's own api_key_auth filter before the service is called.
+    The service and backends see only the client id (for hint access rules)."""
+
+    keys: list[ClientKey] = []
+    keys_file: str | None = Field(default=None, description="YAML/JSON mapping client -> key")
+    header: str = Field(default="authorization", description="where clients send the key "
+                        "(authorization takes `Bearer <key>`)")
+    forward_header: str = "x-client-id"
+
+
 class AIGatewaySettings(_Strict):
     """Running in front of Envoy AI Gateway: it routes on a model header it derives from the
     body, so the route stage rewrites the body's model to the resolved public name and sets the
@@ -231,6 +248,8 @@ class ServiceSettings(_Strict):
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus; 0: off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    max_part_bytes: int = Field(default=24 * 1024 * 1024, ge=1024,
+                                description="largest inline media part (base64 text)")
     workers: int = Field(default=1, ge=1, le=64, description="processes; worker i listens on "
                          "port + i and Envoy balances streams across them")
     reload_watch_s: float = Field(default=2.0, ge=0, description="poll the config file for "
@@ -254,6 +273,14 @@ class EnvoySettings(_Strict):
     retry_max_interval_ms: int = Field(default=50, ge=1)
     per_try_timeout_s: float | None = Field(default=None, gt=0)
     access_log: bool = True
+    failure_mode_allow: bool = Field(
+        default=False, description="fail open: when the service is down, forward requests "
+        "unprocessed (routing falls back to nothing: they fail) instead of a JSON 503")
+    status_on_error: int = Field(default=503, ge=400, le=599,
+                                 description="status when the service fails or is unreachable")
+    request_timeout_s: float = Field(default=60.0, gt=0, description="whole request received")
+    request_headers_timeout_s: float = Field(default=10.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=300.0, gt=0)
     direct_cluster: bool = Field(
         default=True, description="render a twin pool cluster without the attempt stage; the "
         "route stage sends requests there when no attempt would have anything to do")
@@ -280,6 +307,7 @@ class Config(_Strict):
     capability_routing: CapabilityRouting = CapabilityRouting()
     hints: HintSettings = HintSettings()
     ai_gateway: AIGatewaySettings = AIGatewaySettings()
+    client_auth: ClientAuth | None = None
     routed_paths: list[str] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 
@@ -392,6 +420,13 @@ def _cross_check(cfg: Config) -> list[str]:
         for k, b_name in enumerate(vm.prefer):
             if b_name not in backends:
                 problems.append(f"virtual_models[{i}].prefer[{k}]: unknown backend {b_name!r}")
+    if cfg.client_auth is not None:
+        ca = cfg.client_auth
+        for i, k in enumerate(ca.keys):
+            if (k.key is None) == (k.key_env is None):
+                problems.append(f"client_auth.keys[{i}]: give exactly one of 'key' or 'key_env'")
+        if not ca.keys and not ca.keys_file:
+            problems.append("client_auth: no keys and no keys_file")
     for name in cfg.hints.policies:
         if not name:
             problems.append("hints.policies: empty intent name")

@@ -75,6 +75,7 @@ class Behaviour:
     bad_schema: bool = False      # answer JSON that does not match the requested schema
     reject_images: bool = False   # refuse images the way this server does without vision
     stream_delay_s: float = 0.0   # pause between SSE events
+    reset: bool = False           # send half a response, then drop the connection
 
 
 @dataclass
@@ -373,6 +374,11 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"
                     f"content-length: {len(data)}\r\n\r\n").encode()
+            if emu.behaviour.reset and not target.startswith("/_emulator/"):
+                writer.write(head + data[: len(data) // 2])
+                await writer.drain()
+                writer.transport.abort()  # a reset mid-response
+                return
             writer.write(head + data)
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError, ValueError):

@@ -40,7 +40,8 @@ def _ext_proc(cfg: Config, stage: str, mode: dict[str, str], **extra: Any) -> di
             "envoy_grpc": {"cluster_name": SERVICE_CLUSTER},
             "initial_metadata": [{"key": STAGE_KEY, "value": stage}],
         },
-        "failure_mode_allow": False,
+        "failure_mode_allow": e.failure_mode_allow,
+        "status_on_error": {"code": e.status_on_error},
         "processing_mode": {
             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP", **mode,
         },
@@ -50,8 +51,20 @@ def _ext_proc(cfg: Config, stage: str, mode: dict[str, str], **extra: Any) -> di
     }
 
 
+def _cel(expression: str) -> dict[str, Any]:
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3."
+                     "ExpressionFilter",
+            "expression": expression}}}
+
+
 def _local_reply() -> dict[str, Any]:
-    """Envoy's own errors (no upstream, timeouts) as OpenAI-style JSON naming the model."""
+    """Envoy's own errors as OpenAI-style JSON: upstream failures name the model; the service
+    being down, bodies over the limit and slow clients get a JSON error too (never a bare body).
+    The service's own answers (details ``llm_extproc``) and backends' answers pass untouched."""
+    ours = "response.code_details == 'llm_extproc' || response.code_details == 'via_upstream'"
     return {
         "mappers": [{
             "filter": {"response_flag_filter": {"flags": UPSTREAM_FLAGS}},
@@ -63,6 +76,19 @@ def _local_reply() -> dict[str, Any]:
                         "type": "upstream_error",
                         "code": "%RESPONSE_CODE_DETAILS%",
                         "model": f"%DYNAMIC_METADATA({META_NS}:public_model)%",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                    }
+                },
+                "content_type": "application/json",
+            },
+        }, {
+            "filter": _cel(f"!({ours})"),
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)",
+                        "type": "gateway_error",
+                        "code": "%RESPONSE_CODE_DETAILS%",
                         "request_id": "%REQ(X-REQUEST-ID)%",
                     }
                 },
@@ -101,6 +127,46 @@ def _access_log() -> list[dict[str, Any]]:
     }]
 
 
+def client_keys(cfg: Config, env: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(client, key) pairs from the config, the environment and the keys file."""
+    import os
+    from pathlib import Path
+
+    ca = cfg.client_auth
+    if ca is None:
+        return []
+    env = dict(os.environ) if env is None else env
+    out = []
+    for k in ca.keys:
+        key = k.key if k.key is not None else env.get(k.key_env or "", "")
+        if not key:
+            raise ValueError(f"client_auth: no key for client {k.client!r} ({k.key_env} unset)")
+        out.append((k.client, key))
+    if ca.keys_file:
+        data = yaml.safe_load(Path(ca.keys_file).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"client_auth.keys_file: {ca.keys_file} is not a mapping")
+        out += [(str(c), str(k)) for c, k in data.items()]
+    return out
+
+
+def _client_auth(cfg: Config) -> list[dict[str, Any]]:
+    ca = cfg.client_auth
+    if ca is None:
+        return []
+    return [{
+        "name": "envoy.filters.http.api_key_auth",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3."
+                     "ApiKeyAuth",
+            "credentials": [{"key": key, "client": client} for client, key in client_keys(cfg)],
+            "key_sources": [{"header": ca.header}],
+            # The service sees who is asking, never the key.
+            "forwarding": {"header": ca.forward_header, "hide_credentials": True},
+        },
+    }]
+
+
 def max_candidates(cfg: Config) -> int:
     counts = [len(m.candidates) for m in cfg.models]
     per_model: dict[str, int] = {}
@@ -131,6 +197,9 @@ def render(cfg: Config) -> dict[str, Any]:
         ".v3.HttpConnectionManager",
         "stat_prefix": "llm",
         "always_set_request_id_in_response": True,
+        "request_timeout": _dur(e.request_timeout_s),
+        "request_headers_timeout": _dur(e.request_headers_timeout_s),
+        "stream_idle_timeout": _dur(e.stream_idle_timeout_s),
         "local_reply_config": _local_reply(),
         "route_config": {
             "name": "llm",
@@ -153,6 +222,7 @@ def render(cfg: Config) -> dict[str, Any]:
             }],
         },
         "http_filters": [
+            *_client_auth(cfg),
             {
                 "name": "extproc.route",
                 "typed_config": _ext_proc(

@@ -281,8 +281,9 @@ def _parse_part(raw: Any, path: str, i: int, j: int) -> tuple[Part, str | None]:
     return Part(path, i, j, Sig(ptype, "other")), None
 
 
-def inspect_parts(data: dict[str, Any]) -> PartsReport:
-    """Parse and validate every content part; raise PartError with a 400 naming the place."""
+def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None) -> PartsReport:
+    """Parse and validate every content part; raise PartError with a 400 naming the place
+    (413 for an inline part over ``max_part_bytes``)."""
     report = PartsReport()
     messages = data.get("messages")
     if messages is None:
@@ -299,6 +300,11 @@ def inspect_parts(data: dict[str, Any]) -> PartsReport:
             raise _bad_type(f"messages[{i}].content", "a string or an array of parts", content)
         for j, raw in enumerate(content):
             part, warning = _parse_part(raw, f"messages[{i}].content[{j}]", i, j)
+            if max_part_bytes and part.b64 is not None and len(part.b64) > max_part_bytes:
+                raise PartError(error_reply(
+                    413, f"{part.path}: the inline {part.sig.kind} is {len(part.b64)} bytes of "
+                    f"base64, over the {max_part_bytes}-byte limit", code="part_too_large",
+                    param=part.path))
             report.parts.append(part)
             if warning:
                 report.warnings.append(warning)

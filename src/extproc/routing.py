@@ -258,7 +258,7 @@ def route_request(table: RoutingTable, data: dict[str, Any],
             return _model_not_found(table, model)
         entry, resolution = found
     try:
-        report = inspect_parts(data)
+        report = inspect_parts(data, table.config.service.max_part_bytes)
     except PartError as exc:
         return exc.reply
     hints = read_hints(data, headers, table.config.hints)

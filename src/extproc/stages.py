@@ -114,7 +114,11 @@ class RouteStream:
         if msg.end_of_stream:
             return self._reject(error_reply(
                 400, "The request has no body; expected a JSON object", code="invalid_json"))
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+        # Envoy honours some x-envoy-* request headers (timeouts, retries): never a client's.
+        forged = [k for k in h if k.startswith("x-envoy-")]
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation(remove=forged)) if forged
+            else None))
 
     def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         data = parse_json_body(msg.body)
@@ -134,8 +138,10 @@ class RouteStream:
         forced capability needs judging): such requests skip the attempt stage entirely."""
         if not self.rt.config.envoy.direct_cluster or self.rt.config.ai_gateway.model_header:
             return None
-        if d.needs.forced or (d.needs.needed and len(d.candidates) > 1):
-            return None  # judging responses or capability-gap retries need the attempt stage
+        if d.needs.forced or len({t.backend for t in d.candidates}) > 1:
+            # Judging responses, capability-gap retries and holding a response until it is
+            # complete (so a backend dying mid-response is retried) need the attempt stage.
+            return None
         common = common_backend(d.candidates, self.rt.backends)
         if common is None:
             return None
@@ -350,14 +356,15 @@ class AttemptStream:
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=mutation(plan.set, plan.remove))),
-            mode_override=attempt_mode(needs_body, self.needs is not None),
+            mode_override=attempt_mode(needs_body, self.needs is not None or not self.last),
         )
 
     # ------------------------------------------------------------ response judging
 
-    def _headers_answer(self, extra: list[tuple[str, str]] = ()) -> pb.ProcessingResponse:  # type: ignore[assignment]
+    def _headers_answer(self, extra: list[tuple[str, str]] | None = None
+                        ) -> pb.ProcessingResponse:
         tags = [(RESP_BACKEND, self.backend or ""), (RESP_MODEL, self.model or ""), *self.tags,
-                *extra]
+                *(extra or [])]
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(tags))))
 
@@ -368,14 +375,17 @@ class AttemptStream:
         except ValueError:
             self.status = 0
         needs = self.needs
-        hold = needs is not None and not msg.end_of_stream and (
-            (self.status == 200 and bool(needs.forced)) or self.status >= 400)
+        streaming = "text/event-stream" in h.get("content-type", "")
+        # Hold a non-streaming answer until it is complete while another candidate remains: a
+        # backend dying mid-response is then a reset before headers, which Envoy retries.
+        complete = not self.last and not streaming and self.status < 300
+        hold = not msg.end_of_stream and (complete or (needs is not None and (
+            (self.status == 200 and bool(needs.forced)) or self.status >= 400)))
         if not hold:
             yield self._headers_answer()
             return
-        assert needs is not None
         self.holding, self.hold_since = True, time.monotonic()
-        if self.status == 200 and "text/event-stream" in h.get("content-type", ""):
+        if needs is not None and self.status == 200 and streaming:
             self.judge = StreamJudge(needs)
         limit = self.rt.config.capability_routing.hold_max_s
         yield pb.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
@@ -407,8 +417,9 @@ class AttemptStream:
             yield pb.ProcessingResponse(response_body=pb.BodyResponse())
 
     def _judge_whole(self, body: bytes) -> Verdict:
+        if self.needs is None:
+            return UNJUDGED  # held only to be complete before the router sees it
         if self.status == 200:
-            assert self.needs is not None
             return judge_completion(body, self.needs)
         gap = capability_gap(self.status, body)
         return Verdict(False, f"{gap}: the backend's error says the model lacks it") if gap \

@@ -1,0 +1,194 @@
+"""Hostile clients through a real Envoy: client API keys, forged headers, slow and oversized
+bodies, URL parts aimed at private addresses, and a bounded fuzz. None reaches anything it
+should not, and every answer is JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+
+from extproc.devstack import Stack
+from extproc.fetch import Fetcher, FetchError, FetchPolicy
+
+from .conftest import BACKEND_KEY, received, reset, stack_config, start_stack
+
+CLIENT_KEY = "ck-team-a-0123456789"
+
+
+@pytest.fixture(scope="module")
+def sstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("security")
+    keys = tmp / "keys.yaml"
+    keys.write_text("team-b: ck-team-b-from-file\n")
+    cfg = stack_config(
+        backends=[{"name": "a", "preset": "vllm", "models": ["m1"],
+                   "api_key_env": "E2E_BACKEND_KEY"},
+                  {"name": "o", "preset": "ollama", "models": ["m-o"]}],
+        models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]},
+                {"name": "olla", "candidates": [{"backend": "o", "model": "m-o"}]}],
+        client_auth={"keys": [{"client": "team-a", "key": CLIENT_KEY}],
+                     "keys_file": str(keys)},
+        hints={"policies": {"a-only": {"require_tags": []}},
+               "access": [{"clients": ["team-a"], "allow": ["intent", "backend"]}]},
+        envoy={"request_timeout_s": 2, "max_body_bytes": 2 * 1024 * 1024},
+        service={"max_part_bytes": 64 * 1024})
+    stack = start_stack(tmp, cfg)
+    yield stack
+    stack.stop()
+
+
+def post(stack: Stack, key: str | None = CLIENT_KEY, headers: dict | None = None,
+         **body: object) -> httpx.Response:
+    h = {"authorization": f"Bearer {key}"} if key else {}
+    h.update(headers or {})
+    return httpx.post(stack.envoy_url + "/v1/chat/completions", headers=h, timeout=15,
+                      json={"model": "pub", "messages": [{"role": "user", "content": "hi"}],
+                            **body})
+
+
+def test_no_key_or_wrong_key_is_401_before_the_service(sstack: Stack) -> None:
+    reset(sstack, "a")
+    for key, code in ((None, "missing_api_key"), ("ck-wrong", "unknown_api_key")):
+        r = post(sstack, key)
+        assert r.status_code == 401
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == code
+    assert received(sstack, "a") == []
+    assert post(sstack, "ck-team-b-from-file").status_code == 200  # keys from a file
+
+
+def test_forged_client_id_is_overwritten_and_keys_never_forwarded(sstack: Stack) -> None:
+    reset(sstack, "a")
+    # team-b forges team-a's id to use a hint only team-a may use: Envoy overwrites the id.
+    r = post(sstack, "ck-team-b-from-file", headers={"x-client-id": "team-a"},
+             metadata={"route_backend": "a"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "hint_not_allowed"
+    assert post(sstack, CLIENT_KEY, metadata={"route_backend": "a"}).status_code == 200
+    (got,) = received(sstack, "a")
+    assert got["headers"]["authorization"] == f"Bearer {BACKEND_KEY}"  # its own key only
+    assert CLIENT_KEY not in orjson.dumps(got).decode()
+
+
+def test_keys_never_appear_in_logs_or_responses(sstack: Stack) -> None:
+    r = post(sstack)
+    assert BACKEND_KEY not in r.text and BACKEND_KEY not in str(r.headers)
+    time.sleep(1.5)  # access log flush
+    for log in ("service", "envoy"):
+        text = sstack.log_path(log).read_text()
+        assert CLIENT_KEY not in text and "ck-team-b-from-file" not in text, log
+        assert BACKEND_KEY not in text, log
+
+
+def test_client_x_envoy_headers_have_no_effect(sstack: Stack) -> None:
+    reset(sstack, "a")
+    httpx.post(sstack.backend_url("a") + "/_emulator/behaviour", json={"delay_s": 0.3})
+    try:
+        r = post(sstack, headers={"x-envoy-upstream-rq-timeout-ms": "1",
+                                  "x-envoy-upstream-rq-per-try-timeout-ms": "1",
+                                  "x-envoy-retry-on": "5xx", "x-envoy-max-retries": "9"})
+        (got,) = received(sstack, "a")
+    finally:
+        reset(sstack, "a")
+    assert r.status_code == 200  # a 1 ms timeout from the client was not honoured
+    assert not [h for h in got["headers"] if h.startswith("x-envoy-retry")]
+
+
+def test_forged_internal_headers(sstack: Stack) -> None:
+    r = post(sstack, headers={"x-extproc-cluster": "extproc_service",
+                              "x-extproc-stage": "attempt"})
+    assert r.status_code == 200 and r.headers["x-extproc-backend"] == "a"
+
+
+def test_body_over_the_limit_is_413_json(sstack: Stack) -> None:
+    r = post(sstack, messages=[{"role": "user", "content": "x" * (3 * 1024 * 1024)}])
+    assert r.status_code == 413
+    assert r.json()["error"]["type"] == "gateway_error"
+
+
+def test_inline_part_over_the_limit_is_413_naming_it(sstack: Stack) -> None:
+    blob = "A" * (100 * 1024)
+    r = post(sstack, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "hi"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{blob}"}}]}])
+    assert r.status_code == 413
+    err = r.json()["error"]
+    assert err["code"] == "part_too_large" and err["param"] == "messages[0].content[1]"
+
+
+def test_slowloris_body_is_cut_off_with_json(sstack: Stack) -> None:
+    reset(sstack, "a")
+    host, port = sstack.envoy_url.split("//")[1].split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                  b"application/json\r\nauthorization: Bearer " + CLIENT_KEY.encode() +
+                  b"\r\ncontent-length: 100000\r\n\r\n{\"model\": ")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+            if time.monotonic() - t0 > 8:
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"type":"gateway_error"' in answer
+    assert time.monotonic() - t0 < 6
+    assert received(sstack, "a") == []
+
+
+@pytest.mark.parametrize("url", [
+    "https://10.0.0.1/x.png",            # private (refused before any packet is sent)
+    "https://192.168.1.1/x.png",
+    "https://169.254.169.254/latest/meta-data/iam",
+    "https://localhost:9/x.png",         # a name that resolves to loopback (rebinding-style)
+    "https://[::ffff:127.0.0.1]:9/x.png",
+    "http://127.0.0.1:9/x.png",          # plain http is refused outright
+])
+def test_url_parts_aimed_inside_are_refused(url: str) -> None:
+    async def go() -> FetchError:
+        f = Fetcher(FetchPolicy())
+        try:
+            await f.fetch(url, "messages[0].content[0]")
+        except FetchError as exc:
+            return exc
+        finally:
+            await f.aclose()
+        raise AssertionError("not refused")
+
+    exc = asyncio.run(go())
+    assert exc.reply.status == 400 and exc.reply.code == "url_refused"
+
+
+def test_bounded_fuzz_through_envoy(sstack: Stack) -> None:
+    """Random near-valid bodies: each answer is a correct forward or a 4xx JSON error."""
+    rng = random.Random(1234)
+    pieces = [b'{"model": "pub"', b'"messages": [', b'{"role": "user", "content": "hi"}',
+              b'{"type": "image_url", "image_url": 5}', b'"metadata": {"route_intent": 1}',
+              b'"tools": [{}]', b'"tool_choice": "required"', b"null", b"[]", b"{}", b"\xff",
+              b'"content": [{"type": "input_audio", "input_audio": {"data": "@@", '
+              b'"format": "wav"}}]', b"]", b"}", b",", b":", b'"', b"1e999"]
+    sent = answered = 0
+    with httpx.Client(timeout=15) as client:
+        for _ in range(150):
+            body = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+            if rng.random() < 0.3:
+                body = b'{"model": "pub", "messages": [{"role": "user", "content": "hi"}], ' \
+                    + body + b"}"
+            sent += 1
+            r = client.post(sstack.envoy_url + "/v1/chat/completions", content=body,
+                            headers={"authorization": f"Bearer {CLIENT_KEY}"})
+            assert r.status_code == 200 or 400 <= r.status_code < 500, (body, r.text)
+            if r.status_code != 200:
+                err = r.json()["error"]
+                assert err["message"] and err["code"], r.text
+            answered += 1
+    print(f"fuzz through Envoy: sent {sent}, answered {answered}, lost {sent - answered}")
+    assert answered == sent
