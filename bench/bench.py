@@ -49,10 +49,12 @@ CLIENT_KEY = "sk-bench-master-key-not-a-secret"
 
 # ---------------------------------------------------------------- the stacks
 
-def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int = 1) -> dict:
+def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int = 1,
+                   observe: bool = True) -> dict:
     return {
         "service": {"port": free_port() if workers == 1 else _free_run(workers),
-                    "log_level": "warning", "metrics_port": free_port(), "workers": workers},
+                    "log_level": "warning", "metrics_port": free_port(), "workers": workers,
+                    "observe_responses": observe},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
         "backends": [
             {"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{emu_port}/v1",
@@ -381,16 +383,18 @@ def main() -> int:
             pids[name] = {"envoy": e.pid}
             if fport:
                 pids[name]["empty ext_proc"] = procs.procs[f"floor-{name[0]}"].pid
-        worker_counts = [1] if args.smoke else [1, 2]
-        for workers in worker_counts:
-            cfg = extproc_config(emu_port, llama_port, aux_port, workers)
-            path = tmp / f"extproc-{workers}.yaml"
+        variants = [("c llm-extproc", 1, True)]
+        if not args.smoke:
+            variants += [("c' fast mode", 1, False), ("c2 llm-extproc x2", 2, True)]
+        for name, workers, observe in variants:
+            cfg = extproc_config(emu_port, llama_port, aux_port, workers, observe)
+            tag = f"x{len(stacks)}"
+            path = tmp / f"extproc-{tag}.yaml"
             path.write_text(yaml.safe_dump(cfg))
-            st = Stack(path, workdir=str(tmp / f"x{workers}"), emulate=False)
-            (tmp / f"x{workers}").mkdir()
+            (tmp / tag).mkdir()
+            st = Stack(path, workdir=str(tmp / tag), emulate=False)
             st.start()
             stacks.append(st)
-            name = "c llm-extproc" if workers == 1 else "c2 llm-extproc x2"
             targets[name] = st.envoy_url
             pids[name] = {"envoy": st.procs["envoy"].pid, "llm-extproc": st.procs["service"].pid}
         if not args.no_litellm:
@@ -482,6 +486,9 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
         if b:
             ratios.update({"c/b p50": c["p50_ms"] / b["p50_ms"], "c/b req/s": c["rps"] / b["rps"],
                            "c-a p50 ms": c["p50_ms"] - a["p50_ms"]})
+        if "c' fast mode" in row and b:
+            ratios["c'/b p50"] = row["c' fast mode"]["p50_ms"] / b["p50_ms"]
+            ratios["c'/b req/s"] = row["c' fast mode"]["rps"] / b["rps"]
         if "c2 llm-extproc x2" in row:
             ratios["c2/c req/s"] = row["c2 llm-extproc x2"]["rps"] / c["rps"]
         if "d LiteLLM" in row:

@@ -25,8 +25,10 @@ BODY = {"messages": [{"role": "user", "content": "hi"}]}
 class Load:
     """Sends requests from a few threads for a while; counts what comes back and how."""
 
-    def __init__(self, url: str, model: str, threads: int = 4, timeout: float = 15.0):
+    def __init__(self, url: str, model: str, threads: int = 4, timeout: float = 15.0,
+                 body: dict | None = None):
         self.url, self.model, self.timeout = url, model, timeout
+        self.body = {**(body or BODY), "model": model}
         self.sent = self.ok = self.json_errors = self.lost = 0
         self.statuses: dict[int, int] = {}
         self.slowest = 0.0
@@ -39,7 +41,7 @@ class Load:
         with self.lock:
             self.sent += 1
         try:
-            r = client.post(self.url + "/v1/chat/completions", json={**BODY, "model": self.model})
+            r = client.post(self.url + "/v1/chat/completions", json=self.body)
             ok = r.status_code < 300
             is_json = r.headers.get("content-type", "").startswith("application/json") and \
                 ("error" in r.json() if not ok else True)
@@ -182,3 +184,36 @@ def test_no_candidate_left_gives_json_error_naming_model(fstack: Stack, fault: s
     err = r.json()["error"]
     if status != 500:  # Envoy's own answer names the model; a 500 is the backend's own JSON
         assert err["model"] == "solo" and "solo" in err["message"]
+
+
+@pytest.mark.parametrize(("fault", "behaviour", "stop"), [
+    ("aux vision down", None, True), ("aux vision slow", {"delay_s": 3}, False)])
+def test_aux_vision_fault_under_load_policy_holds(tmp_path, fault: str, behaviour: dict | None,
+                                                  stop: bool) -> None:
+    from .conftest import received
+    from .media import data_url, png
+
+    cfg = stack_config(
+        backends=[{"name": "txt", "preset": "llamacpp",
+                   "models": [{"name": "coder", "capabilities": ["tools"]}]},
+                  {"name": "aux", "preset": "openai",
+                   "models": [{"name": "ocr", "capabilities": ["vision"]}]}],
+        models=[{"name": "blind", "candidates": [{"backend": "txt", "model": "coder"}]}],
+        vision={"backend": "aux", "model": "ocr", "timeout_s": 1, "on_failure": "reject"})
+    stack = start_stack(tmp_path, cfg)
+    try:
+        if stop:
+            stack.procs["emulator-aux"].terminate()
+            stack.procs["emulator-aux"].wait(timeout=10)
+        else:
+            httpx.post(stack.backend_url("aux") + "/_emulator/behaviour", json=behaviour)
+        image = {"type": "image_url", "image_url": {"url": data_url("image/png", png())}}
+        with Load(stack.envoy_url, "blind", threads=2,
+                  body={"messages": [{"role": "user", "content": [image]}]}) as load:
+            time.sleep(2.5)
+        load.report(fault)
+        assert load.lost == 0 and load.sent > 0
+        assert load.ok == 0 and set(load.statuses) == {503}  # reject: a JSON 503 every time
+        assert received(stack, "txt") == []  # nothing, raw or not, reached the blind model
+    finally:
+        stack.stop()

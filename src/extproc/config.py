@@ -248,6 +248,10 @@ class ServiceSettings(_Strict):
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus; 0: off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    observe_responses: bool = Field(
+        default=True, description="the route stage also sees each response's headers, to put "
+        "the outcome into the decision record and the request metrics; off saves one gRPC "
+        "message per request (the outcome is then in Envoy's access log)")
     max_part_bytes: int = Field(default=24 * 1024 * 1024, ge=1024,
                                 description="largest inline media part (base64 text)")
     workers: int = Field(default=1, ge=1, le=64, description="processes; worker i listens on "

@@ -51,6 +51,11 @@ def _ext_proc(cfg: Config, stage: str, mode: dict[str, str], **extra: Any) -> di
     }
 
 
+def _header(key: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": "ADD_IF_ABSENT",
+            "keep_empty_value": False}
+
+
 def _cel(expression: str) -> dict[str, Any]:
     return {"extension_filter": {
         "name": "envoy.access_loggers.extension_filters.cel",
@@ -208,7 +213,14 @@ def render(cfg: Config) -> dict[str, Any]:
                 "name": "llm",
                 "domains": ["*"],
                 "include_request_attempt_count": True,
-                "include_attempt_count_in_response": True,
+                # Where a request went, for the client: the attempt stage names the backend of
+                # each attempt; for requests that skip it, the route stage's metadata does.
+                "response_headers_to_add": [
+                    _header("x-extproc-backend", f"%DYNAMIC_METADATA({META_NS}:backend)%"),
+                    _header("x-extproc-model", f"%DYNAMIC_METADATA({META_NS}:model)%"),
+                    _header("x-extproc-warnings", f"%DYNAMIC_METADATA({META_NS}:warnings)%"),
+                    _header("x-extproc-attempts", "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"),
+                ],
                 "routes": [{
                     "match": {"prefix": "/"},
                     "request_body_buffer_limit": e.max_body_bytes,
@@ -228,11 +240,10 @@ def render(cfg: Config) -> dict[str, Any]:
                 "typed_config": _ext_proc(
                     cfg, "route",
                     {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                     "response_header_mode": "SEND", "response_body_mode": "NONE"},
+                     "response_header_mode": "SEND" if cfg.service.observe_responses
+                     else "SKIP", "response_body_mode": "NONE"},
                     mutation_rules={"allow_envoy": True},
                     metadata_options={"receiving_namespaces": {"untyped": [META_NS]}},
-                    # which endpoint answered, for requests that skip the attempt stage
-                    response_attributes=["upstream.address"],
                 ),
             },
             {"name": "envoy.filters.http.router", "typed_config": {

@@ -38,7 +38,6 @@ from .messages import (
     RESP_MODEL,
     RESP_UNMET,
     RESP_VISION,
-    RESP_WARNINGS,
     RETRY_HEADER,
     attempt_mode,
     attribute_values,
@@ -60,7 +59,6 @@ from .parts import (
 from .routing import (
     DIRECT_CLUSTER,
     RouteDecision,
-    Target,
     check_request_line,
     decode_candidates,
     parse_json_body,
@@ -79,7 +77,6 @@ class RouteStream:
         self.rt, self.log = rt, log
         self.path = ""
         self.headers: dict[str, str] = {}
-        self.candidates: tuple[Target, ...] = ()
         self.record = DecisionRecord(request_id="-")
 
     @property
@@ -130,7 +127,6 @@ class RouteStream:
         if isinstance(decision, Reply):
             return self._reject(decision)
         self.record.routed(decision)
-        self.candidates = decision.candidates
         return self._routed(decision, data, msg.body)
 
     def _direct(self, d: RouteDecision, unstored: bool) -> BackendRuntime | None:
@@ -208,6 +204,10 @@ class RouteStream:
             new_body = rewrite_model(raw, body_model, model_out)
         if model_out:
             meta["body_model"] = orjson.dumps(model_out).decode()
+        if direct:  # no attempt stage will name the backend: Envoy's route adds these
+            meta["backend"], meta["model"] = d.candidates[0].backend, d.candidates[0].model
+        if d.warnings:
+            meta["warnings"] = "; ".join(d.warnings)[:2000]
         if aig:  # Envoy AI Gateway routes on this header and the body's model
             set_headers.append((aig, d.public_model))
         body_mutation = None
@@ -227,21 +227,15 @@ class RouteStream:
         )
 
     def _on_response(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """The outcome, for the decision record (service.observe_responses)."""
         h = headers_dict(req.response_headers)
         try:
             status = int(h.get(":status", "0"))
         except ValueError:
             status = 0
-        attempts = h.get("x-envoy-attempt-count")
+        attempts = h.get(RESP_ATTEMPTS)
         n = int(attempts) if attempts and attempts.isdigit() else None
-        add: list[tuple[str, str]] = [(RESP_ATTEMPTS, str(n))] if n else []
         backend, model = h.get(RESP_BACKEND), h.get(RESP_MODEL)
-        if backend is None and self.candidates:  # no attempt stage ran: name it from Envoy
-            address = attribute_values(req).get(ATTR_ADDRESS)
-            picked = pick_candidate(self.candidates, n or 1, str(address)) if address else None
-            if picked:
-                backend, model = picked[1].backend, picked[1].model
-                add += [(RESP_BACKEND, backend), (RESP_MODEL, model)]
         if self.record.outcome == "incomplete":
             self.record.answered(status, backend, model, n)
             converted = h.get(RESP_CONVERTED)
@@ -250,10 +244,7 @@ class RouteStream:
             if h.get(RESP_VISION):
                 self.record.vision = h[RESP_VISION]
             self.record.unmet = h.get(RESP_UNMET)
-        if self.record.warnings:
-            add.append((RESP_WARNINGS, "; ".join(self.record.warnings)[:2000]))
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=mutation(add, ["x-envoy-attempt-count"]))))
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
     def fail(self) -> pb.ProcessingResponse:
         self.record.rejected(500, "internal_error")
@@ -264,6 +255,9 @@ class RouteStream:
         rec.retries = self.rt.notes.pop(rec.request_id, [])
         if not rec.method:
             return
+        if rec.outcome == "incomplete" and rec.public_model and \
+                not self.rt.config.service.observe_responses:
+            rec.outcome = "routed"  # the outcome is in Envoy's access log (same request id)
         log_event(self.log, rec.as_log())
         backend = rec.attempts[-1].get("backend") if rec.attempts else None
         model = rec.attempts[-1].get("model") if rec.attempts else None
