@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export DEMO_OPENAI_KEY ?= sk-demo-local-not-a-secret
 
-.PHONY: install tools run demo test fuzz lint bench envoy-config clean
+.PHONY: install tools run demo test fuzz lint bench soak envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ lint: install
 ## make bench: bare Envoy vs Envoy + llm-extproc, side by side (not part of make test)
 bench: install tools
 	$(PY) bench/bench.py
+
+## make soak: 10 minutes of 1-4 MB requests, resident memory sampled (bench/results/soak.json)
+soak: install tools
+	$(PY) bench/soak.py --seconds 600
 
 ## make envoy-config: re-render envoy/demo.yaml from config/demo.yaml
 envoy-config: install
