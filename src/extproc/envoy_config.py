@@ -15,7 +15,17 @@ from typing import Any
 import yaml
 
 from .config import Config, backend_endpoint
-from .messages import ATTEMPT_ATTRIBUTES, CLUSTER_HEADER, META_NS, RETRY_HEADER, STAGE_KEY
+from .messages import (
+    ATTEMPT_ATTRIBUTES,
+    CLUSTER_HEADER,
+    META_NS,
+    RESP_ATTEMPTS,
+    RESP_BACKEND,
+    RESP_MODEL,
+    RESP_WARNINGS,
+    RETRY_HEADER,
+    STAGE_KEY,
+)
 from .routing import DIRECT_CLUSTER, POOL_CLUSTER
 
 SERVICE_CLUSTER = "extproc_service"
@@ -216,10 +226,10 @@ def render(cfg: Config) -> dict[str, Any]:
                 # Where a request went, for the client: the attempt stage names the backend of
                 # each attempt; for requests that skip it, the route stage's metadata does.
                 "response_headers_to_add": [
-                    _header("x-extproc-backend", f"%DYNAMIC_METADATA({META_NS}:backend)%"),
-                    _header("x-extproc-model", f"%DYNAMIC_METADATA({META_NS}:model)%"),
-                    _header("x-extproc-warnings", f"%DYNAMIC_METADATA({META_NS}:warnings)%"),
-                    _header("x-extproc-attempts", "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"),
+                    _header(RESP_BACKEND, f"%DYNAMIC_METADATA({META_NS}:backend)%"),
+                    _header(RESP_MODEL, f"%DYNAMIC_METADATA({META_NS}:model)%"),
+                    _header(RESP_WARNINGS, f"%DYNAMIC_METADATA({META_NS}:warnings)%"),
+                    _header(RESP_ATTEMPTS, "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"),
                 ],
                 "routes": [{
                     "match": {"prefix": "/"},
