@@ -51,12 +51,12 @@ def start_stack(tmp: Path, cfg: dict[str, Any], **kw: Any) -> Stack:
 
 
 def received(stack: Stack, backend: str) -> list[dict[str, Any]]:
-    r = httpx.get(stack.backend_url(backend) + "/_emulator/requests", timeout=5)
+    r = httpx.get(stack.backend_url(backend) + "/_emulator/requests", timeout=5, verify=False)
     return [x for x in r.json()["requests"] if x["method"] == "POST"]
 
 
 def reset(stack: Stack, backend: str) -> None:
-    httpx.post(stack.backend_url(backend) + "/_emulator/reset", timeout=5)
+    httpx.post(stack.backend_url(backend) + "/_emulator/reset", timeout=5, verify=False)
 
 
 @pytest.fixture(scope="module")

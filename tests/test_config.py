@@ -67,13 +67,18 @@ def test_cross_references_checked() -> None:
     assert any(p.startswith("default_model:") for p in ps)
 
 
-def test_hostname_and_duplicate_address_rejected() -> None:
+def test_duplicate_address_rejected_hostnames_get_egress_ports() -> None:
+    from extproc.config import pool_addresses
+
     d = base()
-    d["backends"].append({"name": "c", "url": "http://api.example.com/v1", "models": [{"name": "q"}]})
+    d["backends"].append({"name": "c", "url": "https://api.example.com/v1", "models": [{"name": "q"}]})
+    d["backends"].append({"name": "e", "url": "http://gpu.lan:8000/v1", "models": [{"name": "q"}],
+                          "egress_port": 12000})
+    assert pool_addresses(parse_config(d))["c"] == "127.0.0.1:10100"
+    assert pool_addresses(parse_config(d))["e"] == "127.0.0.1:12000"
     d["backends"].append({"name": "d", "url": "http://127.0.0.1:8001/v1", "models": [{"name": "r"}]})
     ps = problems(d)
-    assert any(p.startswith("backends[2].url: host 'api.example.com'") for p in ps)
-    assert any(p.startswith("backends[3].url: 127.0.0.1:8001 is already backend 'a'") for p in ps)
+    assert any(p.startswith("backends[4].url: 127.0.0.1:8001 is already backend 'a'") for p in ps)
 
 
 def test_check_cli_exits_nonzero_with_paths(tmp_path: Path) -> None:

@@ -96,6 +96,11 @@ class Backend(_Strict):
         default="openai", description="which server this is; sets its content-part profile"
     )
     parts: PartsOverride = PartsOverride()
+    tls_ca_file: str | None = Field(default=None, description="CA bundle that must have signed "
+                                    "an https backend's certificate (default: envoy.ca_bundle)")
+    egress_port: int | None = Field(default=None, ge=1, le=65535, description="loopback port "
+                                    "of the egress listener for a backend by host name or over "
+                                    "TLS (default: envoy.egress_base_port + its index)")
     models: list[BackendModel] = Field(min_length=1)
 
     @field_validator("name")
@@ -285,6 +290,9 @@ class EnvoySettings(_Strict):
     request_timeout_s: float = Field(default=60.0, gt=0, description="whole request received")
     request_headers_timeout_s: float = Field(default=10.0, gt=0)
     stream_idle_timeout_s: float = Field(default=300.0, gt=0)
+    egress_base_port: int = Field(default=10100, ge=1, le=65000, description="first loopback "
+                                  "port for egress listeners (backends by name or over TLS)")
+    ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
     direct_cluster: bool = Field(
         default=True, description="render a twin pool cluster without the attempt stage; the "
         "route stage sends requests there when no attempt would have anything to do")
@@ -317,16 +325,29 @@ class Config(_Strict):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where Envoy reaches a backend: a resolved IP:port, plus the URL's path prefix."""
+    """A backend URL, split: ``host`` is an IP where the URL names localhost."""
 
     scheme: str
     host: str
     port: int
     base_path: str
+    hostname: str = ""  # as written in the URL (TLS SNI, Host)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def needs_egress(self) -> bool:
+        """Envoy's per-request endpoint order matches IP:port, and the pool speaks plain HTTP:
+        a backend by host name or over TLS is reached through a loopback egress listener."""
+        if self.scheme == "https":
+            return True
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return True
+        return False
 
 
 def backend_endpoint(url: str) -> Endpoint:
@@ -336,7 +357,20 @@ def backend_endpoint(url: str) -> Endpoint:
     if host == "localhost":
         host = "127.0.0.1"
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return Endpoint(parts.scheme, host, port, parts.path.rstrip("/") or "")
+    return Endpoint(parts.scheme, host, port, parts.path.rstrip("/") or "", parts.hostname or "")
+
+
+def pool_addresses(cfg: Config) -> dict[str, str]:
+    """Backend -> the IP:port Envoy's pool uses for it: its own, or its egress listener's."""
+    out, n = {}, 0
+    for b in cfg.backends:
+        ep = backend_endpoint(b.url)
+        if ep.needs_egress:
+            out[b.name] = f"127.0.0.1:{b.egress_port or cfg.envoy.egress_base_port + n}"
+            n += 1
+        else:
+            out[b.name] = ep.address
+    return out
 
 
 def _fmt_loc(loc: tuple[Any, ...]) -> str:
@@ -362,18 +396,7 @@ def _cross_check(cfg: Config) -> list[str]:
             problems.append(f"backends[{i}].name: duplicate backend name {b.name!r}")
         backends[b.name] = b
         ep = backend_endpoint(b.url)
-        try:
-            ipaddress.ip_address(ep.host)
-        except ValueError:
-            problems.append(
-                f"backends[{i}].url: host {ep.host!r} must be an IP address or localhost "
-                "(Envoy's per-request endpoint order matches resolved addresses)"
-            )
-        if ep.scheme == "https":
-            problems.append(
-                f"backends[{i}].url: https backends are not supported yet (plain http only)"
-            )
-        if ep.address in addresses:
+        if ep.address in addresses and not ep.needs_egress:
             problems.append(
                 f"backends[{i}].url: {ep.address} is already backend {addresses[ep.address]!r}; "
                 "list both models under one backend instead"
@@ -441,6 +464,12 @@ def _cross_check(cfg: Config) -> list[str]:
     for i, b in enumerate(cfg.backends):
         if b.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", b.api_key_env):
             problems.append(f"backends[{i}].api_key_env: not an environment variable name")
+    own = {cfg.envoy.listen_port: "envoy.listen_port", cfg.envoy.admin_port: "envoy.admin_port"}
+    for name, addr in pool_addresses(cfg).items():
+        if addr.startswith("127.0.0.1:") and int(addr.rsplit(":", 1)[1]) in own and \
+                backend_endpoint(backends[name].url).needs_egress:
+            problems.append(f"backends: the egress port of {name!r} ({addr}) is "
+                            f"{own[int(addr.rsplit(':', 1)[1])]}; set its egress_port")
     if cfg.default_model is not None:
         exposed = set(public)
         if cfg.expose_backend_models:

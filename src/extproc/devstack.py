@@ -54,7 +54,8 @@ class Stack:
 
     def __init__(self, config_path: str | os.PathLike[str], workdir: str | None = None,
                  emulate: bool = True, log_dir: str | None = None,
-                 env: dict[str, str] | None = None, dead_backends: tuple[str, ...] = ()):
+                 env: dict[str, str] | None = None, dead_backends: tuple[str, ...] = (),
+                 tls: tuple[str, str] | None = None):
         self.config_path = str(config_path)
         self.config: Config = load_config(self.config_path)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="extproc-stack-"))
@@ -62,6 +63,7 @@ class Stack:
         self.emulate = emulate
         self.env = {**os.environ, **(env or {})}
         self.dead_backends = set(dead_backends)
+        self.tls = tls  # (cert, key) for emulators of https backends
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list[IO[bytes]] = []
 
@@ -73,7 +75,7 @@ class Stack:
     def backend_url(self, name: str) -> str:
         b = next(b for b in self.config.backends if b.name == name)
         ep = backend_endpoint(b.url)
-        return f"http://{ep.host}:{ep.port}"
+        return f"{ep.scheme}://{ep.hostname if ep.scheme == 'https' else ep.host}:{ep.port}"
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -109,6 +111,8 @@ class Stack:
                         "--port", str(ep.port)]
                 if b.api_key_env and self.env.get(b.api_key_env):
                     args += ["--api-key", self.env[b.api_key_env]]
+                if ep.scheme == "https" and self.tls:
+                    args += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
                 self._spawn(f"emulator-{b.name}", args)
         svc = self._spawn("service", [py, "-m", "extproc.cli", "serve", "--config",
                                       self.config_path])

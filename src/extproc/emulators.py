@@ -388,9 +388,9 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             writer.close()
 
 
-async def start_server(emu: Emulator, host: str, port: int) -> asyncio.Server:
+async def start_server(emu: Emulator, host: str, port: int, ssl: Any = None) -> asyncio.Server:
     return await asyncio.start_server(lambda r, w: _serve_conn(emu, r, w), host, port,
-                                      reuse_address=True)
+                                      reuse_address=True, ssl=ssl)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -402,7 +402,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--api-key")
     ap.add_argument("--no-record-bodies", action="store_true")
+    ap.add_argument("--tls-cert", help="serve HTTPS with this certificate (and --tls-key)")
+    ap.add_argument("--tls-key")
     a = ap.parse_args(argv)
+    ctx = None
+    if a.tls_cert:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(a.tls_cert, a.tls_key)
     record = not (a.no_record_bodies or os.environ.get("EMULATOR_NO_RECORD_BODIES"))
     emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key, record_bodies=record)
 
@@ -412,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         warm_up()  # before listening: whoever waits for the port gets a warm model
 
     async def run() -> None:
-        server = await start_server(emu, a.host, a.port)
+        server = await start_server(emu, a.host, a.port, ctx)
         print(f"emulator {a.name} ({a.flavour}) on {a.host}:{a.port}", flush=True)
         async with server:
             await server.serve_forever()

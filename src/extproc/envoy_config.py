@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, backend_endpoint
+from .config import Config, backend_endpoint, pool_addresses
 from .messages import (
     ATTEMPT_ATTRIBUTES,
     CLUSTER_HEADER,
@@ -264,9 +264,9 @@ def render(cfg: Config) -> dict[str, Any]:
         hcm["access_log"] = _access_log()
     endpoints = []
     for b in cfg.backends:
-        ep = backend_endpoint(b.url)
+        host, port = pool_addresses(cfg)[b.name].rsplit(":", 1)
         endpoints.append({
-            "endpoint": {"address": _sock(ep.host, ep.port)},
+            "endpoint": {"address": _sock(host, int(port))},
             "metadata": {"filter_metadata": {"llm": {"backend": b.name}}},
         })
     pool = {
@@ -338,10 +338,11 @@ def render(cfg: Config) -> dict[str, Any]:
             "explicit_http_config": {"http2_protocol_options": {}},
         }},
     }
+    egress_listeners, egress_clusters = _egress(cfg)
     return {
         "admin": {"address": _sock(e.admin_host, e.admin_port)},
         "static_resources": {
-            "listeners": [{
+            "listeners": [*egress_listeners, {
                 "name": "llm",
                 "address": _sock(e.listen_host, e.listen_port),
                 "per_connection_buffer_limit_bytes": e.max_body_bytes,
@@ -350,9 +351,74 @@ def render(cfg: Config) -> dict[str, Any]:
                     "typed_config": hcm,
                 }]}],
             }],
-            "clusters": [service, *clusters],
+            "clusters": [service, *clusters, *egress_clusters],
         },
     }
+
+
+def _egress(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A loopback listener per backend reached by host name or over TLS: the pool's endpoint
+    for it (an IP:port, as the per-request order needs) forwards to a DNS cluster that
+    verifies the backend's certificate and sends its host name (SNI and Host)."""
+    e, listeners, clusters = cfg.envoy, [], []
+    for b in cfg.backends:
+        ep = backend_endpoint(b.url)
+        if not ep.needs_egress:
+            continue
+        name = f"egress_{b.name}"
+        port = int(pool_addresses(cfg)[b.name].rsplit(":", 1)[1])
+        cluster: dict[str, Any] = {
+            "name": name,
+            "type": "LOGICAL_DNS",
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": _dur(e.connect_timeout_s),
+            "per_connection_buffer_limit_bytes": e.max_body_bytes,
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _sock(ep.hostname, ep.port)}}]}]},
+        }
+        if ep.scheme == "https":
+            cluster["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                             "UpstreamTlsContext",
+                    "sni": ep.hostname,
+                    "common_tls_context": {"validation_context": {
+                        "trusted_ca": {"filename": b.tls_ca_file or e.ca_bundle},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": ep.hostname}}],
+                    }},
+                },
+            }
+        clusters.append(cluster)
+        listeners.append({
+            "name": name,
+            "address": _sock("127.0.0.1", port),
+            "per_connection_buffer_limit_bytes": e.max_body_bytes,
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": name,
+                    "local_reply_config": {"body_format": {
+                        "json_format": {"error": {
+                            "message": f"backend '{b.name}' ({ep.hostname}) failed: "
+                                       "%LOCAL_REPLY_BODY%",
+                            "type": "upstream_error", "code": "%RESPONSE_CODE_DETAILS%",
+                            "backend": b.name}},
+                        "content_type": "application/json"}},
+                    "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"],
+                                                        "routes": [{
+                        "match": {"prefix": "/"},
+                        "route": {"cluster": name, "timeout": _dur(e.route_timeout_s),
+                                  "auto_host_rewrite": True}}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3."
+                                 "Router"}}],
+                }}]}],
+        })
+    return listeners, clusters
 
 
 def render_yaml(cfg: Config, source: str | None = None) -> str:

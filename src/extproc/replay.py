@@ -121,14 +121,15 @@ class Backends:
         self.urls = {}
         for b in cfg.backends if cfg else ():
             ep = backend_endpoint(b.url)
-            self.urls[b.name] = f"http://{ep.host}:{ep.port}"
+            self.urls[b.name] = f"{ep.scheme}://{ep.hostname or ep.host}:{ep.port}"
 
     def received(self, backend: str, request_id: str) -> dict[str, Any] | None:
         url = self.urls.get(backend)
         if not url:
             return None
         try:
-            log = httpx.get(url + "/_emulator/requests", timeout=5).json()["requests"]
+            log = httpx.get(url + "/_emulator/requests", timeout=5,
+                            verify=False).json()["requests"]  # emulators' own certificates
         except (httpx.HTTPError, ValueError, KeyError):
             return None
         for rec in reversed(log):

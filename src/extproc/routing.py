@@ -13,7 +13,7 @@ from typing import Any, Literal
 import orjson
 
 from .capabilities import Needs, rank, request_needs
-from .config import Config, backend_endpoint
+from .config import Config, pool_addresses
 from .errors import Reply, error_reply, json_reply
 from .hints import Hints, allowed_intents, allowed_kinds, check_metadata, read_hints
 from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
@@ -81,7 +81,7 @@ class RoutingTable:
 
     def __init__(self, cfg: Config):
         self.config = cfg
-        addresses = {b.name: backend_endpoint(b.url).address for b in cfg.backends}
+        addresses = pool_addresses(cfg)
         self.profiles: dict[str, Profile] = {
             b.name: profile_for(b.preset, b.parts) for b in cfg.backends}
         # Declared capabilities per (backend, model); None = not declared (unknown).

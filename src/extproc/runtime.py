@@ -44,7 +44,7 @@ class Runtime:
             if v.backend is not None:
                 b = backends[v.backend]
                 ep = backend_endpoint(next(x.url for x in cfg.backends if x.name == v.backend))
-                base = f"{ep.scheme}://{ep.host}:{ep.port}{b.base_path}"
+                base = f"{ep.scheme}://{ep.hostname or ep.host}:{ep.port}{b.base_path}"
                 endpoint = AuxEndpoint(base + "/chat/completions", b.auth_header, b.auth_value)
             else:
                 assert v.url is not None
