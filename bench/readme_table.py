@@ -6,13 +6,19 @@ import json
 import sys
 from pathlib import Path
 
-res = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else
-                      Path(__file__).parent / "results" / "latest.json").read_text())
-print(f"Latest run ({res['machine']}; Envoy `--concurrency 1`):\n")
-print("| case | target | p50 ms | p99 ms | req/s | runs (req/s) |\n|---|---|---|---|---|---|")
+path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "latest.json"
+res = json.loads(path.read_text())
+print(f"Latest full run ({res['machine']}; Envoy `--concurrency 1`; "
+      f"{res['duration_s']:.0f} s x {res['repeat']} per target):\n")
+print("| case | target | p50 ms | p99 ms | req/s | runs (req/s) | CPU ms/request |")
+print("|---|---|---|---|---|---|---|")
 for c in res["cases"]:
-    for t in ("bare Envoy", "Envoy + extproc"):
-        v = c[t]
-        print(f"| {c['case']} | {t} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['rps']:.0f} | "
-              f"{', '.join(map(str, v['spread_rps']))} |")
-    print(f"| | **ratio** | **{c['p50_ratio']:.1f}x** | | **{c['rps_ratio']:.2f}x** | |")
+    for target, v in c.items():
+        if not isinstance(v, dict) or target == "ratios":
+            continue
+        cpu = ", ".join(f"{k} {x:.2f}" for k, x in v["cpu_ms_per_req"].items() if x >= 0.005)
+        extra = f" ({v['non_2xx']} non-2xx)" if v["non_2xx"] else ""
+        print(f"| {c['case']} | {target}{extra} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
+              f"{v['rps']:.0f} | {', '.join(map(str, v['spread_rps']))} | {cpu} |")
+    ratios = ", ".join(f"{k} **{x:.2f}**" for k, x in c["ratios"].items())
+    print(f"| | **ratios** | {ratios} | | | | |")
