@@ -113,3 +113,22 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+def fetch_refusal(url: str, **policy: Any) -> Any:
+    """Fetch ``url`` under a policy and return the FetchError; fail if it was not refused."""
+    import asyncio
+
+    from extproc.fetch import Fetcher, FetchError, FetchPolicy
+
+    async def go() -> FetchError:
+        f = Fetcher(FetchPolicy(**policy))
+        try:
+            await f.fetch(url, "messages[0].content[0]")
+        except FetchError as exc:
+            return exc
+        finally:
+            await f.aclose()
+        raise AssertionError(f"fetching {url} was not refused")
+
+    return asyncio.run(go())

@@ -18,7 +18,7 @@ import soundfile
 
 from extproc.devstack import Stack
 
-from .conftest import received, reset, stack_config, start_stack
+from .conftest import fetch_refusal, received, reset, stack_config, start_stack
 from .media import b64, clip, data_url, png
 
 WAV, FLAC, OGG = clip("wav"), clip("flac"), clip("ogg")
@@ -274,23 +274,9 @@ def test_unconvertible_audio_format_names_accepted_formats(parts_stack) -> None:
                                  "https://[::1]:{port}/speech.wav"])
 def test_private_and_metadata_urls_refused(url: str) -> None:
     """Default policy (no allow list): the local server must receive nothing."""
-    import asyncio
-
-    from extproc.fetch import Fetcher, FetchError, FetchPolicy
-
     server = MediaServer()
     try:
-        async def go() -> FetchError:
-            f = Fetcher(FetchPolicy(allow_http=True))
-            try:
-                await f.fetch(url.format(port=server.port), "messages[0].content[0]")
-            except FetchError as exc:
-                return exc
-            finally:
-                await f.aclose()
-            raise AssertionError("fetch was not refused")
-
-        exc = asyncio.run(go())
+        exc = fetch_refusal(url.format(port=server.port), allow_http=True)
         assert exc.reply.status == 400 and exc.reply.code == "url_refused"
         assert server.hits == []
     finally:

@@ -4,7 +4,6 @@ should not, and every answer is JSON."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import socket
 import time
@@ -15,9 +14,8 @@ import orjson
 import pytest
 
 from extproc.devstack import Stack
-from extproc.fetch import Fetcher, FetchError, FetchPolicy
 
-from .conftest import BACKEND_KEY, received, reset, stack_config, start_stack
+from .conftest import BACKEND_KEY, fetch_refusal, received, reset, stack_config, start_stack
 
 CLIENT_KEY = "ck-team-a-0123456789"
 
@@ -153,17 +151,7 @@ def test_slowloris_body_is_cut_off_with_json(sstack: Stack) -> None:
     "http://127.0.0.1:9/x.png",          # plain http is refused outright
 ])
 def test_url_parts_aimed_inside_are_refused(url: str) -> None:
-    async def go() -> FetchError:
-        f = Fetcher(FetchPolicy())
-        try:
-            await f.fetch(url, "messages[0].content[0]")
-        except FetchError as exc:
-            return exc
-        finally:
-            await f.aclose()
-        raise AssertionError("not refused")
-
-    exc = asyncio.run(go())
+    exc = fetch_refusal(url)
     assert exc.reply.status == 400 and exc.reply.code == "url_refused"
 
 
