@@ -189,3 +189,10 @@ def test_preset_fields_overridable_from_config() -> None:
         parse_config({"backends": [{"name": "x", "url": "http://127.0.0.1:1", "models": [
             {"name": "m"}], "parts": {"accepts": ["text", "hologram"]}}]})
     assert exc.value.problems[0].startswith("backends[0].parts.accepts: value error, unknown part")
+
+
+def test_attempt_stage_skips_revalidating_what_the_route_stage_checked() -> None:
+    bad = req({"type": "input_audio", "input_audio": {"data": "not*base64", "format": "wav"}})
+    with pytest.raises(PartError):
+        inspect_parts(bad)
+    assert inspect_parts(bad, validate=False).parts[0].sig.kind == "audio"

@@ -155,7 +155,7 @@ def head_bytes(b64: str) -> bytes:
         return b""
 
 
-def parse_data_url(url: str, param: str) -> tuple[str, str]:
+def parse_data_url(url: str, param: str, validate: bool = True) -> tuple[str, str]:
     """``data:<mime>;base64,<payload>`` -> (mime, payload), validating the payload."""
     head, sep, payload = url.partition(",")
     if not sep or not head.startswith("data:") or not head.endswith(";base64"):
@@ -163,7 +163,8 @@ def parse_data_url(url: str, param: str) -> tuple[str, str]:
             400, f"'{param}' is not a readable data URL: expected data:<type>;base64,<data>",
             code="invalid_data_url", param=param))
     mime = head[5:-7].split(";", 1)[0].strip().lower()
-    check_base64(payload, param)
+    if validate:
+        check_base64(payload, param)
     return mime, payload
 
 
@@ -184,12 +185,13 @@ def _get_url(value: Any, param: str) -> str:
 
 
 def _media_part(path: str, i: int, j: int, kind: Kind, shape: str, url: str, url_param: str,
-                declared: str | None = None, detail: str | None = None) -> tuple[Part, str | None]:
+                declared: str | None = None, detail: str | None = None,
+                validate: bool = True) -> tuple[Part, str | None]:
     source = _source(url)
     part = Part(path, i, j, Sig(shape, kind, source), url=url, detail=detail)
     warning = None
     if source == "data":
-        mime, payload = parse_data_url(url, url_param)
+        mime, payload = parse_data_url(url, url_param, validate)
         part.b64, part.mime = payload, mime
         fmt, mismatch = mime.split("/", 1)[-1], False
         if kind == "audio":
@@ -204,7 +206,8 @@ def _media_part(path: str, i: int, j: int, kind: Kind, shape: str, url: str, url
     return part, warning
 
 
-def _parse_part(raw: Any, path: str, i: int, j: int) -> tuple[Part, str | None]:
+def _parse_part(raw: Any, path: str, i: int, j: int, validate: bool = True
+                ) -> tuple[Part, str | None]:
     if not isinstance(raw, dict):
         raise _bad_type(path, "an object", raw)
     ptype = raw.get("type")
@@ -232,20 +235,23 @@ def _parse_part(raw: Any, path: str, i: int, j: int) -> tuple[Part, str | None]:
         detail = value.get("detail") if isinstance(value, dict) else raw.get("detail")
         url_param = f"{path}.image_url" + ("" if isinstance(value, str) else ".url")
         return _media_part(path, i, j, "image", shape, url, url_param,
-                           detail=detail if isinstance(detail, str) else None)
+                           detail=detail if isinstance(detail, str) else None,
+                           validate=validate)
     if ptype == "input_image":
         value = raw.get("image_url")
         if not isinstance(value, str):
             raise _bad_type(f"{path}.image_url", "a string", value)
         detail = raw.get("detail")
         return _media_part(path, i, j, "image", "input_image", value, f"{path}.image_url",
-                           detail=detail if isinstance(detail, str) else None)
+                           detail=detail if isinstance(detail, str) else None,
+                           validate=validate)
     if ptype in ("image", "audio", "video"):
         key = "url" if "url" in raw else ptype
         url = raw.get(key)
         if not isinstance(url, str):
             raise _bad_type(f"{path}.{key}", "a string (URL)", url)
-        return _media_part(path, i, j, ptype, f"hf_{ptype}", url, f"{path}.{key}")  # type: ignore[arg-type]
+        return _media_part(path, i, j, ptype, f"hf_{ptype}", url, f"{path}.{key}",
+                           validate=validate)  # type: ignore[arg-type]
     if ptype == "input_audio":
         value = raw.get("input_audio")
         if not isinstance(value, dict):
@@ -257,9 +263,9 @@ def _parse_part(raw: Any, path: str, i: int, j: int) -> tuple[Part, str | None]:
             raise _bad_type(f"{path}.input_audio.format", "a string", fmt)
         shape = "untyped_input_audio" if untyped else "input_audio"
         if data.startswith("data:"):
-            _, data = parse_data_url(data, f"{path}.input_audio.data")
+            _, data = parse_data_url(data, f"{path}.input_audio.data", validate)
             shape = "input_audio_data_url"
-        else:
+        elif validate:
             check_base64(data, f"{path}.input_audio.data")
         declared = normalise_format(fmt)
         sniffed = sniff(head_bytes(data))
@@ -275,15 +281,17 @@ def _parse_part(raw: Any, path: str, i: int, j: int) -> tuple[Part, str | None]:
         url_param = f"{path}.{ptype}" + ("" if isinstance(value, str) else ".url")
         shape = f"untyped_{ptype}" if untyped else ptype if isinstance(value, dict) else \
             f"{ptype}_string"
-        return _media_part(path, i, j, kind, shape, url, url_param)
+        return _media_part(path, i, j, kind, shape, url, url_param, validate=validate)
     if ptype == "file":
         return Part(path, i, j, Sig("file", "file")), None
     return Part(path, i, j, Sig(ptype, "other")), None
 
 
-def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None) -> PartsReport:
+def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None,
+                  validate: bool = True) -> PartsReport:
     """Parse and validate every content part; raise PartError with a 400 naming the place
-    (413 for an inline part over ``max_part_bytes``)."""
+    (413 for an inline part over ``max_part_bytes``). The attempt stage passes
+    ``validate=False``: the route stage already checked every payload of this body."""
     report = PartsReport()
     messages = data.get("messages")
     if messages is None:
@@ -299,7 +307,7 @@ def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None) -> Pa
         if not isinstance(content, list):
             raise _bad_type(f"messages[{i}].content", "a string or an array of parts", content)
         for j, raw in enumerate(content):
-            part, warning = _parse_part(raw, f"messages[{i}].content[{j}]", i, j)
+            part, warning = _parse_part(raw, f"messages[{i}].content[{j}]", i, j, validate)
             if max_part_bytes and part.b64 is not None and len(part.b64) > max_part_bytes:
                 raise PartError(error_reply(
                     413, f"{part.path}: the inline {part.sig.kind} is {len(part.b64)} bytes of "

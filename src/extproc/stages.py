@@ -468,7 +468,7 @@ class AttemptStream:
         """Parse once, describe/fetch/convert what this backend needs, serialise once."""
         assert self.backend is not None
         data = orjson.loads(body)
-        report = inspect_parts(data)
+        report = inspect_parts(data, validate=False)  # the route stage validated this body
         if self.substitute:
             await self._substitute_images(data, report)
         profile = self.rt.table.profiles[self.backend]
