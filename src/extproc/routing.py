@@ -7,6 +7,7 @@ per-request work is a dict lookup and one JSON parse.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -131,6 +132,14 @@ class RoutingTable:
                 add(vm.name, members, "llm-extproc", virtual=True)
         self.routed_paths = frozenset(cfg.routed_paths)
         self.created = int(time.time())
+
+    def has(self, t: Target, capability: str) -> bool:
+        """True only when the model declares the capability."""
+        return capability in (self.caps.get((t.backend, t.model)) or ())
+
+    def models_where(self, ok: Callable[[Target], bool]) -> list[str]:
+        """Public names (sorted) with at least one candidate for which ``ok`` holds."""
+        return sorted(n for n, e in self.entries.items() if any(ok(c) for c in e.candidates))
 
     def lacks(self, t: Target, capability: str) -> bool:
         """True only when the model's capabilities are declared and do not include it."""
@@ -400,9 +409,7 @@ def _order_by_needs(table: RoutingTable, d: RouteDecision) -> RouteDecision | Re
     hard = (needs.forced | (needs.needed & {"vision", "audio"})) - substitutable
     for cap in sorted(hard):
         if all(table.lacks(t, cap) for t in d.candidates):
-            able = sorted(n for n, e in table.entries.items()
-                          if any(cap in (table.caps.get((c.backend, c.model)) or ())
-                                 for c in e.candidates))
+            able = table.models_where(lambda c, cap=cap: table.has(c, cap))
             what = "forces" if cap in needs.forced else "needs"
             return error_reply(
                 400, f"The request {what} the '{cap}' capability, but no candidate of model "
@@ -440,10 +447,7 @@ def _filter_blind(table: RoutingTable, d: RouteDecision) -> RouteDecision | Repl
     d.dropped += [(t, "images (no vision, no auxiliary vision model)") for t in d.candidates
                   if table.lacks(t, "vision")]
     if not keep:
-        able = sorted(n for n, e in table.entries.items()
-                      if any(table.caps.get((c.backend, c.model)) and
-                             "vision" in (table.caps.get((c.backend, c.model)) or ())
-                             for c in e.candidates))
+        able = table.models_where(lambda c: table.has(c, "vision"))
         return error_reply(
             400, f"The request contains images, but no candidate of model '{d.public_model}' has "
             "the 'vision' capability and no auxiliary vision model is configured. "
@@ -467,9 +471,7 @@ def _filter_by_parts(table: RoutingTable, d: RouteDecision, parts: list[Any]) ->
         sig = refused(table.profiles[d.candidates[0].backend], d.sigs)
         assert sig is not None
         where = next(p.path for p in parts if p.sig == sig)
-        able = sorted(n for n, e in table.entries.items()
-                      if any(refused(table.profiles[c.backend], [sig]) is None
-                             for c in e.candidates))
+        able = table.models_where(lambda c: refused(table.profiles[c.backend], [sig]) is None)
         backends = ", ".join(f"{t.backend} ({t.model})" for t in d.candidates)
         if sig.kind == "audio":
             fmts = sorted({f for t in d.candidates for f in table.profiles[t.backend].audio_formats})
