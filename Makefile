@@ -49,9 +49,10 @@ bench: install tools
 soak: install tools
 	$(PY) bench/soak.py --seconds 600
 
-## make envoy-config: re-render envoy/demo.yaml from config/demo.yaml
+## make envoy-config: re-render envoy/demo.yaml and envoy/compose.yaml from their configs
 envoy-config: install
 	$(PY) -m extproc.cli envoy --config config/demo.yaml --out envoy/demo.yaml
+	$(PY) -m extproc.cli envoy --config config/compose.yaml --out envoy/compose.yaml
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .ruff_cache

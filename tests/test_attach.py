@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import yaml
 
@@ -87,6 +89,13 @@ def test_snippets_pasted_into_a_plain_envoy_route_traffic(tmp_path: Path) -> Non
             "model": "coder", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
         assert forged.headers["x-extproc-backend"] == "local-vllm"
         assert httpx.post(url, json={"model": "nope", "messages": []}).status_code == 404
+        # The pasted access log brings the decision back to the service with its outcome.
+        deadline, rec = time.monotonic() + 5, None
+        while rec is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            rec = next((orjson.loads(x) for x in stack.log_path("service").read_text()
+                        .splitlines() if '"coder-big"' in x and '"routing.decision"' in x), None)
+        assert rec is not None and rec["outcome"] == "ok" and rec["status"] == 200
     finally:
         envoy.terminate()
         envoy.wait(timeout=10)

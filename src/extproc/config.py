@@ -253,10 +253,6 @@ class ServiceSettings(_Strict):
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus; 0: off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: float = Field(default=10.0, ge=0)
-    observe_responses: bool = Field(
-        default=True, description="the route stage also sees each response's headers, to put "
-        "the outcome into the decision record and the request metrics; off saves one gRPC "
-        "message per request (the outcome is then in Envoy's access log)")
     max_part_bytes: int = Field(default=24 * 1024 * 1024, ge=1024,
                                 description="largest inline media part (base64 text)")
     workers: int = Field(default=1, ge=1, le=64, description="processes; worker i listens on "
@@ -282,6 +278,12 @@ class EnvoySettings(_Strict):
     retry_max_interval_ms: int = Field(default=50, ge=1)
     per_try_timeout_s: float | None = Field(default=None, gt=0)
     access_log: bool = True
+    whole_responses: bool = Field(
+        default=True, description="hold each non-streaming response until it is complete, so "
+        "a backend dying mid-body gives the client a JSON 502, never a truncated 200")
+    decision_log_flush_s: float = Field(
+        default=0.25, gt=0, le=60, description="Envoy sends the service its access log "
+        "entries (each request's decision record with the outcome) batched this often")
     failure_mode_allow: bool = Field(
         default=False, description="fail open: when the service is down, forward requests "
         "unprocessed (routing falls back to nothing: they fail) instead of a JSON 503")

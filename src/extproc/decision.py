@@ -1,11 +1,20 @@
-"""The routing decision record: one JSON line per request saying where it went and why."""
+"""The routing decision record: one JSON line per request saying where it went and why.
+
+The route stage fills in the decision and hands it to Envoy as dynamic metadata (one JSON
+string); Envoy's gRPC access log brings it back with the outcome once the response is done
+(status, attempts, timings, what the attempt stage reported in its response headers), and
+``complete`` turns both into the logged record. Stateless: any worker or replica may finish a
+record any other one started, and no per-request message is spent on the outcome.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+import orjson
+
+from .messages import RESP_BACKEND, RESP_CONVERTED, RESP_MODEL, RESP_UNMET, RESP_VISION
 from .routing import RouteDecision
 
 
@@ -14,7 +23,6 @@ class DecisionRecord:
     request_id: str
     method: str = ""
     path: str = ""
-    started: float = field(default_factory=time.monotonic)
     model_requested: str | None = None
     public_model: str | None = None
     resolution: str | None = None
@@ -33,6 +41,8 @@ class DecisionRecord:
     hints: dict[str, Any] = field(default_factory=dict)
     context: dict[str, str] = field(default_factory=dict)
     needs: dict[str, Any] = field(default_factory=dict)
+    decided_by: int = 0  # the pid of the worker whose route stage decided
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     def reason(self) -> str:
         """One line for access logs: how the model resolved and what steered it."""
@@ -89,6 +99,30 @@ class DecisionRecord:
         self.error_code = code
         self.outcome = "rejected"
 
+    def to_json(self) -> str:
+        """What travels in Envoy's dynamic metadata until the outcome is known."""
+        return orjson.dumps(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> DecisionRecord:
+        data = orjson.loads(text)
+        return cls(**{k: v for k, v in data.items() if k in _FIELDS})
+
+    def complete(self, status: int, headers: dict[str, str], attempts: int | None,
+                 timings_ms: dict[str, float]) -> None:
+        """Add the outcome Envoy logged: its status and attempt count, and what the attempt
+        stage (or, for requests that skip it, Envoy's route) said in the response headers."""
+        self.timings_ms = timings_ms
+        if self.outcome != "incomplete":  # answered by the route stage itself
+            return
+        backend = headers.get(RESP_BACKEND) or None
+        self.answered(status, backend, headers.get(RESP_MODEL) or None, attempts)
+        converted = headers.get(RESP_CONVERTED, "")
+        if converted.isdigit():
+            self.converted_parts = int(converted)
+        self.vision = headers.get(RESP_VISION) or None
+        self.unmet = headers.get(RESP_UNMET) or None
+
     def as_log(self) -> dict[str, Any]:
         return {
             "event": "routing.decision",
@@ -112,5 +146,9 @@ class DecisionRecord:
             "hints": self.hints,
             "context": self.context,
             "needs": self.needs,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "decided_by": self.decided_by,
+            "timings_ms": self.timings_ms,
         }
+
+
+_FIELDS = frozenset(f.name for f in fields(DecisionRecord))

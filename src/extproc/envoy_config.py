@@ -18,6 +18,8 @@ from .config import Config, backend_endpoint, pool_addresses
 from .messages import (
     ATTEMPT_ATTRIBUTES,
     CLUSTER_HEADER,
+    DECISION_HEADERS,
+    DECISION_LOG_NAME,
     META_NS,
     RESP_ATTEMPTS,
     RESP_BACKEND,
@@ -142,6 +144,49 @@ def _access_log() -> list[dict[str, Any]]:
     }]
 
 
+# Holds a non-streaming response until its body is complete. A backend that dies mid-body then
+# gives the client a JSON 502 instead of a truncated 200 (which an SDK cannot parse). Streams
+# pass live. In Lua: no service round trip and no gRPC message per request.
+_WHOLE_RESPONSE_LUA = """
+function envoy_on_response(handle)
+  local ctype = handle:headers():get("content-type") or ""
+  if not string.find(ctype, "text/event-stream", 1, true) then
+    handle:body()
+  end
+end
+"""
+
+
+def _whole_responses(cfg: Config) -> list[dict[str, Any]]:
+    if not cfg.envoy.whole_responses:
+        return []
+    return [{"name": "extproc.whole_responses", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": _WHOLE_RESPONSE_LUA}}}]
+
+
+def _decision_log(cfg: Config) -> dict[str, Any]:
+    """Envoy's gRPC access log to the service: each request's decision record (dynamic
+    metadata set by the route stage) comes back with the outcome, batched, off the request's
+    path; the service writes the decision line and the request metrics from it."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"metadata_filter": {"matcher": {
+            "filter": META_NS, "path": [{"key": "record"}], "value": {"present_match": True}}}},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+                     "HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": DECISION_LOG_NAME,
+                "grpc_service": {"envoy_grpc": {"cluster_name": SERVICE_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": _dur(cfg.envoy.decision_log_flush_s),
+            },
+            "additional_response_headers_to_log": list(DECISION_HEADERS),
+        },
+    }
+
+
 def client_keys(cfg: Config, env: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(client, key) pairs from the config, the environment and the keys file."""
     import os
@@ -250,18 +295,17 @@ def render(cfg: Config) -> dict[str, Any]:
                 "typed_config": _ext_proc(
                     cfg, "route",
                     {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                     "response_header_mode": "SEND" if cfg.service.observe_responses
-                     else "SKIP", "response_body_mode": "NONE"},
+                     "response_header_mode": "SKIP", "response_body_mode": "NONE"},
                     mutation_rules={"allow_envoy": True},
                     metadata_options={"receiving_namespaces": {"untyped": [META_NS]}},
                 ),
             },
+            *_whole_responses(cfg),
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
     }
-    if e.access_log:
-        hcm["access_log"] = _access_log()
+    hcm["access_log"] = [_decision_log(cfg), *(_access_log() if e.access_log else [])]
     endpoints = []
     for b in cfg.backends:
         host, port = pool_addresses(cfg)[b.name].rsplit(":", 1)
@@ -435,7 +479,7 @@ SNIPPETS_END = "<!-- snippets:end -->"
 def render_snippets(cfg: Config) -> str:
     """The pieces an existing Envoy needs, as Markdown with YAML blocks (for the README)."""
     doc = render(cfg)
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+    hcm = doc["static_resources"]["listeners"][-1]["filter_chains"][0]["filters"][0][
         "typed_config"]
     service, pool, *direct = doc["static_resources"]["clusters"]
     keys = ("name", "load_balancing_policy", "typed_extension_protocol_options")
@@ -447,8 +491,10 @@ def render_snippets(cfg: Config) -> str:
 
     return "\n".join([
         SNIPPETS_BEGIN,
-        block("1. In your HTTP connection manager: the route stage before the router.",
-              {"http_filters": hcm["http_filters"]}),
+        block("1. In your HTTP connection manager: the route stage before the router, and the "
+              "access log that brings each decision record back to the service with its "
+              "outcome.", {"http_filters": hcm["http_filters"],
+                           "access_log": hcm["access_log"][:1]}),
         block("2. Its route config: the cluster comes from a header only the route stage can "
               "set; retries walk the candidates.", {"route_config": hcm["route_config"]}),
         block("3. The backend pool clusters: per-request endpoint order and the attempt stage "

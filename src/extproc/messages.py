@@ -30,6 +30,9 @@ RESP_ATTEMPTS = "x-extproc-attempts"
 RESP_CONVERTED = "x-extproc-converted-parts"
 RESP_WARNINGS = "x-extproc-warnings"
 RESP_VISION = "x-extproc-vision"
+# What the decision log needs from each response (see accesslog.py).
+DECISION_HEADERS = (RESP_BACKEND, RESP_MODEL, RESP_CONVERTED, RESP_VISION, RESP_UNMET)
+DECISION_LOG_NAME = "llm_extproc_decisions"
 
 _MODE = processing_mode_pb2.ProcessingMode
 

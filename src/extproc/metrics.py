@@ -30,6 +30,17 @@ STAGE_SECONDS = Histogram(
              1.0, 2.5, 5.0, 10.0, 30.0))
 
 
+_STAGE_CHILDREN: dict[tuple[str, str], Histogram] = {}
+
+
+def stage_seconds(stage: str, phase: str) -> Histogram:
+    """The labelled child, looked up once (``labels()`` costs a lock and a tuple each call)."""
+    child = _STAGE_CHILDREN.get((stage, phase))
+    if child is None:
+        child = _STAGE_CHILDREN[(stage, phase)] = STAGE_SECONDS.labels(stage, phase)
+    return child
+
+
 def start(port: int, host: str = "127.0.0.1") -> None:
     if port:
         start_http_server(port, addr=host, registry=REGISTRY)

@@ -21,6 +21,8 @@ class Runtime:
     backends: dict[str, BackendRuntime]
     fetcher: Fetcher
     vision: VisionClient | None
+    # Hint headers and client copies of propagated headers: removed from every request.
+    hint_headers: tuple[str, ...] = ()
     # Attempt outcomes the route stage's decision record picks up (same process only).
     notes: OrderedDict[str, list[dict[str, Any]]] = field(default_factory=OrderedDict)
 
@@ -60,5 +62,7 @@ class Runtime:
             vision = previous.vision if same and previous else VisionClient(v, endpoint)
         fetcher = previous.fetcher if previous and previous.fetcher.policy == policy \
             else Fetcher(policy)
-        return cls(cfg, RoutingTable(cfg), backends, fetcher, vision,
+        hint_headers = tuple(n for n in cfg.hints.headers.model_dump().values() if n) + \
+            tuple(cfg.hints.propagate)
+        return cls(cfg, RoutingTable(cfg), backends, fetcher, vision, hint_headers,
                    previous.notes if previous else OrderedDict())

@@ -15,11 +15,13 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import metrics
+from .accesslog import DecisionLog
 from .attempt import MissingCredential
 from .config import ConfigError, load_config
 from .envoy_config import render
@@ -56,17 +58,12 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                         "event": "servicer.error", "stage": stage,
                         "request_id": handler.request_id}})
                     yield handler.fail()
-                metrics.STAGE_SECONDS.labels(stage, req.WhichOneof("request") or "-").observe(
+                metrics.stage_seconds(stage, req.WhichOneof("request") or "-").observe(
                     time.perf_counter() - t0)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("stream error", extra={"fields": {"event": "stream.error"}})
-        finally:
-            try:
-                handler.close()
-            except Exception:
-                log.exception("close error", extra={"fields": {"event": "close.error"}})
 
 
 class Reloader:
@@ -129,6 +126,8 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     ])
     processor = Processor(rt)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        DecisionLog(lambda: processor.rt, log), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     addr = f"{host or cfg.host}:{port or cfg.port}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,7 +33,6 @@ from .messages import (
     ATTR_UNSTORED_META,
     CLUSTER_HEADER,
     META_NS,
-    RESP_ATTEMPTS,
     RESP_BACKEND,
     RESP_CONVERTED,
     RESP_MODEL,
@@ -77,7 +77,7 @@ class RouteStream:
         self.rt, self.log = rt, log
         self.path = ""
         self.headers: dict[str, str] = {}
-        self.record = DecisionRecord(request_id="-")
+        self.record = DecisionRecord(request_id="-", decided_by=os.getpid())
 
     @property
     def request_id(self) -> str:
@@ -89,12 +89,16 @@ class RouteStream:
             yield self._on_headers(req.request_headers)
         elif kind == "request_body":
             yield self._on_body(req.request_body)
-        elif kind == "response_headers":
-            yield self._on_response(req)
+
+    def _answer(self, reply: Reply) -> pb.ProcessingResponse:
+        """Answer the client ourselves; the record travels to the access log all the same."""
+        out = immediate(reply)
+        out.dynamic_metadata.CopyFrom(struct({META_NS: {"record": self.record.to_json()}}))
+        return out
 
     def _reject(self, reply: Reply) -> pb.ProcessingResponse:
         self.record.rejected(reply.status, reply.code)
-        return immediate(reply)
+        return self._answer(reply)
 
     def _on_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         h = self.headers = headers_dict(msg)
@@ -106,7 +110,7 @@ class RouteStream:
         if early is not None:
             if method == "GET" and early.status == 200:
                 self.record.outcome, self.record.status = "answered", 200
-                return immediate(early)
+                return self._answer(early)
             return self._reject(early)
         if msg.end_of_stream:
             return self._reject(error_reply(
@@ -152,28 +156,28 @@ class RouteStream:
 
     def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes
                 ) -> pb.ProcessingResponse:
-        hcfg = self.rt.config.hints
+        rt = self.rt
+        hcfg = rt.config.hints
         # What the body's model says now; the attempt stage rewrites it per backend.
-        body_model = d.requested if d.resolution not in ("default",) else None
-        meta = {
-            "hosts": d.hosts,
-            "candidates": d.candidates_meta,
-            "body_model": orjson.dumps(body_model).decode(),
-            "public_model": d.public_model,
-            "route_reason": self.record.reason(),
-        }
-        if d.sigs:
-            meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
-        if d.needs.needed:
-            meta["needs"] = d.needs.encode()
-        if d.hints.policy:
-            meta["intent"] = d.hints.policy
+        body_model = d.requested if d.resolution != "default" else None
         unstored = bool(data.get("metadata")) and data.get("store") is not True
         direct = self._direct(d, unstored)
+        meta = {"hosts": d.hosts, "public_model": d.public_model,
+                "route_reason": self.record.reason()}
+        if not direct:  # what the attempt stage needs to adapt each attempt
+            meta["candidates"] = d.candidates_meta
+            if d.sigs:
+                meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
+            if d.needs.needed:
+                meta["needs"] = d.needs.encode()
+            if unstored:
+                meta["unstored_metadata"] = "1"
+        if d.hints.policy:
+            meta["intent"] = d.hints.policy
         set_headers = [(CLUSTER_HEADER, DIRECT_CLUSTER if direct else d.cluster),
                        ("x-envoy-max-retries", str(len(d.candidates) - 1))]
         # Hint headers and client copies of propagated headers never reach a backend.
-        remove = [n for n in hcfg.headers.model_dump().values() if n] + list(hcfg.propagate)
+        remove = list(rt.hint_headers)
         for header, value in d.hints.context.items():
             if header in hcfg.propagate:
                 set_headers.append((header, value))
@@ -183,9 +187,10 @@ class RouteStream:
         if direct:
             plan = header_plan(direct, self.path)
             set_headers += plan.set
-            remove += [h for h in plan.remove if h not in (CLUSTER_HEADER, "x-envoy-max-retries")]
-        remove = [r for r in remove if r not in {k for k, _ in set_headers}]
-        aig = self.rt.config.ai_gateway.model_header
+            remove += plan.remove
+        named = {k for k, _ in set_headers}
+        remove = [r for r in remove if r not in named]
+        aig = rt.config.ai_gateway.model_header
         # The model the body must carry from here: AI Gateway routes on the canonical name; a
         # direct request is prepared whole, so it names the backend's model now.
         model_out = d.public_model if aig else d.candidates[0].model if direct else None
@@ -202,9 +207,9 @@ class RouteStream:
             new_body = orjson.dumps(data)
         elif model_out:
             new_body = rewrite_model(raw, body_model, model_out)
-        if model_out:
-            meta["body_model"] = orjson.dumps(model_out).decode()
-        if direct:  # no attempt stage will name the backend: Envoy's route adds these
+        if not direct:
+            meta["body_model"] = orjson.dumps(model_out or body_model).decode()
+        else:  # no attempt stage will name the backend: Envoy's route adds these
             meta["backend"], meta["model"] = d.candidates[0].backend, d.candidates[0].model
         if d.warnings:
             meta["warnings"] = "; ".join(d.warnings)[:2000]
@@ -214,8 +219,7 @@ class RouteStream:
         if new_body is not None:
             body_mutation = pb.BodyMutation(body=new_body)
             set_headers.append(("content-length", str(len(new_body))))
-        if unstored:
-            meta["unstored_metadata"] = "1"
+        meta["record"] = self.record.to_json()
         common = pb.CommonResponse(
             header_mutation=mutation(set_headers, remove),
             body_mutation=body_mutation,
@@ -226,48 +230,9 @@ class RouteStream:
             dynamic_metadata=struct({META_NS: meta}),
         )
 
-    def _on_response(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        """The outcome, for the decision record (service.observe_responses)."""
-        h = headers_dict(req.response_headers)
-        try:
-            status = int(h.get(":status", "0"))
-        except ValueError:
-            status = 0
-        attempts = h.get(RESP_ATTEMPTS)
-        n = int(attempts) if attempts and attempts.isdigit() else None
-        backend, model = h.get(RESP_BACKEND), h.get(RESP_MODEL)
-        if self.record.outcome == "incomplete":
-            self.record.answered(status, backend, model, n)
-            converted = h.get(RESP_CONVERTED)
-            if converted and converted.isdigit():
-                self.record.converted_parts = int(converted)
-            if h.get(RESP_VISION):
-                self.record.vision = h[RESP_VISION]
-            self.record.unmet = h.get(RESP_UNMET)
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-
     def fail(self) -> pb.ProcessingResponse:
         self.record.rejected(500, "internal_error")
-        return immediate(internal_error(self.record.request_id))
-
-    def close(self) -> None:
-        rec = self.record
-        rec.retries = self.rt.notes.pop(rec.request_id, [])
-        if not rec.method:
-            return
-        if rec.outcome == "incomplete" and rec.public_model and \
-                not self.rt.config.service.observe_responses:
-            rec.outcome = "routed"  # the outcome is in Envoy's access log (same request id)
-        log_event(self.log, rec.as_log())
-        backend = rec.attempts[-1].get("backend") if rec.attempts else None
-        model = rec.attempts[-1].get("model") if rec.attempts else None
-        metrics.REQUESTS.labels(rec.public_model or "-", backend or "-", model or "-",
-                                rec.outcome).inc()
-        for kind in rec.hints.get("hints", {}):
-            result = "applied" if kind in rec.hints.get("applied", ()) else "ignored"
-            metrics.HINTS.labels(kind, result).inc()
-        if rec.error_code in ("hint_not_allowed", "unknown_hint"):
-            metrics.HINTS.labels("-", "refused").inc()
+        return self._answer(internal_error(self.record.request_id))
 
 
 class AttemptStream:
@@ -536,6 +501,3 @@ class AttemptStream:
 
     def fail(self) -> pb.ProcessingResponse:
         return immediate(internal_error(self.request_id))
-
-    def close(self) -> None:
-        pass

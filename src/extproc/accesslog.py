@@ -1,0 +1,89 @@
+"""The decision log: Envoy's gRPC access log stream brings each request's decision record back
+with its outcome, and this writes the one ``routing.decision`` line and the request metrics.
+
+Why here and not in the route stage: the outcome (status, attempts, timings) is known only
+after the response; having the route stage wait for response headers would cost a gRPC
+message per request, where Envoy batches access log entries many to a message, off the
+request's path. The record itself travels in the request's dynamic metadata, so any worker or
+replica can finish it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import duration_pb2
+
+from . import metrics
+from .decision import DecisionRecord
+from .logs import log_event
+from .messages import META_NS
+from .runtime import Runtime
+
+# Envoy's timestamps for the record, in milliseconds since the request started.
+_TIMINGS = (("to_first_backend_byte", "time_to_first_upstream_rx_byte"),
+            ("to_first_client_byte", "time_to_first_downstream_tx_byte"),
+            ("total", "duration"))
+
+
+def _ms(d: duration_pb2.Duration) -> float:
+    return round(d.seconds * 1000 + d.nanos / 1e6, 3)
+
+
+def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> DecisionRecord | None:
+    """The completed record of one access log entry; None for requests we never decided on
+    (refused by Envoy before the route stage, e.g. a missing client key)."""
+    common = entry.common_properties
+    filter_md = common.metadata.filter_metadata
+    if META_NS not in filter_md:
+        return None
+    value = filter_md[META_NS].fields.get("record")
+    if value is None or not value.string_value:
+        return None
+    rec = DecisionRecord.from_json(value.string_value)
+    timings = {name: _ms(getattr(common, f)) for name, f in _TIMINGS if common.HasField(f)}
+    rec.complete(entry.response.response_code.value, dict(entry.response.response_headers),
+                 common.upstream_request_attempt_count or None, timings)
+    rec.retries = rt.notes.pop(rec.request_id, [])
+    return rec
+
+
+def account(rec: DecisionRecord) -> None:
+    backend = rec.attempts[-1].get("backend") if rec.attempts else None
+    model = rec.attempts[-1].get("model") if rec.attempts else None
+    metrics.REQUESTS.labels(rec.public_model or "-", backend or "-", model or "-",
+                            rec.outcome).inc()
+    for kind in rec.hints.get("hints", {}):
+        result = "applied" if kind in rec.hints.get("applied", ()) else "ignored"
+        metrics.HINTS.labels(kind, result).inc()
+    if rec.error_code in ("hint_not_allowed", "unknown_hint"):
+        metrics.HINTS.labels("-", "refused").inc()
+
+
+class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
+    """Receives Envoy's access log stream (one per Envoy worker thread, batched entries)."""
+
+    def __init__(self, runtime: Callable[[], Runtime], log: logging.Logger):
+        self.runtime, self.log = runtime, log
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for msg in request_iterator:
+            rt = self.runtime()
+            for entry in msg.http_logs.log_entry:
+                try:
+                    rec = finish(entry, rt)
+                    if rec is not None:
+                        log_event(self.log, rec.as_log())
+                        account(rec)
+                except Exception:  # one odd entry must not end the stream
+                    self.log.exception("access log entry", extra={"fields": {
+                        "event": "decision_log.error",
+                        "request_id": entry.request.request_id}})
+        return als_pb2.StreamAccessLogsResponse()
