@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -19,8 +20,8 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2
 
 from . import metrics
-from .decision import DecisionRecord
-from .logs import log_event
+from .decision import complete
+from .logs import write_events
 from .messages import META_NS
 from .runtime import Runtime
 
@@ -34,7 +35,7 @@ def _ms(d: duration_pb2.Duration) -> float:
     return round(d.seconds * 1000 + d.nanos / 1e6, 3)
 
 
-def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> DecisionRecord | None:
+def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, Any] | None:
     """The completed record of one access log entry; None for requests we never decided on
     (refused by Envoy before the route stage, e.g. a missing client key)."""
     common = entry.common_properties
@@ -44,23 +45,24 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> DecisionReco
     value = filter_md[META_NS].fields.get("record")
     if value is None or not value.string_value:
         return None
-    rec = DecisionRecord.from_json(value.string_value)
     timings = {name: _ms(getattr(common, f)) for name, f in _TIMINGS if common.HasField(f)}
-    rec.complete(entry.response.response_code.value, dict(entry.response.response_headers),
-                 common.upstream_request_attempt_count or None, timings)
-    rec.retries = rt.notes.pop(rec.request_id, [])
-    return rec
+    request_id = entry.request.request_id
+    return complete(value.string_value, entry.response.response_code.value,
+                    entry.response.response_headers, common.upstream_request_attempt_count or None,
+                    timings, rt.notes.pop(request_id, []) if rt.notes else [])
 
 
-def account(rec: DecisionRecord) -> None:
-    backend = rec.attempts[-1].get("backend") if rec.attempts else None
-    model = rec.attempts[-1].get("model") if rec.attempts else None
-    metrics.REQUESTS.labels(rec.public_model or "-", backend or "-", model or "-",
-                            rec.outcome).inc()
-    for kind in rec.hints.get("hints", {}):
-        result = "applied" if kind in rec.hints.get("applied", ()) else "ignored"
+def account(rec: dict[str, Any]) -> None:
+    attempts = rec["attempts"]
+    backend = attempts[-1].get("backend") if attempts else None
+    model = attempts[-1].get("model") if attempts else None
+    metrics.REQUESTS.labels(rec["public_model"] or "-", backend or "-", model or "-",
+                            rec["outcome"]).inc()
+    hints = rec["hints"]
+    for kind in hints.get("hints", {}):
+        result = "applied" if kind in hints.get("applied", ()) else "ignored"
         metrics.HINTS.labels(kind, result).inc()
-    if rec.error_code in ("hint_not_allowed", "unknown_hint"):
+    if rec["error_code"] in ("hint_not_allowed", "unknown_hint"):
         metrics.HINTS.labels("-", "refused").inc()
 
 
@@ -76,14 +78,16 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
     ) -> als_pb2.StreamAccessLogsResponse:
         async for msg in request_iterator:
             rt = self.runtime()
+            done = []
             for entry in msg.http_logs.log_entry:
                 try:
                     rec = finish(entry, rt)
                     if rec is not None:
-                        log_event(self.log, rec.as_log())
                         account(rec)
+                        done.append(rec)
                 except Exception:  # one odd entry must not end the stream
                     self.log.exception("access log entry", extra={"fields": {
                         "event": "decision_log.error",
                         "request_id": entry.request.request_id}})
+            write_events(self.log, done)
         return als_pb2.StreamAccessLogsResponse()

@@ -58,19 +58,30 @@ def check_metadata(meta: Any) -> Reply | None:
     return None
 
 
-def read_hints(data: dict[str, Any], headers: dict[str, str], cfg: HintSettings) -> Hints:
+Sources = tuple[tuple[str, str | None, str | None], ...]
+
+
+def hint_sources(cfg: HintSettings) -> Sources:
+    """(kind, metadata key, header) per hint kind: worked out once per config."""
+    out = []
+    for kind in HINT_KINDS:
+        name = getattr(cfg.metadata_keys, kind)
+        header = getattr(cfg.headers, kind) if cfg.headers_enabled else None
+        out.append((kind, cfg.metadata_prefix + name if name else None, header or None))
+    return tuple(out)
+
+
+def read_hints(data: dict[str, Any], headers: dict[str, str], cfg: HintSettings,
+               sources: Sources | None = None) -> Hints:
     """Collect hints and propagated context; the metadata was already checked."""
     h = Hints()
     meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
     for key in meta:
         if key.startswith(cfg.metadata_prefix):
             h.routing_keys.append(key)
-    for kind in HINT_KINDS:
-        name = getattr(cfg.metadata_keys, kind)
-        key = cfg.metadata_prefix + name if name else None
-        if key and isinstance(meta.get(key), str) and meta[key]:
+    for kind, key, header in sources or hint_sources(cfg):
+        if key and meta and isinstance(meta.get(key), str) and meta[key]:
             h.values[kind], h.sources[kind] = meta[key], f"metadata:{key}"
-        header = getattr(cfg.headers, kind) if cfg.headers_enabled else None
         if header and headers.get(header):
             h.values[kind], h.sources[kind] = headers[header], f"header:{header}"
     for header, key in cfg.propagate.items():

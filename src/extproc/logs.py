@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -37,6 +38,21 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_events(logger: logging.Logger, events: list[dict[str, Any]],
+                 level: int = logging.INFO) -> None:
+    """Many events in one write, in JsonFormatter's shape: the decision log writes a line per
+    request, and the logging machinery costs more than the line itself."""
+    if not events or not logger.isEnabledFor(level):
+        return
+    now = time.time()
+    head = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now % 1 * 1000):03d}Z", "level": logging.getLevelName(level).lower(),
+            "logger": logger.name, "pid": os.getpid()}
+    sys.stderr.write("".join(orjson.dumps({**head, **e}, default=str).decode() + "\n"
+                             for e in events))
+    sys.stderr.flush()
 
 
 def log_event(logger: logging.Logger, fields: dict[str, Any], level: int = logging.INFO) -> None:

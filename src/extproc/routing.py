@@ -16,7 +16,14 @@ import orjson
 from .capabilities import Needs, rank, request_needs
 from .config import Config, pool_addresses
 from .errors import Reply, error_reply, json_reply
-from .hints import Hints, allowed_intents, allowed_kinds, check_metadata, read_hints
+from .hints import (
+    Hints,
+    allowed_intents,
+    allowed_kinds,
+    check_metadata,
+    hint_sources,
+    read_hints,
+)
 from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
 
 POOL_CLUSTER = "llm_backends"
@@ -90,6 +97,7 @@ class RoutingTable:
             (b.name, m.name): None if m.capabilities is None else frozenset(m.capabilities)
             for b in cfg.backends for m in b.models}
         self.aux_vision = cfg.vision is not None
+        self.hint_sources = hint_sources(cfg.hints)
         self.entries: dict[str, PublicEntry] = {}
         self.aliases: dict[str, str] = {}
 
@@ -270,7 +278,7 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         report = inspect_parts(data, table.config.service.max_part_bytes)
     except PartError as exc:
         return exc.reply
-    hints = read_hints(data, headers, table.config.hints)
+    hints = read_hints(data, headers, table.config.hints, table.hint_sources)
     if hints.values:
         pinned = _pinned_model(table, hints, headers)
         if isinstance(pinned, Reply):

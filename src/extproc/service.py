@@ -44,26 +44,48 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         for md in context.invocation_metadata() or ():
             if md.key == STAGE_KEY:
                 stage = str(md.value)
-        handler: RouteStream | AttemptStream = (
-            AttemptStream(self.rt, log) if stage == "attempt" else RouteStream(self.rt, log)
-        )
         try:
+            if stage == "attempt":
+                async for out in self._attempts(AttemptStream(self.rt, log), request_iterator):
+                    yield out
+                return
+            # The route stage, inline: one answer per message, computed synchronously (the
+            # hot path: no generator per message or per stream).
+            handler = RouteStream(self.rt, log)
             async for req in request_iterator:
                 t0 = time.perf_counter()
                 try:
-                    async for out in handler.handle(req):
-                        yield out
+                    out = handler.respond(req)
                 except Exception:
-                    log.exception("servicer error", extra={"fields": {
-                        "event": "servicer.error", "stage": stage,
-                        "request_id": handler.request_id}})
-                    yield handler.fail()
-                metrics.stage_seconds(stage, req.WhichOneof("request") or "-").observe(
+                    self._failed("route", handler.request_id)
+                    out = handler.fail()
+                if out is not None:
+                    yield out
+                metrics.stage_seconds("route", req.WhichOneof("request") or "-").observe(
                     time.perf_counter() - t0)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("stream error", extra={"fields": {"event": "stream.error"}})
+
+    @staticmethod
+    def _failed(stage: str, request_id: str) -> None:
+        log.exception("servicer error", extra={"fields": {
+            "event": "servicer.error", "stage": stage, "request_id": request_id}})
+
+    async def _attempts(self, handler: AttemptStream,
+                        requests: AsyncIterator[pb.ProcessingRequest]
+                        ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for req in requests:
+            t0 = time.perf_counter()
+            try:
+                async for out in handler.handle(req):
+                    yield out
+            except Exception:
+                self._failed("attempt", handler.request_id)
+                yield handler.fail()
+            metrics.stage_seconds("attempt", req.WhichOneof("request") or "-").observe(
+                time.perf_counter() - t0)
 
 
 class Reloader:

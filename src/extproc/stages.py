@@ -41,6 +41,7 @@ from .messages import (
     RETRY_HEADER,
     attempt_mode,
     attribute_values,
+    body_answer,
     headers_dict,
     immediate,
     mutation,
@@ -83,12 +84,13 @@ class RouteStream:
     def request_id(self) -> str:
         return self.record.request_id
 
-    async def handle(self, req: pb.ProcessingRequest) -> Out:
+    def respond(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         kind = req.WhichOneof("request")
         if kind == "request_headers":
-            yield self._on_headers(req.request_headers)
-        elif kind == "request_body":
-            yield self._on_body(req.request_body)
+            return self._on_headers(req.request_headers)
+        if kind == "request_body":
+            return self._on_body(req.request_body)
+        return None
 
     def _answer(self, reply: Reply) -> pb.ProcessingResponse:
         """Answer the client ourselves; the record travels to the access log all the same."""
@@ -215,20 +217,10 @@ class RouteStream:
             meta["warnings"] = "; ".join(d.warnings)[:2000]
         if aig:  # Envoy AI Gateway routes on this header and the body's model
             set_headers.append((aig, d.public_model))
-        body_mutation = None
         if new_body is not None:
-            body_mutation = pb.BodyMutation(body=new_body)
             set_headers.append(("content-length", str(len(new_body))))
         meta["record"] = self.record.to_json()
-        common = pb.CommonResponse(
-            header_mutation=mutation(set_headers, remove),
-            body_mutation=body_mutation,
-            clear_route_cache=True,
-        )
-        return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(response=common),
-            dynamic_metadata=struct({META_NS: meta}),
-        )
+        return body_answer(set_headers, remove, new_body, meta, clear_route_cache=True)
 
     def fail(self) -> pb.ProcessingResponse:
         self.record.rejected(500, "internal_error")
@@ -424,10 +416,7 @@ class AttemptStream:
         if new is None:
             yield pb.ProcessingResponse(request_body=pb.BodyResponse())
             return
-        yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=mutation([("content-length", str(len(new)))]),
-            body_mutation=pb.BodyMutation(body=new),
-        )))
+        yield body_answer([("content-length", str(len(new)))], [], new)
 
     async def _convert(self, body: bytes) -> bytes:
         """Parse once, describe/fetch/convert what this backend needs, serialise once."""
