@@ -171,3 +171,32 @@ def test_stream_judge_never_raises(chunks: list[bytes], value: object) -> None:
                   b"data: " + dumps(value) + b"\n\n"]
         for i, chunk in enumerate(events):
             judge.feed(chunk, end=i == len(events) - 1)
+
+
+B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n -_é"
+
+
+@CFG
+@given(st.one_of(
+    st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
+    st.text(alphabet=B64_CHARS, max_size=24),
+    st.tuples(st.binary(min_size=1, max_size=48), st.integers(0, 200), st.sampled_from(
+        B64_CHARS)).map(lambda t: (lambda s: s[:t[1] % len(s)] + t[2] + s[t[1] % len(s) + 1:])(
+            base64.b64encode(t[0]).decode())),
+))
+def test_fast_base64_check_agrees_with_strict_decoding(text: str) -> None:
+    """The one-pass validity check (no decoding) accepts only what strict decoding accepts, and
+    every canonical encoding; what it refuses goes on to the slower checks (line breaks,
+    oddities strict decoding tolerates), so refusing is always safe."""
+    import binascii
+
+    from extproc.parts import _strict_base64
+
+    try:
+        binascii.a2b_base64(text, strict_mode=True)
+        strict = True
+    except (binascii.Error, ValueError):
+        strict = False
+    assert strict or not _strict_base64(text)
+    canonical = base64.b64encode(text.encode()).decode()
+    assert _strict_base64(canonical)
