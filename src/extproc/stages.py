@@ -194,8 +194,12 @@ class RouteStream:
         remove = [r for r in remove if r not in named]
         aig = rt.config.ai_gateway.model_header
         # The model the body must carry from here: AI Gateway routes on the canonical name; a
-        # direct request is prepared whole, so it names the backend's model now.
-        model_out = d.public_model if aig else d.candidates[0].model if direct else None
+        # direct request is prepared whole, so it names the backend's model now; so does one
+        # whose candidates all serve the same name (the attempt stage then skips the body
+        # unless a part needs reshaping: one message fewer before the backend is reached).
+        served = d.candidates[0].model
+        uniform = all(t.model == served for t in d.candidates)
+        model_out = d.public_model if aig else served if direct or uniform else None
         new_body: bytes | None = None
         metadata = data.get("metadata")
         if d.hints.routing_keys and isinstance(metadata, dict):
