@@ -31,9 +31,11 @@ def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = stack_config(
         backends=[
             {"name": "good", "preset": "vllm",
-             "models": [{"name": "good-70b", "capabilities": ["tools", "json"]}]},
+             "models": [{"name": "good-70b", "capabilities": ["tools", "json"]},
+                        {"name": "mirror-8b", "capabilities": ["tools"]}]},
             {"name": "lazy", "preset": "vllm",
-             "models": [{"name": "lazy-7b", "capabilities": ["tools", "json", "vision"]}]},
+             "models": [{"name": "lazy-7b", "capabilities": ["tools", "json", "vision"]},
+                        {"name": "mirror-8b", "capabilities": ["tools"]}]},
             {"name": "eye", "preset": "vllm",
              "models": [{"name": "eye-vl", "capabilities": ["vision"]}]},
             {"name": "llama", "preset": "llamacpp", "models": [{"name": "llama-vl"}]},
@@ -46,6 +48,9 @@ def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {"name": "seer-llama", "candidates": [{"backend": "llama", "model": "llama-vl"},
                                                   {"backend": "eye", "model": "eye-vl"}]},
             {"name": "viewer", "candidates": [{"backend": "eye", "model": "eye-vl"}]},
+            # Two replicas of one model: nothing differs between the attempts.
+            {"name": "mirrored", "candidates": [{"backend": "lazy", "model": "mirror-8b"},
+                                                {"backend": "good", "model": "mirror-8b"}]},
         ],
         virtual_models=[{"name": "auto"}, {"name": "auto:tools", "requires": ["tools"]},
                         {"name": "auto:vision", "requires": ["vision"]},
@@ -99,6 +104,42 @@ def test_forced_tools_streaming_fails_over_and_client_sees_only_good_events(csta
     assert text == ""  # the lazy model's prose never reached the client
     assert {c.model for c in chunks} == {"good-70b"}
     assert len(received(cstack, "lazy")) == 1
+
+
+def decision(stack: Stack, rid: str) -> dict:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in stack.log_path("service").read_text().splitlines():
+            if rid in line and '"routing.decision"' in line:
+                return orjson.loads(line)
+        time.sleep(0.05)
+    raise AssertionError(f"no decision record for {rid}")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_replicas_prepared_once_and_judged_on_the_response_side(cstack: Stack,
+                                                                streaming: bool) -> None:
+    """Candidates serving the same name: the route stage prepares the body once and the
+    attempt stage sees only responses (one message fewer per attempt), yet a forced capability
+    the first replica does not deliver still moves the request to the next."""
+    quirk(cstack, "lazy", ignore_tools=True, stream_delay_s=0.01)
+    raw = client(cstack).chat.completions.with_raw_response.create(
+        model="mirrored", messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=TOOLS, tool_choice="required", stream=streaming)
+    if streaming:
+        chunks = list(raw.parse())
+        names = [tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or [])
+                 if c.choices and tc.function and tc.function.name]
+    else:
+        names = [tc.function.name for tc in raw.parse().choices[0].message.tool_calls or []]
+    assert names == ["get_weather"]
+    assert raw.headers["x-extproc-backend"] == "good" and raw.headers["x-extproc-attempts"] == "2"
+    sent = received(cstack, "lazy") + received(cstack, "good")
+    assert [r["json"]["model"] for r in sent] == ["mirror-8b", "mirror-8b"]
+    rec = decision(cstack, raw.headers["x-request-id"])
+    assert rec["plan"] == "judged" and rec["outcome"] == "ok"
+    (retry,) = rec["capability_retries"]
+    assert retry["backend"] == "lazy" and retry["retried"] is True
 
 
 def test_forced_named_function(cstack: Stack) -> None:

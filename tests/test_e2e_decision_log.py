@@ -60,6 +60,7 @@ def test_records_carry_the_outcome(tmp_path) -> None:
                 [(backend, model, 200)]
             assert rec["timings_ms"]["total"] >= rec["timings_ms"]["to_first_backend_byte"] > 0
         assert [c["backend"] for c in p["candidates"]] == ["a", "b"]
+        assert (d["plan"], p["plan"]) == ("direct", "per_attempt")
         assert (u["outcome"], u["status"], u["error_code"]) == ("rejected", 404,
                                                                 "model_not_found")
         assert (g["outcome"], g["status"], g["path"]) == ("answered", 200, "/v1/models")

@@ -30,6 +30,9 @@ class DecisionRecord:
     public_model: str | None = None
     resolution: str | None = None
     candidates: tuple[Target, ...] = ()  # orjson writes each as {backend, model, address}
+    # How the attempts are handled: "direct" (prepared whole by the route stage), "judged"
+    # (prepared whole; the attempt stage sees responses only), "per_attempt" (adapted each).
+    plan: str | None = None
     outcome: str = "incomplete"
     status: int | None = None
     error_code: str | None = None

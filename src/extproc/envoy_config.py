@@ -20,6 +20,7 @@ from .messages import (
     CLUSTER_HEADER,
     DECISION_HEADERS,
     DECISION_LOG_NAME,
+    JUDGED_ATTRIBUTES,
     META_NS,
     RESP_ATTEMPTS,
     RESP_BACKEND,
@@ -28,7 +29,7 @@ from .messages import (
     RETRY_HEADER,
     STAGE_KEY,
 )
-from .routing import DIRECT_CLUSTER, POOL_CLUSTER
+from .routing import DIRECT_CLUSTER, JUDGED_CLUSTER, POOL_CLUSTER
 
 SERVICE_CLUSTER = "extproc_service"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -358,14 +359,33 @@ def render(cfg: Config) -> dict[str, Any]:
     }
     clusters = [pool]
     if e.direct_cluster:
-        # The same endpoints and per-request order, without the attempt stage: for requests
-        # the route stage has fully prepared (nothing differs between candidates).
-        direct = {**pool, "name": DIRECT_CLUSTER,
-                  "load_assignment": {**pool["load_assignment"], "cluster_name": DIRECT_CLUSTER},
-                  "typed_extension_protocol_options": {PROTOCOL_OPTIONS: {
-                      "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
-                      "explicit_http_config": {"http_protocol_options": {}}}}}
-        clusters.append(direct)
+        # Twins of the pool for requests the route stage prepared whole (nothing differs
+        # between candidates): the same endpoints and per-request order, without the attempt
+        # stage, or with its response side only (to judge a forced capability, or to hold a
+        # response until complete while another candidate remains).
+        def twin(name: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
+            options: dict[str, Any] = {
+                "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+                "explicit_http_config": {"http_protocol_options": {}}}
+            if filters:
+                options["http_filters"] = filters
+            return {**pool, "name": name,
+                    "load_assignment": {**pool["load_assignment"], "cluster_name": name},
+                    "typed_extension_protocol_options": {PROTOCOL_OPTIONS: options}}
+
+        judge = {
+            "name": "extproc.attempt",
+            "typed_config": _ext_proc(
+                cfg, "attempt",
+                {"request_header_mode": "SKIP", "request_body_mode": "NONE",
+                 "response_header_mode": "SEND", "response_body_mode": "STREAMED"},
+                response_attributes=list(JUDGED_ATTRIBUTES),
+                allow_mode_override=True,
+                send_body_without_waiting_for_header_response=True,
+            ),
+        }
+        codec = pool["typed_extension_protocol_options"][PROTOCOL_OPTIONS]["http_filters"][-1]
+        clusters += [twin(DIRECT_CLUSTER, []), twin(JUDGED_CLUSTER, [judge, codec])]
     service = {
         "name": SERVICE_CLUSTER,
         "type": "STATIC",
@@ -481,9 +501,10 @@ def render_snippets(cfg: Config) -> str:
     doc = render(cfg)
     hcm = doc["static_resources"]["listeners"][-1]["filter_chains"][0]["filters"][0][
         "typed_config"]
-    service, pool, *direct = doc["static_resources"]["clusters"]
+    service, *rest = doc["static_resources"]["clusters"]
     keys = ("name", "load_balancing_policy", "typed_extension_protocol_options")
-    pool_part = {"clusters": [{k: c[k] for k in keys} for c in (pool, *direct)]}
+    pool_part = {"clusters": [{k: c[k] for k in keys} for c in rest
+                              if c["name"] in (POOL_CLUSTER, DIRECT_CLUSTER, JUDGED_CLUSTER)]}
 
     def block(title: str, value: object) -> str:
         text = yaml.safe_dump(value, sort_keys=False, width=100)
@@ -498,9 +519,10 @@ def render_snippets(cfg: Config) -> str:
         block("2. Its route config: the cluster comes from a header only the route stage can "
               "set; retries walk the candidates.", {"route_config": hcm["route_config"]}),
         block("3. The backend pool clusters: per-request endpoint order and the attempt stage "
-              "on every attempt, and its twin without the attempt stage for requests the route "
-              "stage prepared whole (add your `type`, `connect_timeout` and the same endpoints "
-              "to both: one per backend, by IP address).", pool_part),
+              "on every attempt, and its twins for requests the route stage prepared whole: "
+              "without the attempt stage, and with its response side only (add your `type`, "
+              "`connect_timeout` and the same endpoints to all three: one per backend, by IP "
+              "address).", pool_part),
         block("4. The service itself, over HTTP/2 (keep its buffer limit well above your "
               "largest body).", service),
         SNIPPETS_END,

@@ -20,8 +20,11 @@ ATTR_BODY_MODEL = "metadata.filter_metadata['extproc']['body_model']"
 ATTR_PARTS = "metadata.filter_metadata['extproc']['parts']"
 ATTR_NEEDS = "metadata.filter_metadata['extproc']['needs']"
 ATTR_UNSTORED_META = "metadata.filter_metadata['extproc']['unstored_metadata']"
+ATTR_REQUEST_ID = "request.headers['x-request-id']"
 ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL, ATTR_PARTS,
                       ATTR_NEEDS, ATTR_UNSTORED_META)
+# The judged cluster's attempt stage sees only responses: what it needs comes with them.
+JUDGED_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_NEEDS, ATTR_REQUEST_ID)
 RETRY_HEADER = "x-extproc-retry"
 RESP_UNMET = "x-extproc-unmet-capability"
 RESP_BACKEND = "x-extproc-backend"

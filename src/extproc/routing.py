@@ -28,6 +28,7 @@ from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for
 
 POOL_CLUSTER = "llm_backends"
 DIRECT_CLUSTER = "llm_backends_direct"
+JUDGED_CLUSTER = "llm_backends_judged"
 
 Resolution = Literal["exact", "alias", "default", "hint"]
 

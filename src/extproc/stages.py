@@ -30,6 +30,7 @@ from .messages import (
     ATTR_CANDIDATES,
     ATTR_NEEDS,
     ATTR_PARTS,
+    ATTR_REQUEST_ID,
     ATTR_UNSTORED_META,
     CLUSTER_HEADER,
     META_NS,
@@ -59,7 +60,9 @@ from .parts import (
 )
 from .routing import (
     DIRECT_CLUSTER,
+    JUDGED_CLUSTER,
     RouteDecision,
+    Target,
     check_request_line,
     decode_candidates,
     parse_json_body,
@@ -135,14 +138,10 @@ class RouteStream:
         self.record.routed(decision)
         return self._routed(decision, data, msg.body)
 
-    def _direct(self, d: RouteDecision, unstored: bool) -> BackendRuntime | None:
-        """The backend plan to apply here when no attempt could differ from another (and no
-        forced capability needs judging): such requests skip the attempt stage entirely."""
+    def _prepared(self, d: RouteDecision, unstored: bool) -> BackendRuntime | None:
+        """The backend plan to apply here when no attempt could differ from another: such
+        requests need no attempt stage on the request side (one message fewer per attempt)."""
         if not self.rt.config.envoy.direct_cluster or self.rt.config.ai_gateway.model_header:
-            return None
-        if d.needs.forced or len({t.backend for t in d.candidates}) > 1:
-            # Judging responses, capability-gap retries and holding a response until it is
-            # complete (so a backend dying mid-response is retried) need the attempt stage.
             return None
         common = common_backend(d.candidates, self.rt.backends)
         if common is None:
@@ -163,20 +162,28 @@ class RouteStream:
         # What the body's model says now; the attempt stage rewrites it per backend.
         body_model = d.requested if d.resolution != "default" else None
         unstored = bool(data.get("metadata")) and data.get("store") is not True
-        direct = self._direct(d, unstored)
+        prepared = self._prepared(d, unstored)
+        # Prepared whole here: straight to the backend, unless responses must be judged (a
+        # forced capability) or held until complete (another candidate remains), which the
+        # response side of the attempt stage does. Otherwise every attempt is adapted.
+        cluster = d.cluster if prepared is None else \
+            JUDGED_CLUSTER if d.needs.forced or len(d.candidates) > 1 else DIRECT_CLUSTER
+        direct = prepared if cluster == DIRECT_CLUSTER else None
+        self.record.plan = "direct" if direct else "judged" if prepared else "per_attempt"
         meta = {"hosts": d.hosts, "public_model": d.public_model,
                 "route_reason": self.record.reason()}
-        if not direct:  # what the attempt stage needs to adapt each attempt
+        if not direct:  # what the attempt stage needs for each attempt
             meta["candidates"] = d.candidates_meta
-            if d.sigs:
-                meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
             if d.needs.needed:
                 meta["needs"] = d.needs.encode()
+        if not prepared:
+            if d.sigs:
+                meta["parts"] = orjson.dumps([s.encode() for s in d.sigs]).decode()
             if unstored:
                 meta["unstored_metadata"] = "1"
         if d.hints.policy:
             meta["intent"] = d.hints.policy
-        set_headers = [(CLUSTER_HEADER, DIRECT_CLUSTER if direct else d.cluster),
+        set_headers = [(CLUSTER_HEADER, cluster),
                        ("x-envoy-max-retries", str(len(d.candidates) - 1))]
         # Hint headers and client copies of propagated headers never reach a backend.
         remove = list(rt.hint_headers)
@@ -186,8 +193,8 @@ class RouteStream:
         if d.hints.policy and hcfg.intent_header:
             set_headers.append((hcfg.intent_header, d.hints.policy))
             remove.append(hcfg.intent_header)
-        if direct:
-            plan = header_plan(direct, self.path)
+        if prepared:
+            plan = header_plan(prepared, self.path)
             set_headers += plan.set
             remove += plan.remove
         named = {k for k, _ in set_headers}
@@ -199,7 +206,7 @@ class RouteStream:
         # unless a part needs reshaping: one message fewer before the backend is reached).
         served = d.candidates[0].model
         uniform = all(t.model == served for t in d.candidates)
-        model_out = d.public_model if aig else served if direct or uniform else None
+        model_out = d.public_model if aig else served if prepared or uniform else None
         new_body: bytes | None = None
         metadata = data.get("metadata")
         if d.hints.routing_keys and isinstance(metadata, dict):
@@ -213,7 +220,7 @@ class RouteStream:
             new_body = orjson.dumps(data)
         elif model_out:
             new_body = rewrite_model(raw, body_model, model_out)
-        if not direct:
+        if not prepared:
             meta["body_model"] = orjson.dumps(model_out or body_model).decode()
         else:  # no attempt stage will name the backend: Envoy's route adds these
             meta["backend"], meta["model"] = d.candidates[0].backend, d.candidates[0].model
@@ -239,6 +246,7 @@ class AttemptStream:
         self.request_id = "-"
         self.backend: str | None = None
         self.model: str | None = None
+        self.target: Target | None = None
         self.body_model: str | None = None
         self.convert = False      # some part needs reshaping/fetching for this backend
         self.substitute = False   # images must be described: this model cannot see
@@ -263,16 +271,23 @@ class AttemptStream:
             async for out in self._on_body(req.request_body):
                 yield out
         elif kind == "response_headers":
+            if self.backend is None:  # the judged cluster: no request side, attributes now
+                refused = self._reached(attribute_values(req))
+                if refused is not None:
+                    yield refused
+                    return
             async for out in self._on_response_headers(req.response_headers):
                 yield out
         elif kind == "response_body":
             async for out in self._on_response_body(req.response_body):
                 yield out
 
-    def _on_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        h = headers_dict(req.request_headers)
-        self.request_id = h.get("x-request-id", "-")
-        attrs = attribute_values(req)
+    def _reached(self, attrs: dict[str, object]) -> pb.ProcessingResponse | None:
+        """Which candidate this attempt reached (and what it must deliver); an answer when it
+        cannot be told."""
+        request_id = attrs.get(ATTR_REQUEST_ID)
+        if isinstance(request_id, str) and request_id:
+            self.request_id = request_id
         address = str(attrs.get(ATTR_ADDRESS) or "")
         attempt = int(float(attrs.get(ATTR_ATTEMPT) or 1))
         meta = attrs.get(ATTR_CANDIDATES)
@@ -286,12 +301,23 @@ class AttemptStream:
             return immediate(error_reply(
                 502, f"attempt {attempt} reached {address}, which is not a candidate for this "
                 "request", code="unexpected_upstream", type="server_error"))
-        target = picked[1]
+        self.target = target = picked[1]
         self.backend, self.model = target.backend, target.model
         self.attempt, self.last = attempt, picked[0] >= len(candidates) - 1
         raw_needs = attrs.get(ATTR_NEEDS)
         if isinstance(raw_needs, str) and raw_needs:
             self.needs = Needs.decode(raw_needs)
+        return None
+
+    def _on_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        h = headers_dict(req.request_headers)
+        self.request_id = h.get("x-request-id", "-")
+        attrs = attribute_values(req)
+        refused = self._reached(attrs)
+        if refused is not None:
+            return refused
+        target = self.target
+        assert target is not None
         raw_model = attrs.get(ATTR_BODY_MODEL)
         self.body_model = orjson.loads(raw_model) if isinstance(raw_model, str) else None
         plan = header_plan(self.rt.backends[target.backend], h.get(":path", ""))
@@ -337,7 +363,10 @@ class AttemptStream:
         hold = not msg.end_of_stream and (complete or (needs is not None and (
             (self.status == 200 and bool(needs.forced)) or self.status >= 400)))
         if not hold:
-            yield self._headers_answer()
+            out = self._headers_answer()
+            # Nothing to judge: no body messages for this response.
+            out.mode_override.CopyFrom(attempt_mode(False, False))
+            yield out
             return
         self.holding, self.hold_since = True, time.monotonic()
         if needs is not None and self.status == 200 and streaming:
