@@ -36,7 +36,7 @@ import orjson
 import soundfile
 import yaml
 
-from extproc.devstack import Stack, envoy_binary, free_port, wait_port
+from extproc.devstack import Stack, envoy_binary, free_port, free_port_run, wait_port
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -52,7 +52,7 @@ CLIENT_KEY = "sk-bench-master-key-not-a-secret"
 
 def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int = 1) -> dict:
     return {
-        "service": {"port": free_port() if workers == 1 else _free_run(workers),
+        "service": {"port": free_port_run(workers),
                     "metrics_port": free_port(), "workers": workers},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
         "backends": [
@@ -79,19 +79,6 @@ def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int =
         ],
         "vision": {"backend": "aux", "model": "ocr", "timeout_s": 30},
     }
-
-
-def _free_run(n: int) -> int:
-    """A base port with n free ports after it."""
-    while True:
-        base = free_port()
-        if all(_is_free(base + i) for i in range(n)):
-            return base
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _hcm(stat: str, filters: list, cluster: str) -> dict:

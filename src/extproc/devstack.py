@@ -37,6 +37,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(n: int) -> int:
+    """A port with the n - 1 ports after it free too (``serve --workers n`` uses port + i)."""
+    while True:
+        base = free_port()
+        if base + n <= 65535 and all(_is_free(base + i) for i in range(1, n)):
+            return base
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None
               ) -> None:
     deadline = time.monotonic() + timeout
