@@ -446,6 +446,7 @@ def stream_case(targets: dict[str, str], emulator: str) -> dict:
     try:
         return {"event_gap_ms": delay * 1000,
                 "a bare Envoy (forced)": ttfb(targets["a bare Envoy"], forced, 100),
+                "b empty ext_proc (forced)": ttfb(targets["b empty ext_proc"], forced, 100),
                 "c pass-through (auto)": ttfb(targets["c llm-extproc"], auto, 100),
                 "c hold (forced)": ttfb(targets["c llm-extproc"], forced, 100)}
     finally:

@@ -22,3 +22,9 @@ for c in res["cases"]:
               f"{v['rps']:.0f} | {', '.join(map(str, v['spread_rps']))} | {cpu} |")
     ratios = ", ".join(f"{k} **{x:.2f}**" for k, x in c["ratios"].items())
     print(f"| | **ratios** | {ratios} | | | | |")
+st = res.get("streaming_ttfb")
+if st:
+    parts = ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in st.items() if isinstance(v, dict))
+    print(f"\nForced-tools streaming, time to first byte, p50 (SSE events "
+          f"{st['event_gap_ms']:.0f} ms apart; the deciding `tool_calls` delta is the second "
+          f"event): {parts}.")

@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .attempt import MissingCredential
     from .logs import setup_logging
     from .runtime import Runtime
-    from .service import serve
+    from .service import serve, tune_allocator
 
     cfg = _load(args.config)
     setup_logging(cfg.service.log_level)
@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return supervise(args.config, cfg, workers)
     metrics_port = 0 if args.worker is not None else None  # the supervisor serves them
     asyncio.run(serve(rt, args.host, args.port, config_path=args.config,
-                      metrics_port=metrics_port))
+                      metrics_port=metrics_port, trim=tune_allocator()))
     return 0
 
 

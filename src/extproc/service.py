@@ -8,11 +8,12 @@ it logs the traceback and answers with a JSON 500 naming the request id.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -51,7 +52,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 return
             # The route stage, inline: one answer per message, computed synchronously (the
             # hot path: no generator per message or per stream).
-            handler = RouteStream(self.rt, log)
+            handler = RouteStream(self.rt)
             async for req in request_iterator:
                 t0 = time.perf_counter()
                 try:
@@ -136,8 +137,30 @@ class Reloader:
                 self.reload("file changed")
 
 
+def tune_allocator() -> Callable[[], None] | None:
+    """glibc malloc, for a process whose multi-MB bodies come and go: two arenas (not 8 per
+    core) bound what gRPC's threads hold, and the returned ``trim`` (run every few seconds)
+    gives freed heap pages back to the OS, so resident memory stays flat without paying an
+    mmap per body. Measured with ``make soak``. None elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    m_arena_max = -8
+    mallopt(m_arena_max, 2)
+    return lambda: malloc_trim(0)
+
+
+async def _trim_every(trim: Callable[[], None], interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        trim()
+
+
 async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
-                config_path: str | None = None, metrics_port: int | None = None) -> None:
+                config_path: str | None = None, metrics_port: int | None = None,
+                trim: Callable[[], None] | None = None) -> None:
     """Run until SIGTERM/SIGINT; in-flight streams get the configured grace period."""
     cfg = rt.config.service
     max_bytes = cfg.max_message_bytes
@@ -168,14 +191,16 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = None
+    trimmer = asyncio.create_task(_trim_every(trim, 5.0)) if trim else None
     if config_path:
         reloader = Reloader(config_path, processor)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         if cfg.reload_watch_s:
             watcher = asyncio.create_task(reloader.watch(cfg.reload_watch_s))
     await stop.wait()
-    if watcher:
-        watcher.cancel()
+    for task in (watcher, trimmer):
+        if task:
+            task.cancel()
     log_event(log, {"event": "service.stopping", "grace_s": cfg.shutdown_grace_s})
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -77,8 +77,8 @@ Out = AsyncIterator[pb.ProcessingResponse]
 class RouteStream:
     """HCM-stage stream: one client request. Validates, routes, records the decision."""
 
-    def __init__(self, rt: Runtime, log: Any):
-        self.rt, self.log = rt, log
+    def __init__(self, rt: Runtime):
+        self.rt = rt
         self.path = ""
         self.headers: dict[str, str] = {}
         self.record = DecisionRecord(request_id="-", decided_by=os.getpid())

@@ -1,0 +1,71 @@
+"""The decision log's core without gRPC: an access log entry (as Envoy sends it) plus the
+route stage's record in its metadata make the logged record."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+
+from extproc.accesslog import finish
+from extproc.decision import DecisionRecord
+from extproc.routing import Target
+
+
+def entry(record: DecisionRecord | None, status: int, attempts: int,
+          headers: dict[str, str]) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    if record is not None:
+        md = e.common_properties.metadata.filter_metadata["extproc"]
+        md.fields["record"].string_value = record.to_json()
+    e.common_properties.upstream_request_attempt_count = attempts
+    e.common_properties.duration.nanos = 12_500_000
+    e.common_properties.time_to_first_upstream_rx_byte.nanos = 9_000_000
+    e.request.request_id = "rid-1"
+    e.response.response_code.value = status
+    for k, v in headers.items():
+        e.response.response_headers[k] = v
+    return e
+
+
+def routed() -> DecisionRecord:
+    return DecisionRecord(request_id="rid-1", method="POST", path="/v1/chat/completions",
+                          model_requested="coder", public_model="coder", resolution="alias",
+                          candidates=(Target("dead", "m", "127.0.0.1:1"),
+                                      Target("live", "m-q4", "127.0.0.1:2")),
+                          plan="per_attempt", decided_by=42)
+
+
+def test_failover_fills_attempts_in_candidate_order() -> None:
+    rt = SimpleNamespace(notes={"rid-1": [{"reason": "tools: forced"}], "other": []})
+    rec = finish(entry(routed(), 200, 2, {"x-extproc-backend": "live",
+                                          "x-extproc-model": "m-q4",
+                                          "x-extproc-converted-parts": "2"}), rt)
+    assert rec is not None
+    assert rec["event"] == "routing.decision" and rec["outcome"] == "ok"
+    assert [(a["n"], a["backend"], a.get("status"), a.get("result")) for a in rec["attempts"]] \
+        == [(1, "dead", None, "failed, retried"), (2, "live", 200, None)]
+    assert rec["candidates"][1] == {"backend": "live", "model": "m-q4",
+                                    "address": "127.0.0.1:2"}
+    assert rec["converted_parts"] == 2 and rec["plan"] == "per_attempt"
+    assert rec["timings_ms"] == {"to_first_backend_byte": 9.0, "total": 12.5}
+    assert rec["capability_retries"] == [{"reason": "tools: forced"}]
+    assert "rid-1" not in rt.notes and "other" in rt.notes
+
+
+def test_no_backend_answered_is_upstream_failed() -> None:
+    rec = finish(entry(routed(), 503, 2, {}), SimpleNamespace(notes={}))
+    assert rec is not None and rec["outcome"] == "upstream_failed" and rec["status"] == 503
+
+
+def test_answers_of_the_route_stage_keep_their_outcome() -> None:
+    r = routed()
+    r.rejected(404, "model_not_found")
+    rec = finish(entry(r, 404, 0, {}), SimpleNamespace(notes={}))
+    assert rec is not None
+    assert (rec["outcome"], rec["status"], rec["error_code"], rec["attempts"]) == \
+        ("rejected", 404, "model_not_found", [])
+
+
+def test_requests_never_decided_are_not_records() -> None:
+    assert finish(entry(None, 401, 0, {}), SimpleNamespace(notes={})) is None
