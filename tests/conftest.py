@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 
@@ -53,6 +55,18 @@ def start_stack(tmp: Path, cfg: dict[str, Any], **kw: Any) -> Stack:
 def received(stack: Stack, backend: str) -> list[dict[str, Any]]:
     r = httpx.get(stack.backend_url(backend) + "/_emulator/requests", timeout=5, verify=False)
     return [x for x in r.json()["requests"] if x["method"] == "POST"]
+
+
+def wait_line(stack: Stack, log: str, rid: str, marker: str) -> dict[str, Any]:
+    """The JSON line of a process's log naming this request id and marker (decision records
+    arrive with Envoy's next access log batch)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in stack.log_path(log).read_text().splitlines():
+            if rid in line and marker in line:
+                return orjson.loads(line)
+        time.sleep(0.05)
+    raise AssertionError(f"no {marker} line for {rid} in {log}")
 
 
 def reset(stack: Stack, backend: str) -> None:

@@ -4,7 +4,6 @@ images refused with each backend's real error)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 
 from extproc.devstack import Stack
 
-from .conftest import received, reset, stack_config, start_stack
+from .conftest import received, reset, stack_config, start_stack, wait_line
 from .media import data_url, png
 
 TOOLS = [{"type": "function", "function": {
@@ -106,16 +105,6 @@ def test_forced_tools_streaming_fails_over_and_client_sees_only_good_events(csta
     assert len(received(cstack, "lazy")) == 1
 
 
-def decision(stack: Stack, rid: str) -> dict:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in stack.log_path("service").read_text().splitlines():
-            if rid in line and '"routing.decision"' in line:
-                return orjson.loads(line)
-        time.sleep(0.05)
-    raise AssertionError(f"no decision record for {rid}")
-
-
 @pytest.mark.parametrize("streaming", [False, True])
 def test_replicas_prepared_once_and_judged_on_the_response_side(cstack: Stack,
                                                                 streaming: bool) -> None:
@@ -136,7 +125,7 @@ def test_replicas_prepared_once_and_judged_on_the_response_side(cstack: Stack,
     assert raw.headers["x-extproc-backend"] == "good" and raw.headers["x-extproc-attempts"] == "2"
     sent = received(cstack, "lazy") + received(cstack, "good")
     assert [r["json"]["model"] for r in sent] == ["mirror-8b", "mirror-8b"]
-    rec = decision(cstack, raw.headers["x-request-id"])
+    rec = wait_line(cstack, "service", raw.headers["x-request-id"], '"routing.decision"')
     assert rec["plan"] == "judged" and rec["outcome"] == "ok"
     (retry,) = rec["capability_retries"]
     assert retry["backend"] == "lazy" and retry["retried"] is True
@@ -250,15 +239,7 @@ def test_forced_need_nobody_has_is_400(cstack: Stack) -> None:
 def test_decision_record_counts_capability_retries(cstack: Stack) -> None:
     quirk(cstack, "lazy", ignore_tools=True)
     r = weather(cstack, "agent", tool_choice="required")
-    rid = r.headers["x-request-id"]
-    rec = None
-    deadline = time.monotonic() + 5
-    while rec is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        for line in cstack.log_path("service").read_text().splitlines():
-            if rid in line and '"routing.decision"' in line:
-                rec = orjson.loads(line)
-    assert rec is not None
+    rec = wait_line(cstack, "service", r.headers["x-request-id"], '"routing.decision"')
     (retry,) = rec["capability_retries"]
     assert retry["backend"] == "lazy" and retry["retried"] is True
     assert retry["reason"] == "tools: forced, but the answer has no tool call"

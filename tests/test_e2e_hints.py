@@ -7,12 +7,11 @@ from collections.abc import Iterator
 
 import httpx
 import openai
-import orjson
 import pytest
 
 from extproc.devstack import Stack
 
-from .conftest import received, reset, stack_config, start_stack
+from .conftest import received, reset, stack_config, start_stack, wait_line
 
 BACKENDS = ("local", "cloud", "spare")
 
@@ -144,16 +143,6 @@ def test_metadata_limits(hstack: Stack, meta: dict, param: str) -> None:
     err = r.json()["error"]
     assert err["code"] == "invalid_metadata" and err["param"] == param
     assert all(received(hstack, b) == [] for b in BACKENDS)
-
-
-def wait_line(stack: Stack, log: str, rid: str, marker: str) -> dict:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in stack.log_path(log).read_text().splitlines():
-            if rid in line and marker in line:
-                return orjson.loads(line)
-        time.sleep(0.05)
-    raise AssertionError(f"no {marker} line for {rid} in {log}")
 
 
 def test_access_log_carries_backend_and_reason(hstack: Stack) -> None:

@@ -166,6 +166,24 @@ def _whole_responses(cfg: Config) -> list[dict[str, Any]]:
         "default_source_code": {"inline_string": _WHOLE_RESPONSE_LUA}}}]
 
 
+def _attempt_stage(cfg: Config, mode: dict[str, str], **attributes: Any) -> dict[str, Any]:
+    return {"name": "extproc.attempt", "typed_config": _ext_proc(
+        cfg, "attempt", mode, allow_mode_override=True,
+        send_body_without_waiting_for_header_response=True, **attributes)}
+
+
+def _upstream_filters(attempt_stage: dict[str, Any] | None) -> dict[str, Any]:
+    """A backend cluster's HTTP/1.1 options, with the attempt stage as its upstream filter."""
+    options: dict[str, Any] = {"@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+                               "explicit_http_config": {"http_protocol_options": {}}}
+    if attempt_stage is not None:
+        options["http_filters"] = [attempt_stage, {
+            "name": "envoy.filters.http.upstream_codec", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec"
+                         ".v3.UpstreamCodec"}}]
+    return {PROTOCOL_OPTIONS: options}
+
+
 def _decision_log(cfg: Config) -> dict[str, Any]:
     """Envoy's gRPC access log to the service: each request's decision record (dynamic
     metadata set by the route stage) comes back with the outcome, batched, off the request's
@@ -334,28 +352,12 @@ def render(cfg: Config) -> dict[str, Any]:
                 }}]},
             },
         }}]},
-        "typed_extension_protocol_options": {PROTOCOL_OPTIONS: {
-            "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
-            "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": [
-                {
-                    "name": "extproc.attempt",
-                    "typed_config": _ext_proc(
-                        cfg, "attempt",
-                        # Each attempt overrides the body modes to what it needs: the request
-                        # body when it changes, the response body only to judge a forced need.
-                        {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                         "response_header_mode": "SEND", "response_body_mode": "STREAMED"},
-                        request_attributes=list(ATTEMPT_ATTRIBUTES),
-                        allow_mode_override=True,
-                        send_body_without_waiting_for_header_response=True,
-                    ),
-                },
-                {"name": "envoy.filters.http.upstream_codec", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec"
-                    ".v3.UpstreamCodec"}},
-            ],
-        }},
+        # Each attempt overrides the body modes to what it needs: the request body when it
+        # changes, the response body only to judge a forced need or hold a response.
+        "typed_extension_protocol_options": _upstream_filters(_attempt_stage(
+            cfg, {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                  "response_header_mode": "SEND", "response_body_mode": "STREAMED"},
+            request_attributes=list(ATTEMPT_ATTRIBUTES))),
     }
     clusters = [pool]
     if e.direct_cluster:
@@ -363,29 +365,15 @@ def render(cfg: Config) -> dict[str, Any]:
         # between candidates): the same endpoints and per-request order, without the attempt
         # stage, or with its response side only (to judge a forced capability, or to hold a
         # response until complete while another candidate remains).
-        def twin(name: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
-            options: dict[str, Any] = {
-                "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
-                "explicit_http_config": {"http_protocol_options": {}}}
-            if filters:
-                options["http_filters"] = filters
-            return {**pool, "name": name,
-                    "load_assignment": {**pool["load_assignment"], "cluster_name": name},
-                    "typed_extension_protocol_options": {PROTOCOL_OPTIONS: options}}
-
-        judge = {
-            "name": "extproc.attempt",
-            "typed_config": _ext_proc(
-                cfg, "attempt",
-                {"request_header_mode": "SKIP", "request_body_mode": "NONE",
-                 "response_header_mode": "SEND", "response_body_mode": "STREAMED"},
-                response_attributes=list(JUDGED_ATTRIBUTES),
-                allow_mode_override=True,
-                send_body_without_waiting_for_header_response=True,
-            ),
-        }
-        codec = pool["typed_extension_protocol_options"][PROTOCOL_OPTIONS]["http_filters"][-1]
-        clusters += [twin(DIRECT_CLUSTER, []), twin(JUDGED_CLUSTER, [judge, codec])]
+        judge = _attempt_stage(
+            cfg, {"request_header_mode": "SKIP", "request_body_mode": "NONE",
+                  "response_header_mode": "SEND", "response_body_mode": "STREAMED"},
+            response_attributes=list(JUDGED_ATTRIBUTES))
+        for name, options in ((DIRECT_CLUSTER, _upstream_filters(None)),
+                              (JUDGED_CLUSTER, _upstream_filters(judge))):
+            clusters.append({**pool, "name": name, "typed_extension_protocol_options": options,
+                             "load_assignment": {**pool["load_assignment"],
+                                                 "cluster_name": name}})
     service = {
         "name": SERVICE_CLUSTER,
         "type": "STATIC",
