@@ -17,7 +17,7 @@ import pytest
 
 from extproc.devstack import Stack, wait_port
 
-from .conftest import reset, stack_config, start_stack
+from .conftest import reset, stack_config, start_stack, wait_line
 
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -123,13 +123,17 @@ def test_service_killed_under_load_then_recovers(fstack: Stack) -> None:
     restart_service(fstack)  # no Envoy restart
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if httpx.post(fstack.envoy_url + "/v1/chat/completions",
-                      json={**BODY, "model": "pub"}).status_code == 200:
+        ok = httpx.post(fstack.envoy_url + "/v1/chat/completions",
+                        json={**BODY, "model": "pub"})
+        if ok.status_code == 200:
             break
         time.sleep(0.2)
     else:
         pytest.fail("traffic did not recover within 10 s of the restart")
     assert fstack.procs["envoy"].poll() is None
+    # Envoy's access log stream reconnects too: decision records resume.
+    rec = wait_line(fstack, "service", ok.headers["x-request-id"], '"routing.decision"')
+    assert rec["outcome"] == "ok"
 
 
 def test_sigterm_under_load_completes_in_flight(fstack: Stack) -> None:
