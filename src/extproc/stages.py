@@ -204,9 +204,10 @@ class RouteStream:
         # direct request is prepared whole, so it names the backend's model now; so does one
         # whose candidates all serve the same name (the attempt stage then skips the body
         # unless a part needs reshaping: one message fewer before the backend is reached).
+        # (A prepared request's candidates always serve one name.)
         served = d.candidates[0].model
         uniform = all(t.model == served for t in d.candidates)
-        model_out = d.public_model if aig else served if prepared or uniform else None
+        model_out = d.public_model if aig else served if uniform else None
         new_body: bytes | None = None
         metadata = data.get("metadata")
         if d.hints.routing_keys and isinstance(metadata, dict):
@@ -222,7 +223,7 @@ class RouteStream:
             new_body = rewrite_model(raw, body_model, model_out)
         if not prepared:
             meta["body_model"] = orjson.dumps(model_out or body_model).decode()
-        else:  # no attempt stage will name the backend: Envoy's route adds these
+        if direct:  # no attempt stage will name the backend: Envoy's route adds these
             meta["backend"], meta["model"] = d.candidates[0].backend, d.candidates[0].model
         if d.warnings:
             meta["warnings"] = "; ".join(d.warnings)[:2000]
