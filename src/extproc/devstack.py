@@ -31,17 +31,28 @@ def envoy_binary() -> str:
     return found
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port, never one this process handed out before: callers bind them
+    later, and the kernel may offer a just-released number again (two servers, one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def free_port_run(n: int) -> int:
     """A port with the n - 1 ports after it free too (``serve --workers n`` uses port + i)."""
     while True:
         base = free_port()
-        if base + n <= 65535 and all(_is_free(base + i) for i in range(1, n)):
+        rest = range(base + 1, base + n)
+        if base + n <= 65535 and all(p not in _HANDED_OUT and _is_free(p) for p in rest):
+            _HANDED_OUT.update(rest)
             return base
 
 
