@@ -17,13 +17,7 @@ def test_two_workers_share_the_load(tmp_path) -> None:
     cfg = stack_config(backends=[{"name": "a", "preset": "vllm", "models": ["m1"]}],
                        models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]}])
     cfg["service"]["workers"] = 2
-    taken = {cfg["service"]["metrics_port"], cfg["envoy"]["listen_port"],
-             cfg["envoy"]["admin_port"], *(int(b["url"].rsplit(":", 1)[1].split("/")[0])
-                                           for b in cfg["backends"])}
-    port = free_port_run(2)  # worker i listens on port + i
-    while {port, port + 1} & taken:
-        port = free_port_run(2)
-    cfg["service"]["port"] = port
+    cfg["service"]["port"] = free_port_run(2)  # worker i listens on port + i
     stack = start_stack(tmp_path, cfg)
     try:
         def send(_: int) -> int:
