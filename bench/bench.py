@@ -6,10 +6,11 @@ virtual environment, bench/.litellm-venv, installed on first use; --no-litellm s
 Cases: 1 KB chat at concurrency 1 and 8, a 1 MB image request needing no change, a 4 MB
 audio_url data URL needing conversion, an aux-vision cache hit, and forced-tools streaming
 (time to first byte). For each: p50/p99/req/s (median of the repeats, with the spread), CPU per
-request of every process involved, and the ratios (c)/(b), (c)/(a), (d)/(c).
-Waits for an idle machine before each run. Writes bench/results/latest.json.
+request of every process involved, and the ratios (c)/(b), (c)/(a), (d)/(c), the (c)/(b) ones
+also round by round ("paired"). Waits for an idle machine before each run. Writes
+bench/results/latest.json.
 
-    python bench/bench.py [--duration 5] [--repeat 3] [--smoke] [--no-litellm]
+    python bench/bench.py [--duration 5] [--repeat 5] [--smoke] [--no-litellm]
 """
 
 from __future__ import annotations
@@ -295,28 +296,41 @@ def wait_idle(max_wait: float = 8.0) -> None:
             return
 
 
-def ttfb(url: str, body: bytes, n: int) -> dict:
+def ttfb(url: str, body: bytes, n: int, emulator: str | None = None) -> dict:
     """Time to the first response byte over a kept-alive raw socket (an HTTP library adds a
-    millisecond or more of its own, which would hide the differences measured here)."""
+    millisecond or more of its own, which would hide the differences measured here). With
+    ``emulator``, also how long after the backend wrote the deciding event (the stream's second,
+    the tool-call delta) that first byte arrived: the emulator notes when it wrote each event on
+    ``time.monotonic()``, the same clock as ours."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
             f"application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
-    times = []
+    times, after = [], []
     with socket.create_connection((host, int(port))) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(n):
             t0 = time.perf_counter()
             sock.sendall(head + body)
             data = sock.recv(65536)
+            first = time.monotonic()
             times.append((time.perf_counter() - t0) * 1000)
             while not data.endswith(b"0\r\n\r\n"):  # drain the chunked stream to its end
                 more = sock.recv(65536)
                 if not more:
                     raise RuntimeError("connection closed mid-stream")
                 data += more
-    times.sort()
-    return {"p50_ms": statistics.median(times), "p99_ms": times[max(0, int(len(times) * .99) - 1)],
-            "n": n}
+            if emulator:
+                events = [ln for ln in data.split(b"\n") if ln.startswith(b"data: {")]
+                if len(events) < 2 or b"tool_calls" not in events[1]:
+                    raise RuntimeError("the stream's second event is not the tool-call delta")
+                sent = httpx.get(emulator + "/_emulator/stream_sent").json()["sent"]
+                after.append((first - sent[1]) * 1000)
+    out = {"p50_ms": statistics.median(times),
+           "p99_ms": sorted(times)[max(0, int(len(times) * .99) - 1)], "n": n}
+    if after:
+        out["after_deciding_event_p50_ms"] = statistics.median(after)
+        out["after_deciding_event_p99_ms"] = sorted(after)[max(0, int(len(after) * .99) - 1)]
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -324,7 +338,7 @@ def ttfb(url: str, body: bytes, n: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks it runs")
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
@@ -448,7 +462,7 @@ def stream_case(targets: dict[str, str], emulator: str) -> dict:
                 "a bare Envoy (forced)": ttfb(targets["a bare Envoy"], forced, 100),
                 "b empty ext_proc (forced)": ttfb(targets["b empty ext_proc"], forced, 100),
                 "c pass-through (auto)": ttfb(targets["c llm-extproc"], auto, 100),
-                "c hold (forced)": ttfb(targets["c llm-extproc"], forced, 100)}
+                "c hold (forced)": ttfb(targets["c llm-extproc"], forced, 100, emulator)}
     finally:
         httpx.post(emulator + "/_emulator/behaviour", json={})
 
@@ -483,6 +497,12 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
         if b:
             ratios.update({"c/b p50": c["p50_ms"] / b["p50_ms"], "c/b req/s": c["rps"] / b["rps"],
                            "c-a p50 ms": c["p50_ms"] - a["p50_ms"]})
+            # The same ratios round by round (b and c ran back to back in each round), then
+            # the median: steadier than a ratio of medians when the machine's speed drifts.
+            pairs = list(zip(per["b empty ext_proc"], per["c llm-extproc"], strict=True))
+            ratios["c/b p50 paired"] = statistics.median(y["p50_ms"] / x["p50_ms"]
+                                                         for x, y in pairs)
+            ratios["c/b req/s paired"] = statistics.median(y["rps"] / x["rps"] for x, y in pairs)
         if "c2 llm-extproc x2" in row:
             ratios["c2/c req/s"] = row["c2 llm-extproc x2"]["rps"] / c["rps"]
         if "d LiteLLM" in row:
@@ -497,9 +517,13 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
         for name, v in streaming.items():
             if isinstance(v, dict):
                 print(f"  {name:24} p50 {v['p50_ms']:7.2f} ms   p99 {v['p99_ms']:7.2f} ms")
-        hold = streaming["c hold (forced)"]["p50_ms"]
+        hold = streaming["c hold (forced)"]
         first = streaming["a bare Envoy (forced)"]["p50_ms"] + streaming["event_gap_ms"]
-        print(f"  hold vs the deciding event through bare Envoy: {hold - first:+.2f} ms p50")
+        print(f"  hold: first byte {hold['after_deciding_event_p50_ms']:.2f} ms p50 "
+              f"({hold['after_deciding_event_p99_ms']:.2f} p99) after the backend wrote the "
+              "deciding event")
+        print(f"  hold vs the deciding event through bare Envoy: {hold['p50_ms'] - first:+.2f} ms "
+              "p50 (includes the route stage's own pass-through, above)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "duration_s": args.duration,
                                           "repeat": args.repeat, "cases": summary,

@@ -28,3 +28,9 @@ if st:
     print(f"\nForced-tools streaming, time to first byte, p50 (SSE events "
           f"{st['event_gap_ms']:.0f} ms apart; the deciding `tool_calls` delta is the second "
           f"event): {parts}.")
+    hold = st.get("c hold (forced)", {})
+    if "after_deciding_event_p50_ms" in hold:
+        print(f"With the hold, the client's first byte came "
+              f"**{hold['after_deciding_event_p50_ms']:.2f} ms** p50 "
+              f"({hold['after_deciding_event_p99_ms']:.2f} ms p99) after the emulator wrote "
+              "the deciding event (both read the machine's monotonic clock).")

@@ -4,6 +4,7 @@ images refused with each backend's real error)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -129,6 +130,26 @@ def test_replicas_prepared_once_and_judged_on_the_response_side(cstack: Stack,
     assert rec["plan"] == "judged" and rec["outcome"] == "ok"
     (retry,) = rec["capability_retries"]
     assert retry["backend"] == "lazy" and retry["retried"] is True
+
+
+def test_streaming_hold_releases_at_the_deciding_event(cstack: Stack) -> None:
+    """A forced-tools stream is held exactly until the deciding event: the client's first byte
+    comes after the backend wrote the tool-call delta (nothing was let through before it was
+    judged) and long before the stream ends (the hold is not a buffer). The emulator notes
+    when it wrote each event on the machine's monotonic clock, the one read here."""
+    quirk(cstack, "lazy", stream_delay_s=0.3)
+    body = {"model": "mirrored", "stream": True, "tools": TOOLS, "tool_choice": "required",
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
+    with httpx.stream("POST", cstack.envoy_url + "/v1/chat/completions", json=body,
+                      timeout=30) as r:
+        first = time.monotonic()  # the response headers: released together with the events
+        events = [ln for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert r.status_code == 200 and r.headers["x-extproc-backend"] == "lazy"
+    assert "tool_calls" in events[1]
+    sent = httpx.get(cstack.backend_url("lazy") + "/_emulator/stream_sent").json()["sent"]
+    assert len(sent) >= 3
+    assert sent[1] <= first < sent[-1]
+    assert first - sent[1] < 0.15, f"released {first - sent[1]:.3f} s after the deciding event"
 
 
 def test_forced_named_function(cstack: Stack) -> None:

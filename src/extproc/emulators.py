@@ -6,7 +6,10 @@ cannot run here. Each flavour accepts and refuses content parts the way the real
 what it received, and answers deterministically.
 
 Control endpoints (emulator only): GET /_emulator/requests, POST /_emulator/reset,
-POST /_emulator/behaviour {"fail_status": 503, "fail_times": 1, "delay_s": 0.5}.
+POST /_emulator/behaviour {"fail_status": 503, "fail_times": 1, "delay_s": 0.5},
+GET /_emulator/stream_sent (when each event of the latest stream was written, in seconds of
+``time.monotonic()``: the same clock in every process on the machine, so a client can tell how
+long after an event left the backend its first byte arrived).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class Emulator:
     behaviour: Behaviour = field(default_factory=Behaviour)
     lock: threading.Lock = field(default_factory=threading.Lock)
     record_bodies: bool = True
+    stream_sent: list[float] = field(default_factory=list)
 
     # ------------------------------------------------------------ request handling
     def handle(self, method: str, path: str, headers: dict[str, str],
@@ -134,6 +138,9 @@ class Emulator:
         if path == "/_emulator/requests":
             with self.lock:
                 return 200, {"name": self.name, "requests": list(self.requests)}, ""
+        if path == "/_emulator/stream_sent":
+            with self.lock:
+                return 200, {"sent": list(self.stream_sent)}, ""
         if path == "/_emulator/reset" and method == "POST":
             with self.lock:
                 self.requests.clear()
@@ -363,11 +370,15 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             if isinstance(payload, list):  # an event stream: chunked, paced
                 writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
                              "transfer-encoding: chunked\r\n\r\n".encode())
+                sent: list[float] = []
                 for i, event in enumerate(payload):
                     if i and emu.behaviour.stream_delay_s:
                         await asyncio.sleep(emu.behaviour.stream_delay_s)
                     writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
                     await writer.drain()
+                    sent.append(time.monotonic())
+                with emu.lock:
+                    emu.stream_sent = sent
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
                 continue
