@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import time
 
 import httpx
@@ -40,6 +41,27 @@ def test_two_models_reach_two_backends_with_served_names(routing_stack: Stack) -
     assert got_a["json"]["model"] == "qwen3-coder-25b"
     assert got_b["json"]["model"] == "coder-40b-q5"  # rewritten to the backend's own name
     assert got_b["json"]["messages"] == [{"role": "user", "content": "hello"}]
+
+
+def test_body_arriving_in_pieces_is_rewritten_whole(routing_stack: Stack) -> None:
+    """A body that reaches Envoy in pieces, the first well before the rest: the backend gets
+    exactly the rewritten body, once."""
+    reset(routing_stack, "llama-b")
+    body = orjson.dumps({"model": "coder-40b", "messages": [{"role": "user", "content": "hi"}]})
+    host, port = routing_stack.envoy_url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                     b"application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+                     + body[:12])
+        time.sleep(0.2)  # Envoy has the first piece well before the rest
+        sock.sendall(body[12:])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    (got,) = received(routing_stack, "llama-b")
+    assert got["json"] == {"model": "coder-40b-q5",
+                           "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_alias_and_default_model(routing_stack: Stack) -> None:
