@@ -57,7 +57,10 @@ def test_body_arriving_in_pieces_is_rewritten_whole(routing_stack: Stack) -> Non
         sock.sendall(body[12:])
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            answer += sock.recv(65536)
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
     assert answer.startswith(b"HTTP/1.1 200")
     (got,) = received(routing_stack, "llama-b")
     assert got["json"] == {"model": "coder-40b-q5",
