@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,18 @@ def wait_line(stack: Stack, log: str, rid: str, marker: str) -> dict[str, Any]:
                 return orjson.loads(line)
         time.sleep(0.05)
     raise AssertionError(f"no {marker} line for {rid} in {log}")
+
+
+def read_answer(sock: socket.socket, max_s: float = 10.0) -> bytes:
+    """A raw HTTP/1.1 answer with a JSON body: read until it is complete, the peer closes, or
+    ``max_s`` has passed."""
+    t0, answer = time.monotonic(), b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk or time.monotonic() - t0 > max_s:
+            break
+        answer += chunk
+    return answer
 
 
 def reset(stack: Stack, backend: str) -> None:

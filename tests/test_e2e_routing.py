@@ -14,7 +14,7 @@ import pytest
 
 from extproc.devstack import Stack
 
-from .conftest import BACKEND_KEY, received, reset
+from .conftest import BACKEND_KEY, read_answer, received, reset
 
 
 def client(stack: Stack, **kw: object) -> openai.OpenAI:
@@ -55,12 +55,7 @@ def test_body_arriving_in_pieces_is_rewritten_whole(routing_stack: Stack) -> Non
                      + body[:12])
         time.sleep(0.2)  # Envoy has the first piece well before the rest
         sock.sendall(body[12:])
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            more = sock.recv(65536)
-            if not more:
-                break
-            answer += more
+        answer = read_answer(sock)
     assert answer.startswith(b"HTTP/1.1 200")
     (got,) = received(routing_stack, "llama-b")
     assert got["json"] == {"model": "coder-40b-q5",

@@ -15,7 +15,7 @@ import pytest
 
 from extproc.devstack import Stack
 
-from .conftest import BACKEND_KEY, fetch_refusal, received, reset, stack_config, start_stack
+from .conftest import BACKEND_KEY, fetch_refusal, read_answer, received, reset, stack_config, start_stack
 
 CLIENT_KEY = "ck-team-a-0123456789"
 
@@ -128,14 +128,7 @@ def test_slowloris_body_is_cut_off_with_json(sstack: Stack) -> None:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
                   b"application/json\r\nauthorization: Bearer " + CLIENT_KEY.encode() +
                   b"\r\ncontent-length: 100000\r\n\r\n{\"model\": ")
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-            if time.monotonic() - t0 > 8:
-                break
+        answer = read_answer(s, max_s=8)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"type":"gateway_error"' in answer
     assert time.monotonic() - t0 < 6
