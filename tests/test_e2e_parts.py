@@ -18,7 +18,7 @@ import soundfile
 
 from extproc.devstack import Stack
 
-from .conftest import fetch_refusal, received, reset, stack_config, start_stack
+from .conftest import fetch_refusal, received, reset, stack_config, start_stack, wait_line
 from .media import b64, clip, data_url, png
 
 WAV, FLAC, OGG = clip("wav"), clip("flac"), clip("ogg")
@@ -85,8 +85,12 @@ def parts_stack(tmp_path_factory: pytest.TempPathFactory, media: MediaServer) ->
     presets = ["vllm", "sglang", "llamacpp", "ollama", "openai"]
     cfg = stack_config(
         backends=[{"name": p, "preset": p, "models": [f"{p}-model"]} for p in presets],
-        models=[{"name": f"m-{p}", "candidates": [{"backend": p, "model": f"{p}-model"}]}
-                for p in presets],
+        models=[*({"name": f"m-{p}", "candidates": [{"backend": p, "model": f"{p}-model"}]}
+                  for p in presets),
+                # candidates that take different parts: adapted per attempt
+                {"name": "m-mixed", "candidates": [{"backend": "vllm", "model": "vllm-model"},
+                                                   {"backend": "llamacpp",
+                                                    "model": "llamacpp-model"}]}],
         fetch={"allow_hosts": ["localhost"], "ca_bundle": str(media.cert)},  # type: ignore[attr-defined]
     )
     stack = start_stack(tmp_path_factory.mktemp("parts"), cfg)
@@ -122,6 +126,31 @@ def test_seed_audio_url_data_reaches_vllm_intact_and_llamacpp_as_input_audio(par
     got = send(parts_stack, "llamacpp", SEED_TEXT, part)
     assert got == [SEED_TEXT, {"type": "input_audio",
                                "input_audio": {"data": b64(WAV), "format": "wav"}}]
+
+
+def test_conversion_once_per_request_or_per_attempt(parts_stack) -> None:
+    """One candidate (or all alike): the route stage converts the body once and the request
+    goes straight to the backend (plan "direct"). Candidates that take different parts: each
+    attempt gets its own shape (vLLM keeps audio_url; after its 503, llama.cpp input_audio)."""
+    part = {"type": "audio_url", "audio_url": {"url": data_url("audio/wav", WAV)}}
+    as_input_audio = {"type": "input_audio", "input_audio": {"data": b64(WAV), "format": "wav"}}
+    once = post(parts_stack, "m-llamacpp", part)
+    assert once.status_code == 200 and once.headers["x-extproc-converted-parts"] == "1"
+    rec = wait_line(parts_stack, "service", once.headers["x-request-id"], '"routing.decision"')
+    assert (rec["plan"], rec["converted_parts"], rec["outcome"]) == ("direct", 1, "ok")
+    for b in ("vllm", "llamacpp"):
+        reset(parts_stack, b)
+    httpx.post(parts_stack.backend_url("vllm") + "/_emulator/behaviour",
+               json={"fail_status": 503, "fail_times": 1})
+    mixed = post(parts_stack, "m-mixed", part)
+    assert mixed.status_code == 200 and mixed.headers["x-extproc-attempts"] == "2"
+    assert mixed.headers["x-extproc-converted-parts"] == "1"
+    (first,) = received(parts_stack, "vllm")
+    (second,) = received(parts_stack, "llamacpp")
+    assert first["json"]["messages"][0]["content"] == [part]
+    assert second["json"]["messages"][0]["content"] == [as_input_audio]
+    rec = wait_line(parts_stack, "service", mixed.headers["x-request-id"], '"routing.decision"')
+    assert (rec["plan"], rec["converted_parts"]) == ("per_attempt", 1)
 
 
 def test_seed_audio_url_https(parts_stack, media: MediaServer) -> None:
@@ -255,7 +284,7 @@ def test_part_no_candidate_takes_names_type_and_models(parts_stack) -> None:
     assert r.status_code == 400 and e["code"] == "unsupported_content"
     assert e["param"] == "messages[0].content[1]"
     assert "input_audio audio part" in e["message"] and "ollama" in e["message"]
-    assert set(e["models_accepting"]) == {"m-vllm", "m-sglang", "m-llamacpp", "m-openai",
+    assert set(e["models_accepting"]) == {"m-vllm", "m-sglang", "m-llamacpp", "m-openai", "m-mixed",
                                           "vllm-model", "sglang-model", "llamacpp-model",
                                           "openai-model"}
 

@@ -12,7 +12,7 @@ import pytest
 from extproc.devstack import Stack, free_port
 from extproc.vision import sanitize, substitution_text
 
-from .conftest import received, reset, stack_config, start_stack
+from .conftest import received, reset, stack_config, start_stack, wait_line
 from .media import data_url, text_image
 
 INVOICE = data_url("image/png", text_image("INVOICE 4711"))
@@ -74,6 +74,19 @@ def test_text_only_model_gets_description_with_the_images_words(vstack: Stack) -
     # The user's question went to the aux model as context.
     aux_req = received(vstack, "aux")[-1]["json"]["messages"][0]["content"][0]["text"]
     assert "What is the invoice number?" in aux_req
+
+
+def test_blind_candidates_get_the_description_from_the_route_stage(vstack: Stack) -> None:
+    """Every candidate of m-text is blind: the route stage describes the image once per request
+    and the request goes straight to the backend (plan "direct", no attempt stage on the
+    request side); m-failover's candidates differ, so each attempt is adapted on its own."""
+    r = ask(vstack, "m-text", data_url("image/png", text_image("ROUTE 9")))
+    rec = wait_line(vstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "direct" and rec["vision"].startswith("substituted=1; cached=0")
+    assert rec["attempts"][0]["backend"] == "txt" and rec["outcome"] == "ok"
+    r = ask(vstack, "m-failover", INVOICE)
+    rec = wait_line(vstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "per_attempt" and rec["vision"] is None  # the vision model took it
 
 
 def test_vision_model_gets_the_image_untouched(vstack: Stack) -> None:

@@ -28,6 +28,7 @@ from .messages import (
     RESP_WARNINGS,
     RETRY_HEADER,
     STAGE_KEY,
+    TAG_META,
 )
 from .routing import DIRECT_CLUSTER, JUDGED_CLUSTER, POOL_CLUSTER
 
@@ -294,6 +295,8 @@ def render(cfg: Config) -> dict[str, Any]:
                     _header(RESP_MODEL, f"%DYNAMIC_METADATA({META_NS}:model)%"),
                     _header(RESP_WARNINGS, f"%DYNAMIC_METADATA({META_NS}:warnings)%"),
                     _header(RESP_ATTEMPTS, "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"),
+                    *(_header(h, f"%DYNAMIC_METADATA({META_NS}:{key})%")
+                      for h, key in TAG_META.items()),
                 ],
                 "routes": [{
                     "match": {"prefix": "/"},

@@ -6,7 +6,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from .errors import Reply
 
@@ -33,6 +33,9 @@ RESP_ATTEMPTS = "x-extproc-attempts"
 RESP_CONVERTED = "x-extproc-converted-parts"
 RESP_WARNINGS = "x-extproc-warnings"
 RESP_VISION = "x-extproc-vision"
+# A body adapted by the route stage: the metadata key that carries each of its response
+# headers (Envoy's route sets the header from it; the attempt stage sets its own).
+TAG_META = {RESP_CONVERTED: "converted", RESP_VISION: "vision"}
 # What the decision log needs from each response (see accesslog.py).
 DECISION_HEADERS = (RESP_BACKEND, RESP_MODEL, RESP_CONVERTED, RESP_VISION, RESP_UNMET)
 DECISION_LOG_NAME = "llm_extproc_decisions"
@@ -112,6 +115,12 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
             details="llm_extproc",
         )
     )
+
+
+def extend_timeout(seconds: float) -> pb.ProcessingResponse:
+    """Ask Envoy to wait longer for our next answer (up to its ``max_message_timeout``)."""
+    return pb.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
+        seconds=int(seconds), nanos=int((seconds % 1) * 1e9)))
 
 
 def attribute_values(req: pb.ProcessingRequest) -> dict[str, object]:

@@ -60,8 +60,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 except Exception:
                     self._failed("route", handler.request_id)
                     out = handler.fail()
-                if out is not None:
+                if isinstance(out, pb.ProcessingResponse):
                     yield out
+                elif out is not None:  # the body is adapted here: may wait on the network
+                    try:
+                        async for answer in out:
+                            yield answer
+                    except Exception:
+                        self._failed("route", handler.request_id)
+                        yield handler.fail()
                 metrics.stage_seconds("route", req.WhichOneof("request") or "-").observe(
                     time.perf_counter() - t0)
         except asyncio.CancelledError:

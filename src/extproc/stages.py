@@ -5,8 +5,6 @@ yields responses; ``Processor`` in service.py drives them and guarantees they ne
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import os
 import time
 from collections.abc import AsyncIterator
@@ -14,9 +12,9 @@ from typing import Any
 
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import duration_pb2
 
 from . import metrics
+from .adapt import BodyAdapter
 from .attempt import BackendRuntime, common_backend, header_plan, pick_candidate, rewrite_model
 from .capabilities import UNJUDGED, Needs, StreamJudge, Verdict, capability_gap, judge_completion
 from .decision import DecisionRecord
@@ -35,14 +33,14 @@ from .messages import (
     CLUSTER_HEADER,
     META_NS,
     RESP_BACKEND,
-    RESP_CONVERTED,
     RESP_MODEL,
     RESP_UNMET,
-    RESP_VISION,
     RETRY_HEADER,
+    TAG_META,
     attempt_mode,
     attribute_values,
     body_answer,
+    extend_timeout,
     headers_dict,
     immediate,
     mutation,
@@ -50,12 +48,7 @@ from .messages import (
 )
 from .parts import (
     ConvertError,
-    Part,
-    PartsReport,
     Sig,
-    convert_body,
-    fetch_targets,
-    inspect_parts,
     needs_change,
 )
 from .routing import (
@@ -69,7 +62,7 @@ from .routing import (
     route_request,
 )
 from .runtime import Runtime
-from .vision import VisionError, failure_text, substitution_text
+from .vision import VisionError
 
 Out = AsyncIterator[pb.ProcessingResponse]
 
@@ -87,7 +80,7 @@ class RouteStream:
     def request_id(self) -> str:
         return self.record.request_id
 
-    def respond(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+    def respond(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | Out | None:
         kind = req.WhichOneof("request")
         if kind == "request_headers":
             return self._on_headers(req.request_headers)
@@ -126,7 +119,7 @@ class RouteStream:
             response=pb.CommonResponse(header_mutation=mutation(remove=forged)) if forged
             else None))
 
-    def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+    def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse | Out:
         data = parse_json_body(msg.body)
         if isinstance(data, Reply):
             return self._reject(data)
@@ -138,31 +131,41 @@ class RouteStream:
         self.record.routed(decision)
         return self._routed(decision, data, msg.body)
 
-    def _prepared(self, d: RouteDecision, unstored: bool) -> BackendRuntime | None:
+    def _prepared(self, d: RouteDecision, unstored: bool
+                  ) -> tuple[BackendRuntime, BodyAdapter | None] | None:
         """The backend plan to apply here when no attempt could differ from another: such
-        requests need no attempt stage on the request side (one message fewer per attempt)."""
+        requests need no attempt stage on the request side (one to three messages fewer per
+        attempt). With an adapter when the body must change beyond its model (images described,
+        parts converted, metadata dropped), the same way for every candidate."""
         if not self.rt.config.envoy.direct_cluster or self.rt.config.ai_gateway.model_header:
             return None
         common = common_backend(d.candidates, self.rt.backends)
         if common is None:
             return None
-        table, images = self.rt.table, any(s.kind == "image" for s in d.sigs)
-        for t in d.candidates:
-            profile = table.profiles[t.backend]
-            if (d.sigs and needs_change(profile, d.sigs)) or \
-                    (images and self.rt.vision is not None and table.lacks(t, "vision")) or \
-                    (unstored and profile.metadata == "with_store"):
+        table, first = self.rt.table, d.candidates[0]
+        profile = table.profiles[first.backend]
+        images = self.rt.vision is not None and any(s.kind == "image" for s in d.sigs)
+        substitute = images and table.lacks(first, "vision")
+        for t in d.candidates[1:]:
+            if table.profiles[t.backend] != profile or \
+                    (images and table.lacks(t, "vision") != substitute):
                 return None
-        return common
+        drop = unstored and profile.metadata == "with_store"
+        if not (substitute or drop or (d.sigs and needs_change(profile, d.sigs))):
+            return common, None
+        return common, BodyAdapter(self.rt, first.backend, first.model, substitute, drop)
 
     def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes
-                ) -> pb.ProcessingResponse:
+                ) -> pb.ProcessingResponse | Out:
+        """The answer to the body; an async iterator of answers when the body must be adapted
+        here (that may wait on aux calls or fetches)."""
         rt = self.rt
         hcfg = rt.config.hints
         # What the body's model says now; the attempt stage rewrites it per backend.
         body_model = d.requested if d.resolution != "default" else None
         unstored = bool(data.get("metadata")) and data.get("store") is not True
-        prepared = self._prepared(d, unstored)
+        found = self._prepared(d, unstored)
+        prepared, adapter = found if found is not None else (None, None)
         # Prepared whole here: straight to the backend, unless responses must be judged (a
         # forced capability) or held until complete (another candidate remains), which the
         # response side of the attempt stage does. Otherwise every attempt is adapted.
@@ -216,10 +219,11 @@ class RouteStream:
                 data["metadata"] = rest
             else:
                 del data["metadata"]
-            if model_out:
-                data["model"] = model_out
-            new_body = orjson.dumps(data)
-        elif model_out:
+            if adapter is None:  # else the adapter serialises it
+                if model_out:
+                    data["model"] = model_out
+                new_body = orjson.dumps(data)
+        elif model_out and adapter is None:
             new_body = rewrite_model(raw, body_model, model_out)
         if not prepared:
             meta["body_model"] = orjson.dumps(model_out or body_model).decode()
@@ -229,10 +233,31 @@ class RouteStream:
             meta["warnings"] = "; ".join(d.warnings)[:2000]
         if aig:  # Envoy AI Gateway routes on this header and the body's model
             set_headers.append((aig, d.public_model))
+        if adapter is not None:
+            return self._adapted(adapter, data, set_headers, remove, meta)
         if new_body is not None:
             set_headers.append(("content-length", str(len(new_body))))
         meta["record"] = self.record.to_json()
         return body_answer(set_headers, remove, new_body, meta, clear_route_cache=True)
+
+    async def _adapted(self, adapter: BodyAdapter, data: dict[str, Any],
+                       set_headers: list[tuple[str, str]], remove: list[str],
+                       meta: dict[str, str]) -> Out:
+        """Adapt the body once for every candidate, then answer as ``_routed`` does; what was
+        done travels as metadata, for Envoy's route to tell the client (response headers)."""
+        try:
+            wait = adapter.plan(data)
+            if wait:
+                yield extend_timeout(wait)
+            body = await adapter.run()
+        except (ConvertError, FetchError, VisionError) as exc:
+            yield self._reject(adapter.refusal(exc, self.rt))
+            return
+        for header, value in adapter.tags:
+            meta[TAG_META[header]] = value
+        set_headers.append(("content-length", str(len(body))))
+        meta["record"] = self.record.to_json()
+        yield body_answer(set_headers, remove, body, meta, clear_route_cache=True)
 
     def fail(self) -> pb.ProcessingResponse:
         self.record.rejected(500, "internal_error")
@@ -372,9 +397,7 @@ class AttemptStream:
         self.holding, self.hold_since = True, time.monotonic()
         if needs is not None and self.status == 200 and streaming:
             self.judge = StreamJudge(needs)
-        limit = self.rt.config.capability_routing.hold_max_s
-        yield pb.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
-            seconds=int(limit), nanos=int((limit % 1) * 1e9)))
+        yield extend_timeout(self.rt.config.capability_routing.hold_max_s)
 
     async def _on_response_body(self, msg: pb.HttpBody) -> Out:
         if not self.holding:
@@ -428,99 +451,23 @@ class AttemptStream:
 
     async def _on_body(self, msg: pb.HttpBody) -> Out:
         assert self.model is not None and self.backend is not None
-        if self.substitute:
-            # Aux calls may outlast the per-message timeout: extend it first.
-            assert self.rt.vision is not None
-            limit = self.rt.config.envoy.max_message_timeout_ms / 1000
-            wait = min(self.rt.vision.cfg.timeout_s * 2 + 5, limit)
-            yield pb.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
-                seconds=int(wait), nanos=int((wait % 1) * 1e9)))
-        if self.convert:
-            try:
-                new: bytes | None = await self._convert(msg.body)
-            except (ConvertError, FetchError) as exc:
-                yield immediate(exc.reply)
-                return
-            except VisionError as exc:
-                assert self.rt.vision is not None
-                yield immediate(exc.reply(self.rt.vision.cfg.model))
-                return
-        else:
+        if not self.convert:
             new = rewrite_model(msg.body, self.body_model, self.model)
-        if new is None:
-            yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+            yield body_answer([("content-length", str(len(new)))], [], new) if new is not None \
+                else pb.ProcessingResponse(request_body=pb.BodyResponse())
             return
+        adapter = BodyAdapter(self.rt, self.backend, self.model, self.substitute,
+                              self.drop_metadata)
+        try:
+            wait = adapter.plan(orjson.loads(msg.body))
+            if wait:
+                yield extend_timeout(wait)
+            new = await adapter.run()
+        except (ConvertError, FetchError, VisionError) as exc:
+            yield immediate(adapter.refusal(exc, self.rt))
+            return
+        self.tags += adapter.tags
         yield body_answer([("content-length", str(len(new)))], [], new)
-
-    async def _convert(self, body: bytes) -> bytes:
-        """Parse once, describe/fetch/convert what this backend needs, serialise once."""
-        assert self.backend is not None
-        data = orjson.loads(body)
-        report = inspect_parts(data, validate=False)  # the route stage validated this body
-        if self.substitute:
-            await self._substitute_images(data, report)
-        profile = self.rt.table.profiles[self.backend]
-        targets = fetch_targets(profile, report)
-        fetched: dict[str, tuple[str, bytes]] = {}
-        if targets:
-            fetched = await self._fetch_all(targets)
-        converted = convert_body(data, report, profile, fetched)
-        if converted:
-            self.tags.append((RESP_CONVERTED, str(converted)))
-            metrics.PART_CONVERSIONS.labels(self.backend).inc(converted)
-        if self.drop_metadata:
-            data.pop("metadata", None)
-        data["model"] = self.model
-        return orjson.dumps(data)
-
-    async def _fetch_all(self, parts: list[Part]) -> dict[str, tuple[str, bytes]]:
-        urls = list(dict.fromkeys(p.url for p in parts if p.url))
-        where = {p.url: p.path for p in parts}
-        results = await asyncio.gather(*(self.rt.fetcher.fetch(u, where[u]) for u in urls))
-        return dict(zip(urls, results, strict=True))
-
-    async def _substitute_images(self, data: dict[str, Any], report: PartsReport) -> None:
-        """Replace every image, in place, by a text part describing it (or saying it failed)."""
-        vision = self.rt.vision
-        assert vision is not None and self.model is not None
-        images = [p for p in report.parts if p.sig.kind == "image"]
-        remote = [p for p in images if p.sig.source in ("http", "https")]
-        fetched = await self._fetch_all(remote) if remote else {}
-
-        def user_text(msg_index: int) -> str:
-            content = data["messages"][msg_index].get("content")
-            return " ".join(p.get("text", "") for p in content if isinstance(p, dict)
-                            and isinstance(p.get("text"), str)) if isinstance(content, list) else ""
-
-        async def one(p: Part) -> tuple[str, bool] | VisionError:
-            if p.b64 is not None:
-                mime, raw = p.mime or "image/png", base64.b64decode(p.b64)
-            else:
-                mime, raw = fetched[p.url or ""]
-            try:
-                return await vision.describe(raw, mime, vision.prompt_for(user_text(p.msg)))
-            except VisionError as exc:
-                return exc
-
-        results = await asyncio.gather(*(one(p) for p in images))
-        cached = 0
-        for n, (p, res) in enumerate(zip(images, results, strict=True), start=1):
-            if isinstance(res, VisionError):
-                if vision.cfg.on_failure == "reject":
-                    raise res
-                text = failure_text(n, vision.cfg.model, res.message)
-            else:
-                text = substitution_text(n, vision.cfg.model, self.model, res[0])
-                cached += res[1]
-            data["messages"][p.msg]["content"][p.idx] = {"type": "text", "text": text}
-        report.parts = [p for p in report.parts if p.sig.kind != "image"]
-        failed = sum(isinstance(r, VisionError) for r in results)
-        aux = vision.cfg.model
-        metrics.VISION.labels(aux, "described").inc(len(images) - failed - cached)
-        metrics.VISION.labels(aux, "cached").inc(cached)
-        metrics.VISION.labels(aux, "failed").inc(failed)
-        self.tags.append((RESP_VISION, f"substituted={len(images) - failed}; cached={cached}; "
-                                       f"failed={failed}; model={vision.cfg.model}"))
 
     def fail(self) -> pb.ProcessingResponse:
         return immediate(internal_error(self.request_id))

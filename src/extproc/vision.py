@@ -90,7 +90,7 @@ class VisionClient:
         h.update(b"\0" + self.cfg.model.encode() + b"\0" + prompt.encode())
         return h.hexdigest()
 
-    def _cached(self, key: str) -> str | None:
+    def cached(self, key: str) -> str | None:
         hit = self.cache.get(key)
         if hit is None:
             return None
@@ -100,10 +100,12 @@ class VisionClient:
         self.cache.move_to_end(key)
         return hit[1]
 
-    async def describe(self, image: bytes, mime: str, prompt: str) -> tuple[str, bool]:
-        """-> (description, came from cache or a shared in-flight call)."""
-        key = self.key(image, prompt)
-        hit = self._cached(key)
+    async def describe(self, image: bytes, mime: str, prompt: str, key: str | None = None
+                       ) -> tuple[str, bool]:
+        """-> (description, came from cache or a shared in-flight call). ``key``: this
+        image's ``key``, when the caller has it already (hashing a large image twice costs)."""
+        key = key or self.key(image, prompt)
+        hit = self.cached(key)
         if hit is not None:
             return hit, True
         shared = self.inflight.get(key)

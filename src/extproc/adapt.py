@@ -1,0 +1,155 @@
+"""Adapt a request body to the backend it goes to: describe images for a model that cannot see,
+fetch and reshape the parts the backend cannot take, drop a `metadata` it refuses, name its
+model. Parsed once, serialised once.
+
+The route stage adapts a body once per request when every candidate would get the same one
+(the attempt stage then has nothing to do on the request side: three gRPC messages fewer per
+attempt); the attempt stage adapts it per attempt otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from . import metrics
+from .errors import Reply
+from .fetch import FetchError
+from .messages import RESP_CONVERTED, RESP_VISION
+from .parts import ConvertError, Part, PartsReport, convert_body, fetch_targets, inspect_parts
+from .runtime import Runtime
+from .vision import VisionError, failure_text, substitution_text
+
+
+@dataclass(slots=True)
+class _Image:
+    part: Part
+    prompt: str
+    raw: bytes | None = None      # inline images: decoded at once (for the cache key)
+    mime: str = "image/png"
+    key: str | None = None
+    hit: str | None = None        # the cached description
+
+
+class BodyAdapter:
+    """One body for one target: ``plan`` (no waiting), then ``run``. ``tags`` says what was
+    done, as response headers (``x-extproc-converted-parts``, ``x-extproc-vision``)."""
+
+    def __init__(self, rt: Runtime, backend: str, model: str, substitute: bool,
+                 drop_metadata: bool):
+        self.rt, self.backend, self.model = rt, backend, model
+        self.substitute, self.drop_metadata = substitute, drop_metadata
+        self.tags: list[tuple[str, str]] = []
+        self.data: dict[str, Any] = {}
+        self.report = PartsReport()
+        self.fetch: list[Part] = []
+        self.images: list[_Image] = []
+
+    def plan(self, data: dict[str, Any]) -> float:
+        """Look at the parsed body (the route stage validated it). Returns how long ``run`` may
+        wait on the network (fetches, image descriptions not cached yet), capped at Envoy's
+        longest message timeout; 0 when it will not wait, so the caller extends Envoy's message
+        timeout only when needed (that answer is a gRPC message of its own)."""
+        self.data = data
+        self.report = inspect_parts(data, validate=False)
+        vision = self.rt.vision
+        describe = fetch = False
+        if self.substitute and vision is not None:
+            for p in self.report.parts:
+                if p.sig.kind != "image":
+                    continue
+                img = _Image(p, vision.prompt_for(self._user_text(p.msg)))
+                if p.b64 is not None:
+                    img.raw, img.mime = base64.b64decode(p.b64), p.mime or "image/png"
+                    img.key = vision.key(img.raw, img.prompt)
+                    img.hit = vision.cached(img.key)
+                describe = describe or img.hit is None
+                fetch = fetch or img.raw is None
+                self.images.append(img)
+        # Described images are text by the time parts are converted: never fetched for that.
+        self.fetch = [p for p in fetch_targets(self.rt.table.profiles[self.backend], self.report)
+                      if not (self.images and p.sig.kind == "image")]
+        if not (describe or fetch or self.fetch):
+            return 0.0
+        cfg = self.rt.config
+        wait = 5.0 + (cfg.fetch.timeout_s if fetch or self.fetch else 0.0) + \
+            (2 * vision.cfg.timeout_s if describe and vision is not None else 0.0)
+        return min(wait, cfg.envoy.max_message_timeout_ms / 1000)
+
+    @staticmethod
+    def refusal(exc: ConvertError | FetchError | VisionError, rt: Runtime) -> Reply:
+        """The client's answer when adapting failed."""
+        if isinstance(exc, VisionError):
+            assert rt.vision is not None
+            return exc.reply(rt.vision.cfg.model)
+        return exc.reply
+
+    async def run(self) -> bytes:
+        """The adapted body. Raises ConvertError/FetchError (400/4xx/5xx replies) and, with
+        ``on_failure: reject``, VisionError."""
+        data = self.data
+        if self.images:
+            await self._substitute_images()
+        profile = self.rt.table.profiles[self.backend]
+        fetched = await self._fetch_all(self.fetch) if self.fetch else {}
+        converted = convert_body(data, self.report, profile, fetched)
+        if converted:
+            self.tags.append((RESP_CONVERTED, str(converted)))
+            metrics.PART_CONVERSIONS.labels(self.backend).inc(converted)
+        if self.drop_metadata:
+            data.pop("metadata", None)
+        data["model"] = self.model
+        return orjson.dumps(data)
+
+    def _user_text(self, msg_index: int) -> str:
+        content = self.data["messages"][msg_index].get("content")
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict)
+                        and isinstance(p.get("text"), str)) if isinstance(content, list) else ""
+
+    async def _fetch_all(self, parts: list[Part]) -> dict[str, tuple[str, bytes]]:
+        urls = list(dict.fromkeys(p.url for p in parts if p.url))
+        where = {p.url: p.path for p in parts}
+        results = await asyncio.gather(*(self.rt.fetcher.fetch(u, where[u]) for u in urls))
+        return dict(zip(urls, results, strict=True))
+
+    async def _substitute_images(self) -> None:
+        """Replace every image, in place, by a text part describing it (or saying it failed)."""
+        vision = self.rt.vision
+        assert vision is not None
+        remote = [i.part for i in self.images if i.raw is None]
+        fetched = await self._fetch_all(remote) if remote else {}
+
+        async def one(img: _Image) -> tuple[str, bool] | VisionError:
+            if img.hit is not None:
+                return img.hit, True
+            if img.raw is None:
+                img.mime, img.raw = fetched[img.part.url or ""]
+            try:
+                return await vision.describe(img.raw, img.mime, img.prompt, img.key)
+            except VisionError as exc:
+                return exc
+
+        results = await asyncio.gather(*(one(i) for i in self.images))
+        cached = 0
+        for n, (img, res) in enumerate(zip(self.images, results, strict=True), start=1):
+            if isinstance(res, VisionError):
+                if vision.cfg.on_failure == "reject":
+                    raise res
+                text = failure_text(n, vision.cfg.model, res.message)
+            else:
+                text = substitution_text(n, vision.cfg.model, self.model, res[0])
+                cached += res[1]
+            p = img.part
+            self.data["messages"][p.msg]["content"][p.idx] = {"type": "text", "text": text}
+        self.report.parts = [p for p in self.report.parts if p.sig.kind != "image"]
+        failed = sum(isinstance(r, VisionError) for r in results)
+        aux, images = vision.cfg.model, len(self.images)
+        metrics.VISION.labels(aux, "described").inc(images - failed - cached)
+        metrics.VISION.labels(aux, "cached").inc(cached)
+        metrics.VISION.labels(aux, "failed").inc(failed)
+        self.tags.append((RESP_VISION, f"substituted={images - failed}; cached={cached}; "
+                                       f"failed={failed}; model={aux}"))
