@@ -32,7 +32,8 @@ _TIMINGS = (("to_first_backend_byte", "time_to_first_upstream_rx_byte"),
 
 
 def _ms(d: duration_pb2.Duration) -> float:
-    return round(d.seconds * 1000 + d.nanos / 1e6, 3)
+    """Milliseconds to the microsecond (integer arithmetic: cheaper than ``round``)."""
+    return (d.seconds * 1_000_000 + d.nanos // 1000) / 1000
 
 
 def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, Any] | None:
@@ -45,7 +46,10 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
     value = filter_md[META_NS].fields.get("record")
     if value is None or not value.string_value:
         return None
-    timings = {name: _ms(getattr(common, f)) for name, f in _TIMINGS if common.HasField(f)}
+    timings = {}
+    for name, f in _TIMINGS:
+        if common.HasField(f):
+            timings[name] = _ms(getattr(common, f))
     request_id = entry.request.request_id
     return complete(value.string_value, entry.response.response_code.value,
                     entry.response.response_headers, common.upstream_request_attempt_count or None,
@@ -56,8 +60,8 @@ def account(rec: dict[str, Any]) -> None:
     attempts = rec["attempts"]
     backend = attempts[-1].get("backend") if attempts else None
     model = attempts[-1].get("model") if attempts else None
-    metrics.REQUESTS.labels(rec["public_model"] or "-", backend or "-", model or "-",
-                            rec["outcome"]).inc()
+    metrics.requests(rec["public_model"] or "-", backend or "-", model or "-",
+                     rec["outcome"]).inc()
     hints = rec["hints"]
     for kind in hints.get("hints", {}):
         result = "applied" if kind in hints.get("applied", ()) else "ignored"

@@ -41,6 +41,19 @@ def stage_seconds(stage: str, phase: str) -> Histogram:
     return child
 
 
+_REQUEST_CHILDREN: dict[tuple[str, str, str, str], Counter] = {}
+
+
+def requests(public_model: str, backend: str, model: str, outcome: str) -> Counter:
+    """The labelled child, cached (``labels()`` costs a lock and a tuple each call): as many
+    entries as the metric has children."""
+    key = (public_model, backend, model, outcome)
+    child = _REQUEST_CHILDREN.get(key)
+    if child is None:
+        child = _REQUEST_CHILDREN[key] = REQUESTS.labels(*key)
+    return child
+
+
 def start(port: int, host: str = "127.0.0.1") -> None:
     if port:
         start_http_server(port, addr=host, registry=REGISTRY)
