@@ -46,11 +46,7 @@ from .messages import (
     mutation,
     struct,
 )
-from .parts import (
-    ConvertError,
-    Sig,
-    needs_change,
-)
+from .parts import ConvertError, Profile, Sig, needs_change
 from .routing import (
     DIRECT_CLUSTER,
     JUDGED_CLUSTER,
@@ -143,17 +139,23 @@ class RouteStream:
         if common is None:
             return None
         table, first = self.rt.table, d.candidates[0]
-        profile = table.profiles[first.backend]
         images = self.rt.vision is not None and any(s.kind == "image" for s in d.sigs)
         substitute = images and table.lacks(first, "vision")
-        for t in d.candidates[1:]:
-            if table.profiles[t.backend] != profile or \
-                    (images and table.lacks(t, "vision") != substitute):
-                return None
-        drop = unstored and profile.metadata == "with_store"
-        if not (substitute or drop or (d.sigs and needs_change(profile, d.sigs))):
+        if images and any(table.lacks(t, "vision") != substitute for t in d.candidates[1:]):
+            return None
+
+        def changes(p: Profile) -> bool:
+            return bool(d.sigs and needs_change(p, d.sigs)) or \
+                (unstored and p.metadata == "with_store")
+
+        profiles = {table.profiles[t.backend] for t in d.candidates}
+        if len(profiles) > 1:  # the same body for all only when none changes it
+            return None if substitute or any(map(changes, profiles)) else (common, None)
+        (profile,) = profiles
+        if not (substitute or changes(profile)):
             return common, None
-        return common, BodyAdapter(self.rt, first.backend, first.model, substitute, drop)
+        return common, BodyAdapter(self.rt, first.backend, first.model, substitute,
+                                   unstored and profile.metadata == "with_store")
 
     def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes
                 ) -> pb.ProcessingResponse | Out:
