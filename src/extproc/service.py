@@ -51,7 +51,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     yield out
                 return
             # The route stage, inline: one answer per message, computed synchronously (the
-            # hot path: no generator per message or per stream).
+            # hot path: no generator per message or per stream), except for a body adapted
+            # here (its answers may wait on aux calls or fetches).
             handler = RouteStream(self.rt)
             async for req in request_iterator:
                 t0 = time.perf_counter()
