@@ -80,12 +80,11 @@ class BodyAdapter:
             (2 * vision.cfg.timeout_s if describe and vision is not None else 0.0)
         return min(wait, cfg.envoy.max_message_timeout_ms / 1000)
 
-    @staticmethod
-    def refusal(exc: ConvertError | FetchError | VisionError, rt: Runtime) -> Reply:
+    def refusal(self, exc: ConvertError | FetchError | VisionError) -> Reply:
         """The client's answer when adapting failed."""
         if isinstance(exc, VisionError):
-            assert rt.vision is not None
-            return exc.reply(rt.vision.cfg.model)
+            assert self.rt.vision is not None
+            return exc.reply(self.rt.vision.cfg.model)
         return exc.reply
 
     async def run(self) -> bytes:

@@ -253,7 +253,7 @@ class RouteStream:
                 yield extend_timeout(wait)
             body = await adapter.run()
         except (ConvertError, FetchError, VisionError) as exc:
-            yield self._reject(adapter.refusal(exc, self.rt))
+            yield self._reject(adapter.refusal(exc))
             return
         for header, value in adapter.tags:
             meta[TAG_META[header]] = value
@@ -466,7 +466,7 @@ class AttemptStream:
                 yield extend_timeout(wait)
             new = await adapter.run()
         except (ConvertError, FetchError, VisionError) as exc:
-            yield immediate(adapter.refusal(exc, self.rt))
+            yield immediate(adapter.refusal(exc))
             return
         self.tags += adapter.tags
         yield body_answer([("content-length", str(len(new)))], [], new)
