@@ -138,6 +138,8 @@ class RouteStream:
         common = common_backend(d.candidates, self.rt.backends)
         if common is None:
             return None
+        if not d.sigs and not unstored:  # plain text: one body for all, nothing to adapt
+            return common, None
         table, first = self.rt.table, d.candidates[0]
         images = self.rt.vision is not None and any(s.kind == "image" for s in d.sigs)
         substitute = images and table.lacks(first, "vision")
