@@ -20,3 +20,18 @@ def test_bench_smoke_prints_a_table(tmp_path: Path) -> None:
     row = data["cases"][0]
     for target in ("a bare Envoy", "b empty ext_proc", "c llm-extproc"):
         assert row[target]["rps"] > 0 and row[target]["non_2xx"] == 0
+
+
+def test_ab_runs_both_revisions_side_by_side() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), "--against", "HEAD",
+                        "--rounds", "1", "--duration", "1", "--conc", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    sides = [line.split() for line in r.stdout.splitlines()
+             if line.strip().startswith(("before ", "after ")) and "req/s" in line]
+    assert [s[0] for s in sides] == ["before", "after"]
+    assert all(float(s[4]) > 0 and "NON-2XX" not in s for s in sides)  # req/s, no errors
+    assert "after/before by round: req/s" in r.stdout
+    listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
+                            text=True).stdout
+    assert len(listed.splitlines()) == 1  # its checkout of the other revision is gone
