@@ -1,6 +1,6 @@
 """Hostile clients through a real Envoy: client API keys, forged headers, slow and oversized
 bodies, URL parts aimed at private addresses, and a bounded fuzz. None reaches anything it
-should not, and every answer is JSON."""
+should not, and every answer is JSON. And backends that send our own response headers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ import pytest
 
 from extproc.devstack import Stack
 
-from .conftest import BACKEND_KEY, fetch_refusal, read_answer, received, reset, stack_config, start_stack
+from .conftest import (
+    BACKEND_KEY,
+    fetch_refusal,
+    read_answer,
+    received,
+    reset,
+    stack_config,
+    start_stack,
+    wait_line,
+)
 
 CLIENT_KEY = "ck-team-a-0123456789"
 
@@ -173,3 +182,42 @@ def test_bounded_fuzz_through_envoy(sstack: Stack) -> None:
             answered += 1
     print(f"fuzz through Envoy: sent {sent}, answered {answered}, lost {sent - answered}")
     assert answered == sent
+
+
+def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
+    """A backend answering with x-extproc-* headers of its own (which backend it is, parts
+    converted, a retry trigger...) changes nothing the client or the decision record sees, on
+    every plan: direct, judged (responses only) and per attempt."""
+    cfg = stack_config(
+        backends=[{"name": "a", "preset": "vllm", "models": ["m1", "same"]},
+                  {"name": "b", "preset": "vllm", "models": ["m2", "same"]}],
+        models=[{"name": "solo", "candidates": [{"backend": "a", "model": "m1"}]},
+                {"name": "pair", "candidates": [{"backend": "a", "model": "same"},
+                                                {"backend": "b", "model": "same"}]},
+                {"name": "two", "candidates": [{"backend": "a", "model": "m1"},
+                                               {"backend": "b", "model": "m2"}]}])
+    stack = start_stack(tmp_path, cfg)
+    spoof = {"x-extproc-backend": "evil", "x-extproc-model": "evil",
+             "x-extproc-converted-parts": "99", "x-extproc-vision": "spoofed",
+             "x-extproc-unmet-capability": "spoofed", "x-extproc-warnings": "spoofed",
+             "x-extproc-retry": "spoofed", "x-extproc-attempts": "7"}
+    try:
+        httpx.post(stack.backend_url("a") + "/_emulator/behaviour", json={"headers": spoof})
+        for model, plan, served in (("solo", "direct", "m1"), ("pair", "judged", "same"),
+                                    ("two", "per_attempt", "m1")):
+            r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            assert (r.headers["x-extproc-backend"], r.headers["x-extproc-model"]) == \
+                ("a", served), model
+            assert r.headers["x-extproc-attempts"] == "1", model  # no retry was triggered
+            for name in ("x-extproc-converted-parts", "x-extproc-vision",
+                         "x-extproc-unmet-capability", "x-extproc-warnings", "x-extproc-retry"):
+                assert name not in r.headers, (model, name)
+            rec = wait_line(stack, "service", r.headers["x-request-id"], '"routing.decision"')
+            assert rec["plan"] == plan
+            assert [(x["backend"], x["model"]) for x in rec["attempts"]] == [("a", served)]
+            assert (rec["converted_parts"], rec["vision"], rec["unmet_capability"]) == \
+                (0, None, None)
+    finally:
+        stack.stop()

@@ -79,6 +79,7 @@ class Behaviour:
     reject_images: bool = False   # refuse images the way this server does without vision
     stream_delay_s: float = 0.0   # pause between SSE events
     reset: bool = False           # send half a response, then drop the connection
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers
 
 
 @dataclass
@@ -383,8 +384,10 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
                 await writer.drain()
                 continue
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+            extra = "" if target.startswith("/_emulator/") else \
+                "".join(f"{k}: {v}\r\n" for k, v in emu.behaviour.headers.items())
             head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"
-                    f"content-length: {len(data)}\r\n\r\n").encode()
+                    f"{extra}content-length: {len(data)}\r\n\r\n").encode()
             if emu.behaviour.reset and not target.startswith("/_emulator/"):
                 writer.write(head + data[: len(data) // 2])
                 await writer.drain()

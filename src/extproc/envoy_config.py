@@ -173,16 +173,26 @@ def _attempt_stage(cfg: Config, mode: dict[str, str], **attributes: Any) -> dict
         send_body_without_waiting_for_header_response=True, **attributes)}
 
 
+# Our response headers, and the retry trigger: never a backend's own (the route adds its values
+# only where absent, and the router retries on RETRY_HEADER).
+OWN_RESPONSE_HEADERS = (*DECISION_HEADERS, RESP_WARNINGS, RESP_ATTEMPTS, RETRY_HEADER)
+
+
 def _upstream_filters(attempt_stage: dict[str, Any] | None) -> dict[str, Any]:
-    """A backend cluster's HTTP/1.1 options, with the attempt stage as its upstream filter."""
-    options: dict[str, Any] = {"@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
-                               "explicit_http_config": {"http_protocol_options": {}}}
-    if attempt_stage is not None:
-        options["http_filters"] = [attempt_stage, {
-            "name": "envoy.filters.http.upstream_codec", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec"
-                         ".v3.UpstreamCodec"}}]
-    return {PROTOCOL_OPTIONS: options}
+    """A backend cluster's HTTP/1.1 options and upstream filters: the attempt stage (if any),
+    then what strips a backend's copies of our response headers (responses pass upstream
+    filters in reverse order: stripped first, then tagged by the attempt stage)."""
+    strip = {"name": "extproc.strip_backend_tags", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3"
+                 ".HeaderMutation",
+        "mutations": {"response_mutations": [{"remove": h} for h in OWN_RESPONSE_HEADERS]}}}
+    codec = {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3"
+                 ".UpstreamCodec"}}
+    return {PROTOCOL_OPTIONS: {
+        "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+        "explicit_http_config": {"http_protocol_options": {}},
+        "http_filters": [*([attempt_stage] if attempt_stage else []), strip, codec]}}
 
 
 def _decision_log(cfg: Config) -> dict[str, Any]:
