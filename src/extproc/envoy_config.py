@@ -521,9 +521,10 @@ def render_snippets(cfg: Config) -> str:
               "set; retries walk the candidates.", {"route_config": hcm["route_config"]}),
         block("3. The backend pool clusters: per-request endpoint order and the attempt stage "
               "on every attempt, and its twins for requests the route stage prepared whole: "
-              "without the attempt stage, and with its response side only (add your `type`, "
-              "`connect_timeout` and the same endpoints to all three: one per backend, by IP "
-              "address).", pool_part),
+              "without the attempt stage, and with its response side only; all three drop a "
+              "backend's copies of our response headers (add your `type`, `connect_timeout` "
+              "and the same endpoints to all three: one per backend, by IP address).",
+              pool_part),
         block("4. The service itself, over HTTP/2 (keep its buffer limit well above your "
               "largest body).", service),
         SNIPPETS_END,
