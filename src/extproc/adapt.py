@@ -49,13 +49,15 @@ class BodyAdapter:
         self.fetch: list[Part] = []
         self.images: list[_Image] = []
 
-    def plan(self, data: dict[str, Any]) -> float:
-        """Look at the parsed body (the route stage validated it). Returns how long ``run`` may
+    def plan(self, data: dict[str, Any], parts: list[Part] | None = None) -> float:
+        """Look at the parsed body (the route stage validated it; ``parts``: its parts as the
+        route stage found them, not looked for again). Returns how long ``run`` may
         wait on the network (fetches, image descriptions not cached yet), capped at Envoy's
         longest message timeout; 0 when it will not wait, so the caller extends Envoy's message
         timeout only when needed (that answer is a gRPC message of its own)."""
         self.data = data
-        self.report = inspect_parts(data, validate=False)
+        self.report = PartsReport(parts) if parts is not None else \
+            inspect_parts(data, validate=False)
         vision = self.rt.vision
         describe = fetch = False
         if self.substitute and vision is not None:

@@ -24,7 +24,7 @@ from .hints import (
     hint_sources,
     read_hints,
 )
-from .parts import PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
+from .parts import Part, PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
 
 POOL_CLUSTER = "llm_backends"
 DIRECT_CLUSTER = "llm_backends_direct"
@@ -66,6 +66,7 @@ class RouteDecision:
     cluster: str = POOL_CLUSTER
     body: dict[str, Any] = field(default_factory=dict)
     sigs: list[Sig] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)  # as parsed: adapting reuses them
     warnings: list[str] = field(default_factory=list)
     dropped: list[tuple[Target, str]] = field(default_factory=list)
     needs: Needs = field(default_factory=Needs)
@@ -295,6 +296,7 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         candidates_meta=entry.candidates_meta,
         body=data,
         sigs=report.sigs,
+        parts=report.parts,
         warnings=report.warnings,
         hints=hints,
     )

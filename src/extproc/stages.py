@@ -46,7 +46,7 @@ from .messages import (
     mutation,
     struct,
 )
-from .parts import ConvertError, Profile, Sig, needs_change
+from .parts import ConvertError, Part, Profile, Sig, needs_change
 from .routing import (
     DIRECT_CLUSTER,
     JUDGED_CLUSTER,
@@ -238,19 +238,19 @@ class RouteStream:
         if aig:  # Envoy AI Gateway routes on this header and the body's model
             set_headers.append((aig, d.public_model))
         if adapter is not None:
-            return self._adapted(adapter, data, set_headers, remove, meta)
+            return self._adapted(adapter, data, d.parts, set_headers, remove, meta)
         if new_body is not None:
             set_headers.append(("content-length", str(len(new_body))))
         meta["record"] = self.record.to_json()
         return body_answer(set_headers, remove, new_body, meta, clear_route_cache=True)
 
-    async def _adapted(self, adapter: BodyAdapter, data: dict[str, Any],
+    async def _adapted(self, adapter: BodyAdapter, data: dict[str, Any], parts: list[Part],
                        set_headers: list[tuple[str, str]], remove: list[str],
                        meta: dict[str, str]) -> Out:
         """Adapt the body once for every candidate, then answer as ``_routed`` does; what was
         done travels as metadata, for Envoy's route to tell the client (response headers)."""
         try:
-            wait = adapter.plan(data)
+            wait = adapter.plan(data, parts)
             if wait:
                 yield extend_timeout(wait)
             body = await adapter.run()
