@@ -6,7 +6,9 @@ import orjson
 import pytest
 
 from extproc.capabilities import (
+    PASS,
     Needs,
+    NeedsError,
     StreamJudge,
     capability_gap,
     judge_completion,
@@ -74,16 +76,54 @@ def test_judge_tools() -> None:
     assert v.reason == "tools: truncated before a tool call"
 
 
-def test_judge_json_and_schema() -> None:
+def test_judge_json_hands_schema_checks_on() -> None:
+    """JSON validity is judged here; the schema check is untrusted work for the sandbox, so the
+    verdict carries the values still to check."""
     schema = {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
     needs = Needs({"json"}, {"json"}, schema=schema)
-    assert judge_completion(completion({"content": '{"city": "Oslo"}'}), needs).ok is True
-    v = judge_completion(completion({"content": "{}"}), needs)
-    assert v.ok is False and "schema" in v.reason and "city" in v.reason
+    v = judge_completion(completion({"content": '{"city": "Oslo"}'}), needs)
+    assert v.ok is True and v.schema_values == ('{"city": "Oslo"}',)
+    assert judge_completion(completion({"content": "{}"}), Needs({"json"}, {"json"})) == PASS
     v = judge_completion(completion({"content": "Oslo is nice"}), Needs({"json"}, {"json"}))
-    assert v.ok is False and "not valid JSON" in v.reason
+    assert v.ok is False and v.reason == "json: content is not valid JSON"
     v = judge_completion(completion({"content": '{"city": "Os'}, "length"), needs)
     assert v.reason == "json: truncated (finish_reason length)"
+
+
+def test_tool_reasons_name_the_forced_function_not_the_answer() -> None:
+    named = Needs({"tools"}, {"tools"}, tool_name="get_time")
+    v = judge_completion(completion(CALL), named)
+    assert v.reason == "tools: called another function than the forced 'get_time'"
+    assert "get_weather" not in v.reason  # model output stays out of headers and logs
+    j = StreamJudge(named)
+    v = j.feed(b"".join(sse({"tool_calls": [{"index": 0, "function": {"name": "evil"}}]})))
+    assert v.ok is False and "evil" not in v.reason
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tools": {}}, "tools"),
+    ({"tool_choice": {"function": 5}}, "tool_choice.function"),
+    ({"tool_choice": {"function": {"name": 1}}}, "tool_choice.function.name"),
+    ({"tool_choice": {"name": []}}, "tool_choice.name"),
+    ({"tool_choice": {"type": "allowed_tools", "allowed_tools": "x"}}, "tool_choice.allowed_tools"),
+    ({"function_call": 5}, "function_call"),
+    ({"response_format": []}, "response_format"),
+    ({"response_format": {"type": 1}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}},
+     "response_format.json_schema.schema"),
+])
+def test_request_needs_refuses_wrong_shapes_naming_the_field(extra: dict, param: str) -> None:
+    with pytest.raises(NeedsError) as exc:
+        request_needs({"tools": TOOLS, **extra}, [])
+    assert exc.value.param == param
+
+
+def test_oversized_schema_is_not_carried() -> None:
+    schema = {"type": "object", "description": "x" * 5000}
+    rf = {"type": "json_schema", "json_schema": {"schema": schema}}
+    assert request_needs({"response_format": rf}, []).schema == schema
+    n = request_needs({"response_format": rf}, [], max_schema_bytes=1024)
+    assert n.schema is None and n.forced == {"json"}  # still judged as JSON
 
 
 def test_unparseable_bodies_are_not_judged() -> None:

@@ -5,10 +5,24 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from extproc.attempt import BackendRuntime, backend_runtimes, header_plan, pick_candidate, rewrite_model
+from extproc.attempt import (
+    BackendRuntime,
+    backend_runtimes,
+    credential_headers,
+    header_plan,
+    pick_candidate,
+    rewrite_model,
+)
 from extproc.config import parse_config
 from extproc.errors import Reply
-from extproc.routing import RoutingTable, Target, check_request_line, decode_candidates, route_body
+from extproc.routing import (
+    RoutingTable,
+    Target,
+    check_request_line,
+    decode_candidates,
+    model_key,
+    route_body,
+)
 
 CFG = parse_config({
     "backends": [
@@ -115,12 +129,66 @@ def test_credentials_and_paths() -> None:
     with pytest.raises(Exception, match="B_KEY"):
         backend_runtimes(CFG, env={})
     rts = backend_runtimes(CFG, env={"B_KEY": "sek"})
-    plan_b = header_plan(rts["b"], "/v1/chat/completions")
-    assert ("authorization", "Bearer sek") in plan_b.set
+    creds = credential_headers(rts)
+    client = {"authorization": "Bearer client", "x-api-key": "client-2"}
+    plan_b = header_plan(rts["b"], "/v1/chat/completions", creds, client)
+    assert ("authorization", "Bearer sek") in plan_b.set and len(plan_b.set) == 1
     assert "x-api-key" in plan_b.remove and "authorization" not in plan_b.remove
-    plan_a = header_plan(rts["a"], "/v1/chat/completions")
+    plan_a = header_plan(rts["a"], "/v1/chat/completions", creds, client)
     assert "authorization" in plan_a.remove and not plan_a.set
     fwd = BackendRuntime("f", None, None, True, "/openai/v1")
-    plan_f = header_plan(fwd, "/v1/chat/completions")
+    plan_f = header_plan(fwd, "/v1/chat/completions?x=1", creds, client)
+    assert set(plan_f.set) == {("authorization", "Bearer client"), ("x-api-key", "client-2"),
+                               (":path", "/openai/v1/chat/completions?x=1")}
     assert "authorization" not in plan_f.remove
-    assert (":path", "/openai/v1/chat/completions") in plan_f.set
+
+
+def test_every_attempt_sets_credentials_and_path_from_scratch() -> None:
+    """A retry starts from the headers the previous attempt left (Envoy reuses them): a
+    custom key header of another backend is removed, and the path comes from the client's."""
+    custom = BackendRuntime("c", "x-custom-key", "ck", False, "/api/v1")
+    plain = BackendRuntime("p", None, None, True, "/v1")
+    creds = credential_headers({"c": custom, "p": plain})
+    assert "x-custom-key" in creds
+    plan = header_plan(plain, "/v1/chat/completions", creds, {"authorization": "Bearer cl"},
+                       current_path="/api/v1/chat/completions")
+    assert "x-custom-key" in plan.remove
+    assert set(plan.set) == {("authorization", "Bearer cl"), (":path", "/v1/chat/completions")}
+    plan = header_plan(custom, "/v1/chat/completions", creds, {"authorization": "Bearer cl"},
+                       current_path="/v1/chat/completions")
+    assert set(plan.set) == {("x-custom-key", "ck"), (":path", "/api/v1/chat/completions")}
+    assert {"authorization", "x-api-key", "api-key"} <= set(plan.remove)
+
+
+@pytest.mark.parametrize(("raw", "reserialise"), [
+    (b'{"model": "pub", "messages": []}', False),
+    (b'{"messages": []}', False),
+    (b'{"model": "pub", "model": "pub"}', True),
+    (b'{"m\\u006fdel": "a", "model": "pub"}', True),
+    (b'{"model": "a", "\\u006Dodel": "pub"}', True),
+    (b'{"model": "pub", "metadata": {"model": "x"}}', True),   # nested: re-serialised, harmless
+    (b'{"model": "pub", "text": "caf\\u00e9 \\u003c"}', False),  # escapes encoders write
+    (b'{"model": null}', True),
+])
+def test_model_key_canonical_or_reserialised(raw: bytes, reserialise: bool) -> None:
+    data = orjson.loads(raw)
+    assert model_key(raw, data) is reserialise
+    assert "model" not in data or data["model"] is not None
+
+
+def test_model_key_case_variants_are_refused() -> None:
+    for key in ("Model", "MODEL", "moDel"):
+        out = model_key(b"{}", {"model": "pub", key: "x"})
+        assert isinstance(out, Reply) and err(out)["param"] == key
+    assert model_key(b'{"models": 1}', {"models": 1}) is False
+
+
+@pytest.mark.parametrize("extra", [b'"model": "x", ', b'"m\\u006fdel": "x", ', b''])
+def test_model_key_in_large_media_bodies(extra: bytes) -> None:
+    """Large bodies are scanned quote to quote: a duplicate or escaped key after a 2 MB
+    payload is still found, and a clean one is not re-serialised."""
+    payload = b"QUJD" * 500_000
+    raw = (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+           b'{"url": "data:image/png;base64,' + payload + b'"}}]}], ' + extra +
+           b'"model": "pub"}')
+    assert model_key(raw, orjson.loads(raw)) is bool(extra)

@@ -61,3 +61,27 @@ def test_reload_new_alias_broken_config_and_in_flight(tmp_path) -> None:
         assert stack.procs["service"].poll() is None
     finally:
         stack.stop()
+
+
+def test_watcher_survives_a_config_that_validates_but_cannot_be_built(tmp_path) -> None:
+    """`fetch.ca_bundle: /nonexistent` passes validation but fails when the runtime is built:
+    the file watcher used to die silently on it, and later valid edits were ignored."""
+    cfg = stack_config(
+        backends=[{"name": "a", "preset": "vllm", "models": ["m1"]}],
+        models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]}])
+    cfg["service"]["reload_watch_s"] = 0.2
+    stack = start_stack(tmp_path, cfg)
+    path = tmp_path / "config.yaml"
+    try:
+        url = stack.envoy_url
+        broken = {**cfg, "fetch": {"ca_bundle": "/nonexistent/ca.pem"}}
+        path.write_text(yaml.safe_dump(broken))
+        assert wait_for(lambda: "config.reload_refused" in stack.log_path("service").read_text())
+        assert "/nonexistent/ca.pem" in stack.log_path("service").read_text()
+        assert chat(url, "pub").status_code == 200  # the old config keeps serving
+        time.sleep(0.3)
+        cfg["models"][0]["aliases"] = ["after-the-broken-one"]
+        path.write_text(yaml.safe_dump(cfg))  # no SIGHUP: the watcher must still be alive
+        assert wait_for(lambda: chat(url, "after-the-broken-one").status_code == 200)
+    finally:
+        stack.stop()

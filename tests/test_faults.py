@@ -170,6 +170,36 @@ def test_backend_fault_next_candidate_serves(fstack: Stack, fault: str,
     assert load.ok == load.sent  # the next candidate served every request
 
 
+@pytest.mark.parametrize("concurrency", [4, 32])
+def test_dead_first_candidate_under_load_every_request_fails_over(fstack: Stack,
+                                                                  concurrency: int) -> None:
+    """400 requests, the first candidate refusing connections: every one is served by the
+    next. Envoy's default circuit breaker (three retries in flight per cluster) refused 20-80%
+    of these failovers with a 503 (upstream_rq_retry_overflow)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def one(_: int) -> int:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=30)
+        try:
+            return local.client.post(fstack.envoy_url + "/v1/chat/completions",
+                                     json={**BODY, "model": "dead-first"}).status_code
+        except httpx.HTTPError:
+            return 0
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        statuses = list(pool.map(one, range(400)))
+    answered = sum(s != 0 for s in statuses)
+    print(f"dead first candidate, concurrency {concurrency}: sent 400, answered {answered}, "
+          f"lost {400 - answered}, statuses { {s: statuses.count(s) for s in set(statuses)} }")
+    assert statuses == [200] * 400
+    stats = httpx.get(f"http://127.0.0.1:{fstack.config.envoy.admin_port}/stats",
+                      params={"filter": "retry_overflow"}).text
+    assert all(line.endswith(": 0") for line in stats.splitlines() if line), stats
+
+
 @pytest.mark.parametrize(("fault", "behaviour", "status"), [
     ("answering 5xx", {"fail_status": 500, "fail_times": -1}, 500),
     ("resetting mid-response", {"reset": True}, 502),

@@ -201,3 +201,50 @@ async def test_ai_gateway_mode_sets_model_header_and_canonical_body_model() -> N
     assert sets["x-ai-eg-model"] == b"canonical"
     assert common.body_mutation.body == b'{"model": "canonical", "messages": [] }'  # spliced
     assert sets["content-length"] == str(len(common.body_mutation.body)).encode()
+
+
+async def test_reloader_survives_any_build_failure(tmp_path, monkeypatch) -> None:
+    """Whatever building a new runtime raises, the reload is refused with a log line and the
+    old runtime keeps serving; the file watch goes on to pick up the next edit."""
+    import asyncio
+    import os
+
+    import yaml
+
+    from extproc import service
+
+    path = tmp_path / "config.yaml"
+    raw = {"backends": [{"name": "a", "url": "http://127.0.0.1:8001/v1",
+                         "models": [{"name": "m1"}]}]}
+    path.write_text(yaml.safe_dump(raw))
+    old = Runtime.build(parse_config(raw))
+    proc = Processor(old)
+    reloader = service.Reloader(str(path), proc)
+    logged: list[dict] = []
+    monkeypatch.setattr(service, "log_event", lambda _log, fields, *a: logged.append(fields))
+    real_build = Runtime.build
+
+    def broken(*a: object, **kw: object) -> Runtime:
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(Runtime, "build", broken)
+    watch = asyncio.create_task(reloader.watch(0.05))
+    try:
+        path.write_text(yaml.safe_dump({**raw, "default_model": "m1"}))
+        os.utime(path, (1, 1))
+        for _ in range(100):
+            if logged:
+                break
+            await asyncio.sleep(0.02)
+        assert logged[0]["event"] == "config.reload_refused"
+        assert logged[0]["problems"] == ["RuntimeError: something nobody expected"]
+        assert proc.rt is old and not watch.done()
+        monkeypatch.setattr(Runtime, "build", real_build)
+        os.utime(path, (2, 2))
+        for _ in range(100):
+            if proc.rt is not old:
+                break
+            await asyncio.sleep(0.02)
+        assert proc.rt is not old and proc.rt.config.default_model == "m1"
+    finally:
+        watch.cancel()

@@ -80,16 +80,40 @@ def pick_candidate(
     return None
 
 
-def header_plan(backend: BackendRuntime, client_path: str) -> HeaderPlan:
+def credential_headers(backends: dict[str, BackendRuntime]) -> tuple[str, ...]:
+    """Every header that carries a credential: the client's kinds and each backend's own."""
+    return tuple(dict.fromkeys([*CLIENT_CREDENTIAL_HEADERS, *(
+        b.auth_header for b in backends.values() if b.auth_header)]))
+
+
+def client_credentials(headers: dict[str, str]) -> dict[str, str]:
+    return {h: headers[h] for h in CLIENT_CREDENTIAL_HEADERS if headers.get(h)}
+
+
+def backend_path(backend: BackendRuntime, client_path: str) -> str:
+    """The client's ``/v1/...`` path under the backend's base path."""
+    if backend.base_path != "/v1" and client_path.startswith("/v1"):
+        return backend.base_path + client_path[3:]
+    return client_path
+
+
+def header_plan(backend: BackendRuntime, client_path: str, credentials: tuple[str, ...],
+                client_auth: dict[str, str], current_path: str | None = None) -> HeaderPlan:
+    """Credentials and path for one backend, set from scratch: Envoy hands a retry the headers
+    the previous attempt's upstream filter left, so every credential header any backend uses
+    is removed and only this backend's (or, where it forwards them, the client's own, carried
+    from the route stage) is set; the path is derived from the client's, not the current."""
     plan = HeaderPlan(remove=list(INTERNAL_HEADERS))
     if backend.auth_value is not None:
         assert backend.auth_header is not None
         plan.set.append((backend.auth_header, backend.auth_value))
-        plan.remove += [h for h in CLIENT_CREDENTIAL_HEADERS if h != backend.auth_header]
-    elif not backend.forward_client_auth:
-        plan.remove += list(CLIENT_CREDENTIAL_HEADERS)
-    if backend.base_path != "/v1" and client_path.startswith("/v1"):
-        plan.set.append((":path", backend.base_path + client_path[3:]))
+    elif backend.forward_client_auth:
+        plan.set += client_auth.items()
+    named = {h for h, _ in plan.set}
+    plan.remove += [h for h in credentials if h not in named]
+    path = backend_path(backend, client_path)
+    if path != (client_path if current_path is None else current_path):
+        plan.set.append((":path", path))
     return plan
 
 

@@ -39,35 +39,65 @@ class Needs:
                    d.get("schema"))
 
 
-def request_needs(data: dict[str, Any], sigs: list[Sig]) -> Needs:
+class NeedsError(Exception):
+    """A request field the needs are read from has the wrong shape: a 400 naming it."""
+
+    def __init__(self, param: str, expected: str):
+        self.param, self.expected = param, expected
+        super().__init__(f"Invalid type for '{param}': expected {expected}")
+
+
+def _shape(value: Any, param: str, expected: str, *types: type) -> Any:
+    if value is not None and not isinstance(value, types):
+        raise NeedsError(param, expected)
+    return value
+
+
+def request_needs(data: dict[str, Any], sigs: list[Sig], max_schema_bytes: int = 65536) -> Needs:
+    """What the request needs and forces. Raises NeedsError when a field read here has the
+    wrong shape. A ``json_schema`` over ``max_schema_bytes`` is not carried: such answers are
+    judged as JSON only (the schema travels to the attempt stage in Envoy's metadata)."""
     n = Needs()
-    tools = data.get("tools") or data.get("functions")
-    if isinstance(tools, list) and tools:
+    tools = _shape(data.get("tools"), "tools", "an array", list) or \
+        _shape(data.get("functions"), "functions", "an array", list)
+    if tools:
         n.needed.add("tools")
-        choice = data.get("tool_choice")
+        choice = _shape(data.get("tool_choice"), "tool_choice", "a string or an object",
+                        str, dict)
         if choice == "required":
             n.forced.add("tools")
         elif isinstance(choice, dict):
-            if choice.get("type") == "allowed_tools":
-                if (choice.get("allowed_tools") or {}).get("mode") == "required":
+            kind = _shape(choice.get("type"), "tool_choice.type", "a string", str)
+            if kind == "allowed_tools":
+                allowed = _shape(choice.get("allowed_tools"), "tool_choice.allowed_tools",
+                                 "an object", dict) or {}
+                if allowed.get("mode") == "required":
                     n.forced.add("tools")
             else:
-                name = (choice.get("function") or {}).get("name") or choice.get("name")
-                if isinstance(name, str):
+                fn = _shape(choice.get("function"), "tool_choice.function", "an object",
+                            dict) or {}
+                name = _shape(fn.get("name"), "tool_choice.function.name", "a string", str) \
+                    or _shape(choice.get("name"), "tool_choice.name", "a string", str)
+                if name:
                     n.forced.add("tools")
                     n.tool_name = name
-        fc = data.get("function_call")
-        if isinstance(fc, dict) and isinstance(fc.get("name"), str):
-            n.forced.add("tools")
-            n.tool_name = fc["name"]
-    rf = data.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
+        fc = _shape(data.get("function_call"), "function_call", "a string or an object",
+                    str, dict)
+        if isinstance(fc, dict):
+            name = _shape(fc.get("name"), "function_call.name", "a string", str)
+            if name:
+                n.forced.add("tools")
+                n.tool_name = name
+    rf = _shape(data.get("response_format"), "response_format", "an object", dict)
+    if rf is not None and _shape(rf.get("type"), "response_format.type", "a string", str) in (
+            "json_object", "json_schema"):
         n.needed.add("json")
         n.forced.add("json")
         if rf.get("type") == "json_schema":
-            js = rf.get("json_schema")
-            schema = js.get("schema") if isinstance(js, dict) else None
-            if isinstance(schema, dict):
+            js = _shape(rf.get("json_schema"), "response_format.json_schema", "an object", dict)
+            schema = _shape((js or {}).get("schema"), "response_format.json_schema.schema",
+                            "an object", dict, bool)
+            if isinstance(schema, dict) and len(orjson.dumps(schema)) <= max_schema_bytes:
                 n.schema = schema
     if data.get("reasoning_effort") is not None or data.get("reasoning") is not None:
         n.needed.add("reasoning")
@@ -95,8 +125,14 @@ def rank(caps: frozenset[str] | None, needed: set[str], substitutable: set[str])
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """A judgement. Reasons name what failed, never the answer's text: they become a
+    response header and log lines, and the answer is model output."""
+
     ok: bool | None       # None: could not judge (pass through)
     reason: str = ""
+    # JSON texts that still have to match the request's json_schema: a check of untrusted
+    # work done off the event loop (schema_judge.py), so not here.
+    schema_values: tuple[str, ...] = ()
 
 
 PASS, UNJUDGED = Verdict(True), Verdict(None)
@@ -108,23 +144,6 @@ def _list(v: Any) -> list[Any]:
 
 def _dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
-
-
-def _validate_json(text: str, needs: Needs) -> Verdict:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return Verdict(False, "json: content is not valid JSON")
-    if needs.schema is not None:
-        import jsonschema
-
-        try:
-            jsonschema.validate(value, needs.schema)
-        except jsonschema.ValidationError as exc:
-            return Verdict(False, f"json: does not match the schema ({exc.message[:120]})")
-        except jsonschema.SchemaError:
-            return UNJUDGED  # the client's schema is broken: not the model's fault
-    return PASS
 
 
 def judge_completion(body: bytes, needs: Needs) -> Verdict:
@@ -151,18 +170,23 @@ def judge_completion(body: bytes, needs: Needs) -> Verdict:
             return Verdict(False, "tools: truncated before a tool call" if truncated
                            else "tools: forced, but the answer has no tool call")
         if needs.tool_name and needs.tool_name not in names:
-            return Verdict(False, f"tools: called {names[0]!r}, not the forced "
+            return Verdict(False, f"tools: called another function than the forced "
                                   f"{needs.tool_name!r}")
     if "json" in needs.forced:
+        values = []
         for c, m in zip(choices, messages, strict=True):
             content = m.get("content")
             if not isinstance(content, str):
                 continue
-            v = _validate_json(content, needs)
-            if v.ok is False and c.get("finish_reason") == "length":
-                return Verdict(False, "json: truncated (finish_reason length)")
-            if v.ok is False:
-                return v
+            try:
+                orjson.loads(content)
+            except orjson.JSONDecodeError:
+                if c.get("finish_reason") == "length":
+                    return Verdict(False, "json: truncated (finish_reason length)")
+                return Verdict(False, "json: content is not valid JSON")
+            values.append(content)
+        if needs.schema is not None and values:
+            return Verdict(True, schema_values=tuple(values))
     return PASS
 
 
@@ -212,7 +236,7 @@ class StreamJudge:
             if calls and "tools" in self.needs.forced:
                 name = _dict(calls[0].get("function")).get("name") or calls[0].get("name")
                 if self.needs.tool_name and name and name != self.needs.tool_name:
-                    return Verdict(False, f"tools: called {name!r}, not the forced "
+                    return Verdict(False, f"tools: called another function than the forced "
                                           f"{self.needs.tool_name!r}")
                 return PASS
             text = d.get("content")

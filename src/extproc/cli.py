@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.service.log_level)
     try:
         rt = Runtime.build(cfg)
-    except MissingCredential as exc:
+    except (MissingCredential, ConfigError) as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
     workers = args.workers or cfg.service.workers

@@ -34,6 +34,11 @@ class _Strict(BaseModel):
 
 
 CAPABILITIES = ("tools", "vision", "audio", "json", "reasoning")
+# Client headers a backend never needs and must not see: session cookies, proxy and cloud
+# provider credentials (a backend's own key is set per attempt), client certificates.
+DEFAULT_STRIPPED_HEADERS = (
+    "cookie", "proxy-authorization", "x-goog-api-key", "x-amz-security-token",
+    "ocp-apim-subscription-key", "x-forwarded-client-cert")
 
 
 class BackendModel(_Strict):
@@ -174,6 +179,14 @@ class CapabilityRouting(_Strict):
     hold_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
                                 description="response bytes held while judging a forced need")
     hold_max_s: float = Field(default=60.0, gt=0, description="longest hold before releasing")
+    judge_timeout_s: float = Field(
+        default=1.0, gt=0, le=60, description="longest check of an answer against the client's "
+        "json_schema (in a child process, killed when over); over it the answer is unjudged")
+    judge_max_schema_bytes: int = Field(
+        default=65536, ge=1024, description="a larger json_schema is not checked (the answer "
+        "is judged as JSON only)")
+    judge_workers: int = Field(default=2, ge=1, le=16,
+                               description="child processes checking schemas, per service process")
 
 
 HintKind = Literal["intent", "model", "backend", "order"]
@@ -277,6 +290,19 @@ class EnvoySettings(_Strict):
     retry_base_interval_ms: int = Field(default=5, ge=1)
     retry_max_interval_ms: int = Field(default=50, ge=1)
     per_try_timeout_s: float | None = Field(default=None, gt=0)
+    # Envoy's circuit breakers, per backend cluster. Its defaults (1,024 requests, 3 retries
+    # in flight) refuse failover under load: with a dead first candidate every request needs a
+    # retry, and the fourth concurrent one got a 503 instead of the next candidate.
+    max_requests: int = Field(default=10_000, ge=1, description="requests in flight per "
+                              "backend cluster (and gRPC streams to the service)")
+    max_pending_requests: int = Field(default=10_000, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
+    retry_budget_percent: float = Field(
+        default=100.0, gt=0, le=100, description="retries in flight as a share of the "
+        "requests in flight: 100 lets every request fail over at once (each request has at "
+        "most one attempt in flight, and at most candidates - 1 retries)")
+    min_retry_concurrency: int = Field(default=64, ge=1, description="retries always allowed "
+                                       "in flight, whatever the budget")
     access_log: bool = True
     whole_responses: bool = Field(
         default=True, description="hold each non-streaming response until it is complete, so "
@@ -323,6 +349,15 @@ class Config(_Strict):
     ai_gateway: AIGatewaySettings = AIGatewaySettings()
     client_auth: ClientAuth | None = None
     routed_paths: list[str] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    strip_client_headers: list[str] = Field(
+        default=list(DEFAULT_STRIPPED_HEADERS), description="client request headers that never "
+        "reach a backend (every x-envoy-* and x-extproc-* header is removed too; credentials "
+        "follow each backend's forward_client_auth)")
+
+    @field_validator("strip_client_headers")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [h.strip().lower() for h in v]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import gzip
 import os
 import re
 import threading
@@ -80,6 +81,9 @@ class Behaviour:
     stream_delay_s: float = 0.0   # pause between SSE events
     reset: bool = False           # send half a response, then drop the connection
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
+    content: str | None = None    # answer exactly this text (JSON mode included)
+    pad_bytes: int = 0            # make the answer's text this many bytes longer
+    gzip: bool = False            # gzip answers when the request accepts it (cloud APIs do)
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Emulator:
     flavour: str
     models: list[str]
     api_key: str | None = None
+    api_key_header: str = "authorization"
+    api_key_scheme: str = "Bearer"
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
     behaviour: Behaviour = field(default_factory=Behaviour)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,7 +111,8 @@ class Emulator:
         rec: dict[str, Any] = {"method": method, "path": path, "headers": headers,
                                "ts": time.time()}
         try:
-            if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            expected = f"{self.api_key_scheme} {self.api_key}".strip()
+            if self.api_key is not None and headers.get(self.api_key_header) != expected:
                 raise _error(self.flavour, 401, "Incorrect API key provided",
                              code="invalid_api_key")
             if method == "GET" and path.rstrip("/") in ("/v1/models", "/models"):
@@ -119,6 +126,8 @@ class Emulator:
                 raise _error(self.flavour, 400, f"JSON decode error: {exc}") from None
             rec["json"] = data if self.record_bodies else {"model": data.get("model")}
             rec["body_bytes"] = len(body)
+            if self.record_bodies and len(body) <= 65536:  # as sent: duplicate keys and all
+                rec["raw"] = body.decode("utf-8", "replace")
             with self.lock:
                 b = self.behaviour
                 if b.fail_status and b.fail_times != 0:
@@ -270,7 +279,9 @@ class Emulator:
             schema = (rf.get("json_schema") or {}).get("schema")
             value = {} if q.bad_schema else (_fake_json(schema) if schema else {"answer": text})
             text = orjson.dumps(value).decode()
-        return {"role": "assistant", "content": text}, "stop"
+        if q.content is not None:
+            text = q.content
+        return {"role": "assistant", "content": text + " " * q.pad_bytes}, "stop"
 
     def _describe(self, messages: list[Any]) -> str:
         from .aux_vision import describe_image
@@ -386,6 +397,10 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             extra = "" if target.startswith("/_emulator/") else \
                 "".join(f"{k}: {v}\r\n" for k, v in emu.behaviour.headers.items())
+            if emu.behaviour.gzip and not target.startswith("/_emulator/") and \
+                    "gzip" in headers.get("accept-encoding", ""):
+                data = gzip.compress(data)
+                extra += "content-encoding: gzip\r\n"
             head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"
                     f"{extra}content-length: {len(data)}\r\n\r\n").encode()
             if emu.behaviour.reset and not target.startswith("/_emulator/"):
@@ -415,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--api-key")
+    ap.add_argument("--api-key-header", default="authorization")
+    ap.add_argument("--api-key-scheme", default="Bearer")
     ap.add_argument("--no-record-bodies", action="store_true")
     ap.add_argument("--tls-cert", help="serve HTTPS with this certificate (and --tls-key)")
     ap.add_argument("--tls-key")
@@ -426,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(a.tls_cert, a.tls_key)
     record = not (a.no_record_bodies or os.environ.get("EMULATOR_NO_RECORD_BODIES"))
-    emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key, record_bodies=record)
+    emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key, a.api_key_header.lower(),
+                   a.api_key_scheme, record_bodies=record)
 
     if a.flavour == "ocr":
         from .aux_vision import warm_up

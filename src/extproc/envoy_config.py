@@ -257,6 +257,20 @@ def _client_auth(cfg: Config) -> list[dict[str, Any]]:
     }]
 
 
+def _circuit_breakers(cfg: Config) -> dict[str, Any]:
+    """Sized so that failover is never refused under load (Envoy's default allows three retries
+    in flight per cluster); the budget bounds retries by the requests in flight instead."""
+    e = cfg.envoy
+    return {"thresholds": [{
+        "priority": "DEFAULT",
+        "max_connections": e.max_connections,
+        "max_pending_requests": e.max_pending_requests,
+        "max_requests": e.max_requests,
+        "retry_budget": {"budget_percent": {"value": e.retry_budget_percent},
+                         "min_retry_concurrency": e.min_retry_concurrency},
+    }]}
+
+
 def max_candidates(cfg: Config) -> int:
     counts = [len(m.candidates) for m in cfg.models]
     per_model: dict[str, int] = {}
@@ -350,6 +364,7 @@ def render(cfg: Config) -> dict[str, Any]:
         "type": "STATIC",
         "connect_timeout": _dur(e.connect_timeout_s),
         "per_connection_buffer_limit_bytes": e.max_body_bytes,
+        "circuit_breakers": _circuit_breakers(cfg),
         "load_assignment": {"cluster_name": POOL_CLUSTER, "endpoints": [{"lb_endpoints": endpoints}]},
         "load_balancing_policy": {"policies": [{"typed_extension_config": {
             "name": "envoy.load_balancing_policies.override_host",
@@ -395,6 +410,8 @@ def render(cfg: Config) -> dict[str, Any]:
         # watermark fires under concurrent large bodies and Envoy 1.40 segfaults in the upstream
         # (attempt-stage) ext_proc filter; measured: 4 MB bodies at concurrency 2+ crash it.
         "per_connection_buffer_limit_bytes": 4 * e.max_body_bytes,
+        # Each client request holds up to two streams here (route and attempt stages).
+        "circuit_breakers": _circuit_breakers(cfg),
         "load_assignment": {"cluster_name": SERVICE_CLUSTER, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _sock(service_host, cfg.service.port + i)}}
             for i in range(cfg.service.workers)]}]},
@@ -438,6 +455,7 @@ def _egress(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             "dns_lookup_family": "V4_PREFERRED",
             "connect_timeout": _dur(e.connect_timeout_s),
             "per_connection_buffer_limit_bytes": e.max_body_bytes,
+            "circuit_breakers": _circuit_breakers(cfg),
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": _sock(ep.hostname, ep.port)}}]}]},
         }
@@ -503,7 +521,8 @@ def render_snippets(cfg: Config) -> str:
     hcm = doc["static_resources"]["listeners"][-1]["filter_chains"][0]["filters"][0][
         "typed_config"]
     service, *rest = doc["static_resources"]["clusters"]
-    keys = ("name", "load_balancing_policy", "typed_extension_protocol_options")
+    keys = ("name", "circuit_breakers", "load_balancing_policy",
+            "typed_extension_protocol_options")
     pool_part = {"clusters": [{k: c[k] for k in keys} for c in rest
                               if c["name"] in (POOL_CLUSTER, DIRECT_CLUSTER, JUDGED_CLUSTER)]}
 

@@ -8,6 +8,7 @@ Pure functions: (body, headers, config) -> hints, then candidates -> filtered ca
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,12 @@ class Hints:
                 "ignored": self.ignored, "policy": self.policy}
 
 
-def check_metadata(meta: Any) -> Reply | None:
-    """OpenAI's limits: at most 16 pairs, keys up to 64 characters, string values up to 512."""
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_metadata(meta: Any, header_keys: frozenset[str] = frozenset()) -> Reply | None:
+    """OpenAI's limits: at most 16 pairs, keys up to 64 characters, string values up to 512;
+    values of ``header_keys`` (propagated to a backend header) without control characters."""
     if meta is None:
         return None
     if not isinstance(meta, dict):
@@ -54,6 +59,10 @@ def check_metadata(meta: Any) -> Reply | None:
         if len(v) > MAX_VALUE:
             return error_reply(400, f"metadata value for '{k}' is {len(v)} characters; at most "
                                f"{MAX_VALUE} are allowed", code="invalid_metadata",
+                               param=f"metadata.{k}")
+        if k in header_keys and _CONTROL.search(v):
+            return error_reply(400, f"metadata value for '{k}' contains control characters; it "
+                               "is sent to the backend as a header", code="invalid_metadata",
                                param=f"metadata.{k}")
     return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -20,9 +22,13 @@ ATTR_BODY_MODEL = "metadata.filter_metadata['extproc']['body_model']"
 ATTR_PARTS = "metadata.filter_metadata['extproc']['parts']"
 ATTR_NEEDS = "metadata.filter_metadata['extproc']['needs']"
 ATTR_UNSTORED_META = "metadata.filter_metadata['extproc']['unstored_metadata']"
+# The client's own path and credentials: the route stage removes the credentials from the
+# request (each attempt sets its backend's), so the attempt stage has them from here.
+ATTR_PATH = "metadata.filter_metadata['extproc']['path']"
+ATTR_CLIENT_AUTH = "metadata.filter_metadata['extproc']['client_auth']"
 ATTR_REQUEST_ID = "request.headers['x-request-id']"
 ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL, ATTR_PARTS,
-                      ATTR_NEEDS, ATTR_UNSTORED_META)
+                      ATTR_NEEDS, ATTR_UNSTORED_META, ATTR_PATH, ATTR_CLIENT_AUTH)
 # The judged cluster's attempt stage sees only responses: what it needs comes with them.
 JUDGED_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_NEEDS, ATTR_REQUEST_ID)
 RETRY_HEADER = "x-extproc-retry"
@@ -66,11 +72,24 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _HVO_CACHE: dict[tuple[str, str], base_pb2.HeaderValueOption] = {}
 
 
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def header_safe(value: str) -> str:
+    """A header value that cannot end the header: control characters become %XX. Every value
+    we set goes through here, whatever its source (validation upstream is the first line; a
+    value that slipped through must still not inject a header or make Envoy refuse the
+    mutation)."""
+    if _UNSAFE.search(value) is None:
+        return value
+    return _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", value)
+
+
 def _hvo(key: str, value: str) -> base_pb2.HeaderValueOption:
     out = _HVO_CACHE.get((key, value))
     if out is None:
         out = base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+            header=base_pb2.HeaderValue(key=key, raw_value=header_safe(value).encode()),
             append_action=_OVERWRITE)
         if key != "content-length" and len(_HVO_CACHE) < 4096:
             _HVO_CACHE[(key, value)] = out

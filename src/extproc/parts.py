@@ -131,6 +131,7 @@ def _tname(v: Any) -> str:
 
 
 _B64_LENIENT = re.compile(r"[A-Za-z0-9+/=\s]*")
+_MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -176,6 +177,10 @@ def parse_data_url(url: str, param: str, validate: bool = True) -> tuple[str, st
             400, f"'{param}' is not a readable data URL: expected data:<type>;base64,<data>",
             code="invalid_data_url", param=param))
     mime = head[5:-7].split(";", 1)[0].strip().lower()
+    if not _MIME.fullmatch(mime):
+        raise PartError(error_reply(
+            400, f"'{param}' is not a readable data URL: its media type is not type/subtype",
+            code="invalid_data_url", param=param))
     if validate:
         check_base64(payload, param)
     return mime, payload
@@ -281,6 +286,11 @@ def _parse_part(raw: Any, path: str, i: int, j: int, validate: bool = True
         elif validate:
             check_base64(data, f"{path}.input_audio.data")
         declared = normalise_format(fmt)
+        if declared not in FORMAT_MIME:
+            param = f"{path}.input_audio.format"
+            raise PartError(error_reply(
+                400, f"'{param}': unknown audio format {fmt[:20]!r}; expected one of "
+                f"{', '.join(FORMAT_MIME)}", code="invalid_value", param=param))
         sniffed = sniff(head_bytes(data))
         mismatch = bool(sniffed and sniffed != declared)
         warning = (f"{path}.input_audio.format: declared {declared}, the bytes are {sniffed}"

@@ -7,10 +7,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .attempt import BackendRuntime, MissingCredential, backend_runtimes
-from .config import Config, backend_endpoint
+from .attempt import BackendRuntime, MissingCredential, backend_runtimes, credential_headers
+from .config import Config, ConfigError, backend_endpoint
 from .fetch import Fetcher, FetchPolicy
 from .routing import RoutingTable
+from .schema_judge import SchemaJudge
 from .vision import AuxEndpoint, VisionClient
 
 
@@ -21,8 +22,13 @@ class Runtime:
     backends: dict[str, BackendRuntime]
     fetcher: Fetcher
     vision: VisionClient | None
+    schema_judge: SchemaJudge
     # Hint headers and client copies of propagated headers: removed from every request.
     hint_headers: tuple[str, ...] = ()
+    # Every header that carries a credential (client kinds and each backend's): removed on
+    # every attempt before the attempt's own is set.
+    credentials: tuple[str, ...] = ()
+    strip_headers: frozenset[str] = frozenset()  # client headers no backend ever sees
     # Attempt outcomes the route stage's decision record picks up (same process only).
     notes: OrderedDict[str, list[dict[str, Any]]] = field(default_factory=OrderedDict)
 
@@ -60,9 +66,19 @@ class Runtime:
                 (previous.vision.cfg, previous.vision.endpoint) == (v, endpoint)
             # The same aux model keeps its cache across a reload.
             vision = previous.vision if same and previous else VisionClient(v, endpoint)
-        fetcher = previous.fetcher if previous and previous.fetcher.policy == policy \
-            else Fetcher(policy)
+        try:
+            fetcher = previous.fetcher if previous and previous.fetcher.policy == policy \
+                else Fetcher(policy)
+        except (OSError, ValueError) as exc:  # ssl cannot load the CA bundle
+            raise ConfigError([f"fetch.ca_bundle: cannot load {f.ca_bundle}: {exc}"]) from None
         hint_headers = tuple(n for n in cfg.hints.headers.model_dump().values() if n) + \
-            tuple(cfg.hints.propagate)
-        return cls(cfg, RoutingTable(cfg), backends, fetcher, vision, hint_headers,
+            tuple(cfg.hints.propagate) + \
+            ((cfg.hints.intent_header,) if cfg.hints.intent_header else ())
+        cr = cfg.capability_routing
+        judge = previous.schema_judge if previous else SchemaJudge(cr.judge_timeout_s)
+        # One pool per process, whatever the reloads: its children outlive any one config.
+        judge.timeout_s, judge.workers = cr.judge_timeout_s, cr.judge_workers
+        judge.max_schema_bytes = cr.judge_max_schema_bytes
+        return cls(cfg, RoutingTable(cfg), backends, fetcher, vision, judge, hint_headers,
+                   credential_headers(backends), frozenset(cfg.strip_client_headers),
                    previous.notes if previous else OrderedDict())

@@ -117,13 +117,11 @@ class Reloader:
         try:
             cfg = load_config(self.path)
             rt = Runtime.build(cfg, previous=old)
-        except ConfigError as exc:
+        except Exception as exc:  # whatever it is, the old config keeps serving
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)] \
+                if isinstance(exc, MissingCredential) else [f"{exc.__class__.__name__}: {exc}"]
             log_event(log, {"event": "config.reload_refused", "why": why, "path": self.path,
-                            "problems": exc.problems}, logging.ERROR)
-            return False
-        except MissingCredential as exc:
-            log_event(log, {"event": "config.reload_refused", "why": why, "path": self.path,
-                            "problems": [str(exc)]}, logging.ERROR)
+                            "problems": problems}, logging.ERROR)
             return False
         notes = []
         if cfg.service != old.config.service:
@@ -142,7 +140,11 @@ class Reloader:
             mtime = self._mtime()
             if mtime and mtime != self.mtime:
                 self.mtime = mtime
-                self.reload("file changed")
+                try:
+                    self.reload("file changed")
+                except Exception:  # the watch must outlive any one reload
+                    log.exception("config reload", extra={"fields": {
+                        "event": "config.reload_refused", "why": "file changed"}})
 
 
 def tune_allocator() -> Callable[[], None] | None:
@@ -200,6 +202,7 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
         loop.add_signal_handler(sig, stop.set)
     watcher = None
     trimmer = asyncio.create_task(_trim_every(trim, 5.0)) if trim else None
+    warming = asyncio.create_task(rt.schema_judge.warm())  # not on a request's path
     if config_path:
         reloader = Reloader(config_path, processor)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
@@ -213,4 +216,6 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(cfg.shutdown_grace_s)
+    warming.cancel()
+    await processor.rt.schema_judge.close()
     log_event(log, {"event": "service.stopped"})

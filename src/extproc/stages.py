@@ -15,7 +15,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from . import metrics
 from .adapt import BodyAdapter
-from .attempt import BackendRuntime, common_backend, header_plan, pick_candidate, rewrite_model
+from .attempt import (
+    CLIENT_CREDENTIAL_HEADERS,
+    BackendRuntime,
+    client_credentials,
+    common_backend,
+    header_plan,
+    pick_candidate,
+    rewrite_model,
+)
 from .capabilities import UNJUDGED, Needs, StreamJudge, Verdict, capability_gap, judge_completion
 from .decision import DecisionRecord
 from .errors import Reply, error_reply, internal_error
@@ -26,8 +34,10 @@ from .messages import (
     ATTR_ATTEMPT,
     ATTR_BODY_MODEL,
     ATTR_CANDIDATES,
+    ATTR_CLIENT_AUTH,
     ATTR_NEEDS,
     ATTR_PARTS,
+    ATTR_PATH,
     ATTR_REQUEST_ID,
     ATTR_UNSTORED_META,
     CLUSTER_HEADER,
@@ -41,6 +51,7 @@ from .messages import (
     attribute_values,
     body_answer,
     extend_timeout,
+    header_safe,
     headers_dict,
     immediate,
     mutation,
@@ -54,6 +65,7 @@ from .routing import (
     Target,
     check_request_line,
     decode_candidates,
+    model_key,
     parse_json_body,
     route_request,
 )
@@ -68,7 +80,7 @@ class RouteStream:
 
     def __init__(self, rt: Runtime):
         self.rt = rt
-        self.path = ""
+        self.path = self.raw_path = ""
         self.headers: dict[str, str] = {}
         self.record = DecisionRecord(request_id="-", decided_by=os.getpid())
 
@@ -98,7 +110,8 @@ class RouteStream:
         h = self.headers = headers_dict(msg)
         self.record.request_id = h.get("x-request-id", "-")
         method = h.get(":method", "")
-        self.path = h.get(":path", "").split("?", 1)[0]
+        self.raw_path = h.get(":path", "")
+        self.path = self.raw_path.split("?", 1)[0]
         self.record.method, self.record.path = method, self.path
         early = check_request_line(self.rt.table, method, self.path)
         if early is not None:
@@ -109,8 +122,10 @@ class RouteStream:
         if msg.end_of_stream:
             return self._reject(error_reply(
                 400, "The request has no body; expected a JSON object", code="invalid_json"))
-        # Envoy honours some x-envoy-* request headers (timeouts, retries): never a client's.
-        forged = [k for k in h if k.startswith("x-envoy-")]
+        # Envoy honours some x-envoy-* request headers (timeouts, retries): never a client's;
+        # nor our own names, nor what the config says no backend may see.
+        strip = self.rt.strip_headers
+        forged = [k for k in h if k in strip or k.startswith(("x-envoy-", "x-extproc-"))]
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(remove=forged)) if forged
             else None))
@@ -119,13 +134,16 @@ class RouteStream:
         data = parse_json_body(msg.body)
         if isinstance(data, Reply):
             return self._reject(data)
+        reserialise = model_key(msg.body, data)
+        if isinstance(reserialise, Reply):
+            return self._reject(reserialise)
         model = data.get("model")
         self.record.model_requested = model if isinstance(model, str) else None
         decision = route_request(self.rt.table, data, self.headers)
         if isinstance(decision, Reply):
             return self._reject(decision)
         self.record.routed(decision)
-        return self._routed(decision, data, msg.body)
+        return self._routed(decision, data, msg.body, reserialise)
 
     def _prepared(self, d: RouteDecision, unstored: bool
                   ) -> tuple[BackendRuntime, BodyAdapter | None] | None:
@@ -159,7 +177,7 @@ class RouteStream:
         return common, BodyAdapter(self.rt, first.backend, first.model, substitute,
                                    unstored and profile.metadata == "with_store")
 
-    def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes
+    def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes, reserialise: bool
                 ) -> pb.ProcessingResponse | Out:
         """The answer to the body; an async iterator of answers when the body must be adapted
         here (that may wait on aux calls or fetches)."""
@@ -200,10 +218,18 @@ class RouteStream:
         if d.hints.policy and hcfg.intent_header:
             set_headers.append((hcfg.intent_header, d.hints.policy))
             remove.append(hcfg.intent_header)
+        creds = client_credentials(self.headers)
         if prepared:
-            plan = header_plan(prepared, self.path)
+            plan = header_plan(prepared, self.raw_path, rt.credentials, creds)
             set_headers += plan.set
             remove += plan.remove
+        else:  # each attempt sets its own backend's credentials and path from these
+            remove += creds
+            backends = [rt.backends[t.backend] for t in d.candidates]
+            if creds and any(b.forward_client_auth and b.auth_value is None for b in backends):
+                meta["client_auth"] = orjson.dumps(creds).decode()
+            if any(b.base_path != "/v1" for b in backends):
+                meta["path"] = self.raw_path
         named = {k for k, _ in set_headers}
         remove = [r for r in remove if r not in named]
         aig = rt.config.ai_gateway.model_header
@@ -223,10 +249,12 @@ class RouteStream:
                 data["metadata"] = rest
             else:
                 del data["metadata"]
-            if adapter is None:  # else the adapter serialises it
-                if model_out:
-                    data["model"] = model_out
-                new_body = orjson.dumps(data)
+            reserialise = True
+        # (An adapter serialises the body it adapts, with the served model as its one key.)
+        if reserialise and adapter is None:  # one canonical model key: the body as routed
+            if model_out:
+                data["model"] = model_out
+            new_body = orjson.dumps(data)
         elif model_out and adapter is None:
             new_body = rewrite_model(raw, body_model, model_out)
         if not prepared:
@@ -234,7 +262,7 @@ class RouteStream:
         if direct:  # no attempt stage will name the backend: Envoy's route adds these
             meta["backend"], meta["model"] = d.candidates[0].backend, d.candidates[0].model
         if d.warnings:
-            meta["warnings"] = "; ".join(d.warnings)[:2000]
+            meta["warnings"] = header_safe("; ".join(d.warnings)[:2000])  # a response header
         if aig:  # Envoy AI Gateway routes on this header and the body's model
             set_headers.append((aig, d.public_model))
         if adapter is not None:
@@ -350,7 +378,14 @@ class AttemptStream:
         assert target is not None
         raw_model = attrs.get(ATTR_BODY_MODEL)
         self.body_model = orjson.loads(raw_model) if isinstance(raw_model, str) else None
-        plan = header_plan(self.rt.backends[target.backend], h.get(":path", ""))
+        current, path = h.get(":path", ""), attrs.get(ATTR_PATH)
+        raw_auth = attrs.get(ATTR_CLIENT_AUTH)
+        client_auth = {k: v for k, v in orjson.loads(raw_auth).items() if
+                       k in CLIENT_CREDENTIAL_HEADERS and isinstance(v, str)} \
+            if isinstance(raw_auth, str) and raw_auth else {}
+        plan = header_plan(self.rt.backends[target.backend],
+                           path if isinstance(path, str) and path else current,
+                           self.rt.credentials, client_auth, current)
         raw_parts = attrs.get(ATTR_PARTS)
         if isinstance(raw_parts, str) and raw_parts:
             sigs = [Sig.decode(x) for x in orjson.loads(raw_parts)]
@@ -423,6 +458,8 @@ class AttemptStream:
             verdict = UNJUDGED  # bounded: release what we hold, never fail on doubt
         if verdict is None:
             return
+        if verdict.schema_values and self.needs is not None and self.needs.schema is not None:
+            verdict = await self.rt.schema_judge.judge(self.needs.schema, verdict.schema_values)
         self.holding = False
         yield self._headers_answer(self._verdict_headers(verdict))
         for _ in range(self.held):
