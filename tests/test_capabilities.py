@@ -7,12 +7,14 @@ import pytest
 
 from extproc.capabilities import (
     PASS,
+    Inflater,
     Needs,
     NeedsError,
     StreamJudge,
     capability_gap,
     judge_completion,
     rank,
+    readable_accept_encoding,
     request_needs,
 )
 from extproc.parts import Sig
@@ -163,3 +165,30 @@ def test_capability_gaps_from_real_error_texts() -> None:
     assert capability_gap(400, b"model x does not support tools") == "tools"
     assert capability_gap(500, b"out of memory") is None
     assert capability_gap(200, b"is not a multimodal model") is None
+
+
+def test_inflater_decodes_in_pieces_and_stops_at_its_limit() -> None:
+    import gzip
+    import zlib
+
+    body = completion({"content": "It is sunny."})
+    packed = gzip.compress(body)
+    inf = Inflater("gzip", 1 << 20)
+    out = b"".join(inf.feed(packed[i:i + 7]) or b"" for i in range(0, len(packed), 7))
+    assert out == body
+    assert Inflater("deflate", 1 << 20).feed(zlib.compress(body)) == body
+    bomb = gzip.compress(b"\0" * (50 << 20))  # 50 MB of zeros in ~50 KB
+    inf = Inflater("gzip", 4 << 20)
+    assert inf.feed(bomb) is None and inf.feed(b"more") is None
+    assert Inflater("gzip", 1 << 20).feed(b"not gzip at all") is None
+
+
+@pytest.mark.parametrize(("given", "readable"), [
+    ("gzip, deflate", "gzip, deflate"),
+    ("gzip, deflate, br, zstd", "gzip, deflate"),
+    ("br;q=1.0, GZIP;q=0.8, *;q=0.1", "GZIP;q=0.8"),
+    ("br", None),
+    ("identity", "identity"),
+])
+def test_readable_accept_encoding(given: str, readable: str | None) -> None:
+    assert readable_accept_encoding(given) == readable

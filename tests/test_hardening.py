@@ -19,7 +19,7 @@ from .media import b64, clip
 
 OTHER_KEY = "sk-other-backend-456"
 SCHEMA_SECRET = "SECRET-FROM-THE-FETCHED-SCHEMA"
-ALL = ("lazy", "good", "keyed", "custom", "open", "pathy", "llama")
+ALL = ("lazy", "good", "keyed", "custom", "open", "pathy", "llama", "trusting", "seer")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,10 @@ def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {"name": "pathy", "preset": "vllm", "models": ["m1"],
              "url": f"http://127.0.0.1:{pathy}/api/v1"},
             {"name": "llama", "preset": "llamacpp", "models": ["m-l"]},
+            {"name": "trusting", "preset": "vllm", "models": ["m-t"],
+             "parts": {"check_urls": False}},
+            {"name": "seer", "preset": "vllm",
+             "models": [{"name": "seer-m", "capabilities": ["vision"]}]},
         ],
         models=[
             {"name": "judged", "candidates": [{"backend": "lazy", "model": "lazy-m"},
@@ -53,7 +57,10 @@ def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                                   {"backend": "pathy", "model": "m1"}]},
             {"name": "audio", "candidates": [{"backend": "llama", "model": "m-l"}]},
             {"name": "good-m", "candidates": [{"backend": "good", "model": "good-m"}]},
+            {"name": "trust", "candidates": [{"backend": "trusting", "model": "m-t"}]},
+            {"name": "see", "candidates": [{"backend": "seer", "model": "seer-m"}]},
         ],
+        fetch={"allow_http": True, "allow_hosts": ["127.0.0.2"]},
         default_model="good-m",
         hints={"propagate": {"x-user": "user"}},
         expose_backend_models=False,
@@ -341,3 +348,310 @@ def test_a_case_variant_model_key_is_400(hstack: Stack, key: str) -> None:
                    headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == key
+
+
+# ---------------------------------------------------------------- 10. compressed answers
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_gzipped_answer_is_judged_and_reaches_the_client_as_asked(hstack: Stack,
+                                                                    stream: bool) -> None:
+    """The openai SDK sends accept-encoding: gzip. A backend that compressed its prose answer
+    to a forced tool_choice was never judged: the client got the prose."""
+    import openai
+
+    behave(hstack, "lazy", gzip=True, ignore_tools=True)
+    behave(hstack, "good", gzip=True)
+    client = openai.OpenAI(base_url=hstack.envoy_url + "/v1", api_key="k", max_retries=0,
+                           timeout=30)
+    raw = client.chat.completions.with_raw_response.create(
+        model="judged", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=TOOLS,
+        tool_choice="required", stream=stream)
+    assert raw.headers["x-extproc-backend"] == "good" and raw.headers["x-extproc-attempts"] == "2"
+    assert raw.headers.get("content-encoding") == "gzip"  # as the client asked
+    if stream:
+        chunks = list(raw.parse())
+        names = [tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or [])
+                 if c.choices and tc.function and tc.function.name]
+        assert names == ["get_weather"]
+    else:
+        assert raw.parse().choices[0].message.tool_calls[0].function.name == "get_weather"
+    (lazy,) = received(hstack, "lazy")
+    assert lazy["headers"]["accept-encoding"] == "gzip, deflate"
+
+
+def test_a_gzipped_json_mode_answer_is_judged(hstack: Stack) -> None:
+    behave(hstack, "lazy", gzip=True, prose_json=True)
+    r = chat(hstack, "judged", headers={"accept-encoding": "gzip"},
+             response_format={"type": "json_object"})
+    assert r.status_code == 200 and r.headers["x-extproc-backend"] == "good", r.text
+    assert r.json()["choices"][0]["message"]["content"].startswith("{")
+
+
+def test_judged_requests_ask_only_for_encodings_the_judge_reads(hstack: Stack) -> None:
+    """br and zstd are dropped from what a judged request accepts (the judge could not read
+    the answer); unjudged requests keep the client's header as it is."""
+    ae = "br;q=1.0, gzip;q=0.8, zstd, *;q=0.1"
+    r = chat(hstack, "judged", headers={"accept-encoding": ae}, tools=TOOLS,
+             tool_choice="required")
+    assert r.status_code == 200
+    (got,) = received(hstack, "lazy")
+    assert got["headers"]["accept-encoding"] == "gzip;q=0.8"
+    assert chat(hstack, "plain", headers={"accept-encoding": ae}).status_code == 200
+    (got,) = received(hstack, "good")
+    assert got["headers"]["accept-encoding"] == ae
+
+
+# ---------------------------------------------------------------- 3. budgets per request
+
+def flac_silence(seconds: int, rate: int = 48000, channels: int = 2) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile
+
+    buf = io.BytesIO()
+    with soundfile.SoundFile(buf, "w", rate, channels, format="FLAC") as f:
+        block = np.zeros((rate * 10, channels), dtype="int16")
+        for _ in range(seconds // 10):
+            f.write(block)
+    return buf.getvalue()
+
+
+def peak_rss_kb(stack: Stack) -> int:
+    from pathlib import Path
+
+    status = Path(f"/proc/{stack.procs['service'].pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def test_audio_decompression_bomb_is_413_before_decoding(hstack: Stack) -> None:
+    """20 minutes of stereo silence: ~220 KB of FLAC, 230 MB decoded. The service's memory
+    went from ~110 MB to ~2 GB, its event loop stopped for seconds, and the client got a
+    gRPC error text."""
+    bomb = flac_silence(1200)
+    assert len(bomb) < 400_000
+    before = peak_rss_kb(hstack)
+    t0 = time.monotonic()
+    r = chat(hstack, "audio", timeout=30, messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": b64(bomb), "format": "flac"}}]}])
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == ("audio_too_large", "messages[0].content[0]")
+    assert "service.max_decoded_audio_bytes" in err["message"]
+    assert time.monotonic() - t0 < 2
+    assert peak_rss_kb(hstack) - before < 60_000  # nothing was decoded
+    assert received(hstack, "llama") == []
+
+
+class MediaServer:
+    """Plain HTTP on 127.0.0.2 (allowed by the stack's fetch policy), serving WAV files of
+    any size: /wav/<bytes>."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.hits.append(self.path)
+                size = int(self.path.rsplit("/", 1)[1])
+                head = clip("wav")[:44]
+                self.send_response(200)
+                self.send_header("content-type", "audio/wav")
+                self.send_header("content-length", str(size))
+                self.end_headers()
+                self.wfile.write(head + b"\0" * (size - len(head)))
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, size: int, n: int = 0) -> str:
+        return f"http://127.0.0.2:{self.port}/{n}/wav/{size}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def audio_urls(urls: list[str]) -> list[dict]:
+    return [{"type": "audio_url", "audio_url": {"url": u}} for u in urls]
+
+
+def test_too_many_remote_urls_is_400_before_any_fetch(hstack: Stack) -> None:
+    media = MediaServer()
+    try:
+        r = chat(hstack, "audio", messages=[{"role": "user", "content": audio_urls(
+            [media.url(1000, n) for n in range(20)])}])
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "too_many_urls" and "fetch.max_urls_per_request" in err["message"]
+        assert media.hits == []
+    finally:
+        media.close()
+
+
+def test_fetched_bytes_per_request_are_budgeted(hstack: Stack) -> None:
+    """Three 15 MB files: each under fetch.max_bytes, together over the request's budget."""
+    media = MediaServer()
+    try:
+        before = peak_rss_kb(hstack)
+        r = chat(hstack, "audio", timeout=60, messages=[{"role": "user", "content": audio_urls(
+            [media.url(15_000_000, n) for n in range(3)])}])
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "fetch_budget_exceeded"
+        assert "fetch.max_bytes_per_request" in err["message"]
+        assert received(hstack, "llama") == []
+        assert peak_rss_kb(hstack) - before < 250_000
+        ok = chat(hstack, "audio", timeout=60, messages=[{"role": "user", "content": audio_urls(
+            [media.url(100_000, n) for n in range(3)])}])
+        assert ok.status_code == 200, ok.text
+    finally:
+        media.close()
+
+
+# ---------------------------------------------------------------- 7. URLs backends fetch
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "http://localhost:{admin}/config_dump",
+    "http://127.0.0.1:{admin}/stats",
+    "http://[::ffff:127.0.0.1]:{admin}/stats",
+    "http://[64:ff9b::7f00:1]:{admin}/stats",
+    "http://[2002:7f00:1::]:{admin}/stats",
+    "http://10.0.0.1/x.png",
+    "https://[::1]:{admin}/x.png",
+])
+def test_urls_for_a_self_fetching_backend_pass_the_fetch_policy(hstack: Stack, url: str) -> None:
+    """vLLM fetches image URLs itself: the cloud metadata service and Envoy's own admin port
+    reached it as given."""
+    admin = hstack.config.envoy.admin_port
+    r = chat(hstack, "see", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url.format(admin=admin)}}]}])
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "url_refused"
+    assert r.json()["error"]["param"] == "messages[0].content[0]"
+    assert received(hstack, "seer") == []
+
+
+def test_allowed_urls_and_unchecking_backends_still_get_urls(hstack: Stack) -> None:
+    url = "http://127.0.0.2:9/cat.png"  # allowed by the stack's fetch.allow_hosts
+    part = {"type": "image_url", "image_url": {"url": url}}
+    assert chat(hstack, "see", messages=[{"role": "user", "content": [part]}]).status_code == 200
+    assert received(hstack, "seer")[0]["json"]["messages"][0]["content"] == [part]
+    meta = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}
+    r = chat(hstack, "trust", messages=[{"role": "user", "content": [meta]}])
+    assert r.status_code == 200  # parts.check_urls: false is the operator's choice
+    assert received(hstack, "trusting")[0]["json"]["messages"][0]["content"] == [meta]
+
+
+# ---------------------------------------------------------------- 3, 4. aux vision shared fairly
+
+@pytest.fixture(scope="module")
+def vstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    cfg = stack_config(
+        backends=[{"name": "txt", "preset": "llamacpp",
+                   "models": [{"name": "blind-m", "capabilities": ["tools"]}]},
+                  {"name": "aux", "preset": "openai",
+                   "models": [{"name": "ocr", "capabilities": ["vision"]}]}],
+        models=[{"name": "blind", "candidates": [{"backend": "txt", "model": "blind-m"}]}],
+        vision={"backend": "aux", "model": "ocr", "timeout_s": 10, "concurrency": 2,
+                "max_images_per_request": 12})
+    tmp = tmp_path_factory.mktemp("hardening-vision")
+    stack = Stack(write_config(tmp, cfg), workdir=str(tmp)).start()
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def vclean(vstack: Stack) -> None:
+    for b in ("aux", "txt"):
+        reset(vstack, b)
+
+
+def images(widths: range) -> list[dict]:
+    from .media import data_url, png
+
+    return [{"type": "image_url", "image_url": {"url": data_url("image/png", png(w, 3))}}
+            for w in widths]
+
+
+def ask(stack: Stack, parts: list[dict], timeout: float = 30) -> httpx.Response:
+    return chat(stack, "blind", timeout=timeout, messages=[{"role": "user", "content": parts}])
+
+
+def test_too_many_images_is_400_before_any_aux_call(vstack: Stack, vclean: None) -> None:
+    r = ask(vstack, images(range(100, 113)))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "too_many_images" and "vision.max_images_per_request" in err["message"]
+    assert received(vstack, "aux") == [] and received(vstack, "txt") == []
+
+
+def test_one_requests_images_do_not_starve_anothers(vstack: Stack, vclean: None) -> None:
+    """Two aux calls at once; one request with 12 new images, then another with one: that
+    one gets the next free slot instead of waiting behind all twelve (it timed out)."""
+    behave(vstack, "aux", delay_s=0.6, content="a red square")  # no OCR: the delay is the call
+    out: dict[str, float | int] = {}
+
+    def big() -> None:
+        t0 = time.monotonic()
+        out["big"] = ask(vstack, images(range(200, 212))).status_code
+        out["big_s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=big)
+    try:
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = ask(vstack, images(range(300, 301)))
+        small_s = time.monotonic() - t0
+        t.join(timeout=30)
+    finally:
+        reset(vstack, "aux")
+    assert r.status_code == 200 and out["big"] == 200, (r.text, out)
+    assert r.headers["x-extproc-vision"].startswith("substituted=1; cached=0")
+    print(f"one image waited {small_s:.2f}s while twelve took {out['big_s']:.2f}s")
+    assert out["big_s"] > 3.5  # six rounds of two
+    assert small_s < 2.0, small_s  # one slot's wait and its own call, not the whole batch
+
+
+def test_a_shared_aux_call_survives_the_first_client_leaving(vstack: Stack,
+                                                            vclean: None) -> None:
+    """Two clients send the same new image; the first gives up and disconnects while the
+    aux call they share is in flight. The second used to get a 504 after 11 s."""
+    behave(vstack, "aux", delay_s=2.0, content="a red square")
+    image = images(range(400, 401))
+    out: dict[str, object] = {}
+
+    def impatient() -> None:
+        try:
+            ask(vstack, image, timeout=0.7)
+        except httpx.TimeoutException:
+            out["left"] = True
+
+    t = threading.Thread(target=impatient)
+    try:
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = ask(vstack, image, timeout=20)
+        waited = time.monotonic() - t0
+        t.join()
+    finally:
+        reset(vstack, "aux")
+    assert out.get("left") is True
+    assert r.status_code == 200, r.text
+    assert r.headers["x-extproc-vision"] == "substituted=1; cached=1; failed=0; model=ocr"
+    assert waited < 4
+    assert len(received(vstack, "txt")) == 1  # only the client that stayed reached it

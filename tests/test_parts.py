@@ -196,3 +196,24 @@ def test_attempt_stage_skips_revalidating_what_the_route_stage_checked() -> None
     with pytest.raises(PartError):
         inspect_parts(bad)
     assert inspect_parts(bad, validate=False).parts[0].sig.kind == "audio"
+
+
+def test_transcode_refuses_audio_that_decodes_past_its_budget_before_decoding() -> None:
+    import io
+    import time
+
+    import numpy as np
+    import soundfile
+
+    from extproc.audio import AudioTooLarge, transcode
+
+    buf = io.BytesIO()
+    with soundfile.SoundFile(buf, "w", 48000, 2, format="FLAC") as f:
+        for _ in range(60):
+            f.write(np.zeros((48000 * 10, 2), dtype="int16"))  # 10 minutes of silence
+    t0 = time.monotonic()
+    with pytest.raises(AudioTooLarge, match="600 s at 48000 Hz"):
+        transcode(buf.getvalue(), "wav", 24 << 20)
+    assert time.monotonic() - t0 < 0.1
+    small = transcode(buf.getvalue(), "wav", 200 << 20)[:4]
+    assert small == b"RIFF"

@@ -221,3 +221,21 @@ def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
                 (0, None, None)
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize(("ip", "allowed"), [
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True),
+    ("::ffff:8.8.8.8", True), ("64:ff9b::808:808", True), ("2002:808:808::", True),
+    ("127.0.0.1", False), ("::1", False), ("169.254.169.254", False), ("fe80::1", False),
+    ("::ffff:127.0.0.1", False),            # IPv4-mapped
+    ("64:ff9b::7f00:1", False),             # NAT64 to loopback
+    ("64:ff9b:1::a9fe:a9fe", False),        # local-use NAT64 to the metadata service
+    ("2002:7f00:1::", False),               # 6to4 of loopback
+    ("2002:a9fe:a9fe::1", False),           # 6to4 of the metadata service
+    ("::127.0.0.1", False),                 # IPv4-compatible
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo to 127.0.0.1
+])
+def test_ipv6_forms_of_inside_addresses_are_refused(ip: str, allowed: bool) -> None:
+    from extproc.fetch import FetchPolicy, address_allowed
+
+    assert address_allowed(ip, FetchPolicy(), "h") is allowed

@@ -17,12 +17,23 @@ from typing import Any
 import orjson
 
 from . import metrics
-from .errors import Reply
-from .fetch import FetchError
+from .errors import Reply, error_reply
+from .fetch import FetchBudget, FetchError
 from .messages import RESP_CONVERTED, RESP_VISION
-from .parts import ConvertError, Part, PartsReport, convert_body, fetch_targets, inspect_parts
+from .parts import (
+    ConvertError,
+    Part,
+    PartsReport,
+    convert_body,
+    fetch_targets,
+    inspect_parts,
+    transcodes,
+)
 from .runtime import Runtime
 from .vision import VisionError, failure_text, substitution_text
+
+# What a message to Envoy carries besides the body (headers, dynamic metadata).
+MESSAGE_HEADROOM = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -40,9 +51,11 @@ class BodyAdapter:
     done, as response headers (``x-extproc-converted-parts``, ``x-extproc-vision``)."""
 
     def __init__(self, rt: Runtime, backend: str, model: str, substitute: bool,
-                 drop_metadata: bool):
+                 drop_metadata: bool, owner: str = "-"):
         self.rt, self.backend, self.model = rt, backend, model
         self.substitute, self.drop_metadata = substitute, drop_metadata
+        self.owner = owner  # the request: fair turns at the aux model, fetches, transcodes
+        self.budget = FetchBudget(rt.config.fetch.max_bytes_per_request)
         self.tags: list[tuple[str, str]] = []
         self.data: dict[str, Any] = {}
         self.report = PartsReport()
@@ -72,6 +85,13 @@ class BodyAdapter:
                 describe = describe or img.hit is None
                 fetch = fetch or img.raw is None
                 self.images.append(img)
+            calls = sum(img.hit is None for img in self.images)
+            if calls > vision.cfg.max_images_per_request:
+                raise ConvertError(error_reply(
+                    400, f"The request has {calls} images to describe for {self.model}, which "
+                    f"cannot see; at most {vision.cfg.max_images_per_request} are described "
+                    "per request (vision.max_images_per_request)", code="too_many_images",
+                    param="messages"))
         # Described images are text by the time parts are converted: never fetched for that.
         self.fetch = [p for p in fetch_targets(self.rt.table.profiles[self.backend], self.report)
                       if not (self.images and p.sig.kind == "image")]
@@ -92,19 +112,34 @@ class BodyAdapter:
     async def run(self) -> bytes:
         """The adapted body. Raises ConvertError/FetchError (400/4xx/5xx replies) and, with
         ``on_failure: reject``, VisionError."""
-        data = self.data
+        data, cfg = self.data, self.rt.config
         if self.images:
             await self._substitute_images()
         profile = self.rt.table.profiles[self.backend]
         fetched = await self._fetch_all(self.fetch) if self.fetch else {}
-        converted = convert_body(data, self.report, profile, fetched)
+        limit = cfg.service.max_decoded_audio_bytes
+        if transcodes(profile, self.report):  # decoding audio: off the loop, a few at once
+            async with self.rt.transcodes.slot(self.owner):
+                converted = await asyncio.to_thread(convert_body, data, self.report, profile,
+                                                    fetched, limit)
+        else:
+            converted = convert_body(data, self.report, profile, fetched, limit)
         if converted:
             self.tags.append((RESP_CONVERTED, str(converted)))
             metrics.PART_CONVERSIONS.labels(self.backend).inc(converted)
         if self.drop_metadata:
             data.pop("metadata", None)
         data["model"] = self.model
-        return orjson.dumps(data)
+        body = orjson.dumps(data)
+        # It goes back to Envoy in one gRPC message, and Envoy buffers it: over either limit
+        # the request would fail later, with gRPC's or Envoy's own words.
+        limit = min(cfg.envoy.max_body_bytes, cfg.service.max_message_bytes - MESSAGE_HEADROOM)
+        if len(body) > limit:
+            raise ConvertError(error_reply(
+                413, f"The request adapted for {self.backend} is {len(body)} bytes, over the "
+                f"{limit}-byte limit of what Envoy takes back (envoy.max_body_bytes, "
+                "service.max_message_bytes)", code="adapted_body_too_large", param="messages"))
+        return body
 
     def _user_text(self, msg_index: int) -> str:
         content = self.data["messages"][msg_index].get("content")
@@ -114,7 +149,8 @@ class BodyAdapter:
     async def _fetch_all(self, parts: list[Part]) -> dict[str, tuple[str, bytes]]:
         urls = list(dict.fromkeys(p.url for p in parts if p.url))
         where = {p.url: p.path for p in parts}
-        results = await asyncio.gather(*(self.rt.fetcher.fetch(u, where[u]) for u in urls))
+        results = await asyncio.gather(*(self.rt.fetcher.fetch(u, where[u], self.owner,
+                                                               self.budget) for u in urls))
         return dict(zip(urls, results, strict=True))
 
     async def _substitute_images(self) -> None:
@@ -130,7 +166,8 @@ class BodyAdapter:
             if img.raw is None:
                 img.mime, img.raw = fetched[img.part.url or ""]
             try:
-                return await vision.describe(img.raw, img.mime, img.prompt, img.key)
+                return await vision.describe(img.raw, img.mime, img.prompt, img.key,
+                                             self.owner)
             except VisionError as exc:
                 return exc
 

@@ -47,12 +47,32 @@ class TranscodeError(Exception):
     pass
 
 
-def transcode(data: bytes, to: str) -> bytes:
-    """Decode any libsndfile format and encode as ``to`` (wav: 16-bit PCM)."""
+class AudioTooLarge(TranscodeError):
+    """Decoded, the audio would be over the budget (a small compressed file can decode to
+    gigabytes: 20 minutes of silence is 300 KB of FLAC)."""
+
+
+def transcode(data: bytes, to: str, max_decoded_bytes: int) -> bytes:
+    """Decode any libsndfile format and encode as ``to`` (wav: 16-bit PCM), decoding at most
+    ``max_decoded_bytes`` of 16-bit samples: the header's length is checked before decoding,
+    and the read is bounded in case the header understates it. CPU-bound and long for long
+    audio: callers run it off the event loop (libsndfile releases the GIL)."""
     import soundfile  # imported lazily: only conversions pay for it
 
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            per_frame = 2 * f.channels
+            limit = max_decoded_bytes // per_frame
+            if f.frames > limit:
+                raise AudioTooLarge(_too_large(f.frames, f.samplerate, f.channels,
+                                               max_decoded_bytes))
+            samples = f.read(frames=limit + 1, dtype="int16", always_2d=True)
+            rate = f.samplerate
+            if len(samples) > limit:
+                raise AudioTooLarge(_too_large(len(samples), rate, f.channels,
+                                               max_decoded_bytes))
+    except TranscodeError:
+        raise
     except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError on bad input
         raise TranscodeError(f"cannot decode the audio: {exc}") from None
     out = io.BytesIO()
@@ -65,3 +85,9 @@ def transcode(data: bytes, to: str) -> bytes:
     else:
         raise TranscodeError(f"cannot encode {to}")
     return out.getvalue()
+
+
+def _too_large(frames: int, rate: int, channels: int, budget: int) -> str:
+    seconds = frames / rate if rate > 0 else 0.0
+    return (f"the audio ({seconds:.0f} s at {rate} Hz, {channels} channel(s)) decodes to over "
+            f"{budget} bytes, the service.max_decoded_audio_bytes limit")

@@ -13,6 +13,7 @@ Pure functions only: the attempt stage feeds bytes in and acts on the verdicts.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,6 +248,46 @@ class StreamJudge:
                     return PASS if text.lstrip()[0] in "{[" else Verdict(
                         False, "json: the stream started with prose, not JSON")
         return None
+
+
+# ---------------------------------------------------------------- compressed answers
+
+# What the judge can read. A judged request asks the backend for these only (the client's
+# Accept-Encoding, narrowed), so the answer can be judged and still reach the client in an
+# encoding it asked for.
+READABLE_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def readable_accept_encoding(value: str) -> str | None:
+    """The client's Accept-Encoding with only the codings the judge reads; None: none left."""
+    keep = [item.strip() for item in value.split(",")
+            if item.split(";", 1)[0].strip().lower() in READABLE_ENCODINGS]
+    return ", ".join(keep) or None
+
+
+class Inflater:
+    """A gzip or deflate answer decompressed for the judge (the client gets the bytes as the
+    backend sent them). At most ``limit`` bytes come out: a decompression bomb is unjudged,
+    never held whole."""
+
+    def __init__(self, encoding: str, limit: int):
+        self.z = zlib.decompressobj(31 if encoding in ("gzip", "x-gzip") else 47)
+        self.left = limit
+        self.failed = False
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """The next decompressed bytes; None once the answer is corrupt or over the limit."""
+        if self.failed:
+            return None
+        try:
+            out = self.z.decompress(chunk, self.left + 1)
+        except zlib.error:
+            out = None
+        if out is None or len(out) > self.left or self.z.unconsumed_tail:
+            self.failed = True
+            return None
+        self.left -= len(out)
+        return out
 
 
 # Error answers that are capability gaps, not transient faults (content-parts.md).

@@ -61,6 +61,9 @@ class PartsOverride(_Strict):
     keeps_detail: bool | None = None
     metadata: Literal["accept", "with_store"] | None = Field(
         default=None, description="with_store: `metadata` only when `store` is true (OpenAI)")
+    check_urls: bool | None = Field(
+        default=None, description="a backend that fetches URLs itself gets only URLs our "
+        "fetch policy allows (default true; false hands them on unchecked)")
 
     @field_validator("accepts")
     @classmethod
@@ -83,6 +86,12 @@ class FetchSettings(_Strict):
     allow_http: bool = False
     max_redirects: int = Field(default=3, ge=0, le=10)
     ca_bundle: str | None = None
+    max_urls_per_request: int = Field(default=16, ge=1, description="remote media URLs in "
+                                      "one request (fetched, or checked for a backend)")
+    max_bytes_per_request: int = Field(default=32 * 1024 * 1024, ge=1024,
+                                       description="all media fetched for one request")
+    concurrency: int = Field(default=8, ge=1, description="fetches at once per service "
+                             "process, taken in turn by the requests waiting")
 
 
 class Backend(_Strict):
@@ -158,7 +167,10 @@ class VisionSettings(_Strict):
         default=True, description="give the aux model the user's text from the same message")
     max_tokens: int = Field(default=512, ge=16)
     timeout_s: float = Field(default=20.0, gt=0)
-    concurrency: int = Field(default=4, ge=1)
+    concurrency: int = Field(default=4, ge=1, description="aux calls at once per service "
+                             "process, taken in turn by the requests waiting")
+    max_images_per_request: int = Field(default=16, ge=1, description="images one request "
+                                        "may have described (cached ones do not count)")
     cache_size: int = Field(default=1024, ge=0)
     cache_ttl_s: float = Field(default=3600.0, ge=0)
     on_failure: Literal["reject", "drop"] = "reject"
@@ -268,6 +280,12 @@ class ServiceSettings(_Strict):
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_part_bytes: int = Field(default=24 * 1024 * 1024, ge=1024,
                                 description="largest inline media part (base64 text)")
+    max_decoded_audio_bytes: int = Field(
+        default=24 * 1024 * 1024, ge=65536, description="audio transcoded for a backend may "
+        "decode to at most this many bytes of 16-bit samples (a small compressed file can "
+        "decode to gigabytes; as base64 the result must still fit envoy.max_body_bytes)")
+    transcode_concurrency: int = Field(default=2, ge=1, description="audio transcodes at "
+                                       "once per service process (each holds its audio)")
     workers: int = Field(default=1, ge=1, le=64, description="processes; worker i listens on "
                          "port + i and Envoy balances streams across them")
     reload_watch_s: float = Field(default=2.0, ge=0, description="poll the config file for "

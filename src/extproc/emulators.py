@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,7 +261,8 @@ class Emulator:
                 ) -> tuple[dict[str, Any], str]:
         """A capable model's answer, unless a quirk says otherwise."""
         if self.flavour == "ocr":
-            return {"role": "assistant", "content": self._describe(data["messages"])}, "stop"
+            text = q.content if q.content is not None else self._describe(data["messages"])
+            return {"role": "assistant", "content": text}, "stop"
         tools = data.get("tools") or []
         choice = data.get("tool_choice")
         forced = choice == "required" or isinstance(choice, dict)
@@ -379,16 +381,24 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
                 await asyncio.sleep(delay)
             status, payload, ctype = await asyncio.get_running_loop().run_in_executor(
                 None, emu.handle, method, target, headers, body)
+            squeeze = emu.behaviour.gzip and "gzip" in headers.get("accept-encoding", "")
             if isinstance(payload, list):  # an event stream: chunked, paced
+                z = zlib.compressobj(wbits=31) if squeeze else None  # gzip, flushed per event
                 writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
+                             f"{'content-encoding: gzip' + chr(13) + chr(10) if z else ''}"
                              "transfer-encoding: chunked\r\n\r\n".encode())
                 sent: list[float] = []
                 for i, event in enumerate(payload):
                     if i and emu.behaviour.stream_delay_s:
                         await asyncio.sleep(emu.behaviour.stream_delay_s)
+                    if z is not None:
+                        event = z.compress(event) + z.flush(zlib.Z_SYNC_FLUSH)
                     writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
                     await writer.drain()
                     sent.append(time.monotonic())
+                if z is not None:
+                    tail = z.flush()
+                    writer.write(f"{len(tail):x}\r\n".encode() + tail + b"\r\n")
                 with emu.lock:
                     emu.stream_sent = sent
                 writer.write(b"0\r\n\r\n")
@@ -397,8 +407,7 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             extra = "" if target.startswith("/_emulator/") else \
                 "".join(f"{k}: {v}\r\n" for k, v in emu.behaviour.headers.items())
-            if emu.behaviour.gzip and not target.startswith("/_emulator/") and \
-                    "gzip" in headers.get("accept-encoding", ""):
+            if squeeze and not target.startswith("/_emulator/"):
                 data = gzip.compress(data)
                 extra += "content-encoding: gzip\r\n"
             head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"

@@ -18,7 +18,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .audio import DECODABLE, FORMAT_MIME, MIME_FORMATS, normalise_format, sniff, transcode
+from .audio import (
+    DECODABLE,
+    FORMAT_MIME,
+    MIME_FORMATS,
+    AudioTooLarge,
+    TranscodeError,
+    normalise_format,
+    sniff,
+    transcode,
+)
 from .errors import Reply, error_reply
 
 Kind = Literal["text", "image", "audio", "video", "file", "other"]
@@ -40,6 +49,7 @@ class Profile:
     image_mimes: tuple[str, ...] = ()       # data-URL image types; empty = any
     keeps_detail: bool = True
     metadata: str = "accept"                # with_store: `metadata` only with `store: true`
+    check_urls: bool = True                 # URLs it fetches itself pass our fetch policy
 
 
 PRESETS: dict[str, Profile] = {
@@ -116,6 +126,7 @@ def profile_for(preset: str, override: Any) -> Profile:
         tuple(override.image_mimes) if override.image_mimes is not None else base.image_mimes,
         override.keeps_detail if override.keeps_detail is not None else base.keeps_detail,
         override.metadata if override.metadata is not None else base.metadata,
+        override.check_urls if override.check_urls is not None else base.check_urls,
     )
 
 
@@ -419,12 +430,20 @@ def fetch_targets(p: Profile, report: PartsReport) -> list[Part]:
     return [part for part in report.parts if plan(p, part.sig) == "fetch"]
 
 
+def transcodes(p: Profile, report: PartsReport) -> bool:
+    """Whether converting for ``p`` may decode audio (long: done off the event loop)."""
+    return any(plan(p, part.sig) in ("transcode", "fetch") and part.sig.kind == "audio"
+               for part in report.parts)
+
+
 def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
-                 fetched: dict[str, tuple[str, bytes]]) -> int:
+                 fetched: dict[str, tuple[str, bytes]],
+                 max_decoded_audio_bytes: int = 24 * 1024 * 1024) -> int:
     """Rewrite parts in place for profile ``p``; ``fetched`` maps URL -> (mime, bytes).
 
     Returns the number of parts changed. Raises ConvertError with a 400 when a part cannot be
-    made acceptable (undecodable audio, a fetched file of the wrong type).
+    made acceptable (undecodable audio, a fetched file of the wrong type), a 413 when audio
+    would decode to more than ``max_decoded_audio_bytes``.
     """
     changed = 0
     for part in report.parts:
@@ -460,7 +479,7 @@ def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
                         400, f"{part.path}: {part.url} is not recognisable audio ({mime})",
                         code="invalid_content_type", param=part.path))
                 if p.audio_formats and fmt not in p.audio_formats:
-                    raw, fmt = _transcode(part.path, raw, fmt, p)
+                    raw, fmt = _transcode(part.path, raw, fmt, p, max_decoded_audio_bytes)
                     b64 = base64.b64encode(raw).decode()
                 new = _emit_audio(p, b64, fmt)
         elif s.kind == "text":
@@ -476,7 +495,8 @@ def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
             assert part.b64 is not None
             b64, fmt = part.b64, s.fmt
             if action == "transcode":
-                raw, fmt = _transcode(part.path, base64.b64decode(b64), fmt, p)
+                raw, fmt = _transcode(part.path, base64.b64decode(b64), fmt, p,
+                                      max_decoded_audio_bytes)
                 b64 = base64.b64encode(raw).decode()
             new = _emit_audio(p, b64, fmt)
         data["messages"][part.msg]["content"][part.idx] = new
@@ -484,16 +504,18 @@ def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
     return changed
 
 
-def _transcode(path: str, raw: bytes, fmt: str, p: Profile) -> tuple[bytes, str]:
+def _transcode(path: str, raw: bytes, fmt: str, p: Profile, max_decoded_bytes: int
+               ) -> tuple[bytes, str]:
     target = "wav" if "wav" in p.audio_formats else p.audio_formats[0]
     if fmt not in DECODABLE:
         raise ConvertError(error_reply(
             400, f"{path}: {fmt} audio cannot be converted here; this backend accepts "
             f"{', '.join(p.audio_formats)}", code="unsupported_audio_format", param=path))
-    from .audio import TranscodeError
-
     try:
-        return transcode(raw, target), target
+        return transcode(raw, target, max_decoded_bytes), target
+    except AudioTooLarge as exc:
+        raise ConvertError(error_reply(413, f"{path}: {exc}", code="audio_too_large",
+                                       param=path)) from None
     except TranscodeError as exc:
         raise ConvertError(error_reply(400, f"{path}: {exc}", code="invalid_audio",
                                        param=path)) from None

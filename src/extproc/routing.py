@@ -25,7 +25,17 @@ from .hints import (
     hint_sources,
     read_hints,
 )
-from .parts import Part, PartError, Profile, Sig, describe, inspect_parts, profile_for, refused
+from .parts import (
+    Part,
+    PartError,
+    Profile,
+    Sig,
+    describe,
+    inspect_parts,
+    plan,
+    profile_for,
+    refused,
+)
 
 POOL_CLUSTER = "llm_backends"
 DIRECT_CLUSTER = "llm_backends_direct"
@@ -72,6 +82,9 @@ class RouteDecision:
     dropped: list[tuple[Target, str]] = field(default_factory=list)
     needs: Needs = field(default_factory=Needs)
     hints: Hints = field(default_factory=Hints)
+    # Remote URLs a candidate's backend would fetch itself: (url, param), each to be checked
+    # against the fetch policy before the request leaves (that is I/O: the stage does it).
+    url_checks: list[tuple[str, str]] = field(default_factory=list)
 
 
 def encode_candidates(cands: tuple[Target, ...]) -> str:
@@ -335,6 +348,12 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         report = inspect_parts(data, table.config.service.max_part_bytes)
     except PartError as exc:
         return exc.reply
+    urls = {p.url for p in report.parts if p.url and p.sig.source in ("http", "https")}
+    limit = table.config.fetch.max_urls_per_request
+    if len(urls) > limit:
+        return error_reply(400, f"The request has {len(urls)} remote media URLs; at most {limit} "
+                           "are allowed (fetch.max_urls_per_request)", code="too_many_urls",
+                           param="messages")
     hints = read_hints(data, headers, table.config.hints, table.hint_sources)
     if hints.values:
         pinned = _pinned_model(table, hints, headers)
@@ -381,7 +400,21 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         prefer = [b.strip() for b in order.split(",")]
         _set_candidates(decision, sorted(decision.candidates, key=lambda t: (
             prefer.index(t.backend) if t.backend in prefer else len(prefer))))
+    if decision.sigs:
+        decision.url_checks = _url_checks(table, decision)
     return decision
+
+
+def _url_checks(table: RoutingTable, d: RouteDecision) -> list[tuple[str, str]]:
+    """Remote URLs some candidate's backend is handed as URLs (it fetches them itself) and
+    checks: they must pass the fetch policy like our own fetches."""
+    profiles = [p for p in {table.profiles[t.backend] for t in d.candidates} if p.check_urls]
+    out: dict[str, str] = {}
+    for part in d.parts:
+        if part.url and part.sig.source in ("http", "https") and part.url not in out and \
+                any(plan(p, part.sig) in ("keep", "reshape") for p in profiles):
+            out[part.url] = part.path
+    return list(out.items())
 
 
 def _hint_refusal(table: RoutingTable, hints: Hints, kind: str, why: str, denied: bool

@@ -12,6 +12,7 @@ from .config import Config, ConfigError, backend_endpoint
 from .fetch import Fetcher, FetchPolicy
 from .routing import RoutingTable
 from .schema_judge import SchemaJudge
+from .sharing import FairLimiter
 from .vision import AuxEndpoint, VisionClient
 
 
@@ -29,6 +30,7 @@ class Runtime:
     # every attempt before the attempt's own is set.
     credentials: tuple[str, ...] = ()
     strip_headers: frozenset[str] = frozenset()  # client headers no backend ever sees
+    transcodes: FairLimiter = field(default_factory=lambda: FairLimiter(2))
     # Attempt outcomes the route stage's decision record picks up (same process only).
     notes: OrderedDict[str, list[dict[str, Any]]] = field(default_factory=OrderedDict)
 
@@ -44,7 +46,7 @@ class Runtime:
         env = dict(os.environ) if env is None else env
         f = cfg.fetch
         policy = FetchPolicy(f.timeout_s, f.max_bytes, f.allow_private, frozenset(f.allow_hosts),
-                             f.allow_http, f.max_redirects, f.ca_bundle)
+                             f.allow_http, f.max_redirects, f.ca_bundle, f.concurrency)
         backends = backend_runtimes(cfg, env)
         vision = None
         if cfg.vision is not None:
@@ -81,4 +83,5 @@ class Runtime:
         judge.max_schema_bytes = cr.judge_max_schema_bytes
         return cls(cfg, RoutingTable(cfg), backends, fetcher, vision, judge, hint_headers,
                    credential_headers(backends), frozenset(cfg.strip_client_headers),
+                   FairLimiter(cfg.service.transcode_concurrency),
                    previous.notes if previous else OrderedDict())

@@ -5,6 +5,7 @@ yields responses; ``Processor`` in service.py drives them and guarantees they ne
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,17 @@ from .attempt import (
     pick_candidate,
     rewrite_model,
 )
-from .capabilities import UNJUDGED, Needs, StreamJudge, Verdict, capability_gap, judge_completion
+from .capabilities import (
+    READABLE_ENCODINGS,
+    UNJUDGED,
+    Inflater,
+    Needs,
+    StreamJudge,
+    Verdict,
+    capability_gap,
+    judge_completion,
+    readable_accept_encoding,
+)
 from .decision import DecisionRecord
 from .errors import Reply, error_reply, internal_error
 from .fetch import FetchError
@@ -175,7 +186,8 @@ class RouteStream:
         if not (substitute or changes(profile)):
             return common, None
         return common, BodyAdapter(self.rt, first.backend, first.model, substitute,
-                                   unstored and profile.metadata == "with_store")
+                                   unstored and profile.metadata == "with_store",
+                                   self.request_id)
 
     def _routed(self, d: RouteDecision, data: dict[str, object], raw: bytes, reserialise: bool
                 ) -> pb.ProcessingResponse | Out:
@@ -230,6 +242,13 @@ class RouteStream:
                 meta["client_auth"] = orjson.dumps(creds).decode()
             if any(b.base_path != "/v1" for b in backends):
                 meta["path"] = self.raw_path
+        accept = self.headers.get("accept-encoding")
+        if accept and d.needs.needed and not direct:  # answers are judged: readable ones only
+            readable = readable_accept_encoding(accept)
+            if readable is None:
+                remove.append("accept-encoding")
+            elif readable != accept:
+                set_headers.append(("accept-encoding", readable))
         named = {k for k, _ in set_headers}
         remove = [r for r in remove if r not in named]
         aig = rt.config.ai_gateway.model_header
@@ -265,31 +284,41 @@ class RouteStream:
             meta["warnings"] = header_safe("; ".join(d.warnings)[:2000])  # a response header
         if aig:  # Envoy AI Gateway routes on this header and the body's model
             set_headers.append((aig, d.public_model))
-        if adapter is not None:
-            return self._adapted(adapter, data, d.parts, set_headers, remove, meta)
-        if new_body is not None:
-            set_headers.append(("content-length", str(len(new_body))))
-        meta["record"] = self.record.to_json()
-        return body_answer(set_headers, remove, new_body, meta, clear_route_cache=True)
+        if adapter is not None or d.url_checks:
+            return self._completed(d.url_checks, adapter, data, d.parts, set_headers, remove,
+                                   meta, new_body)
+        return self._body_answer(set_headers, remove, new_body, meta)
 
-    async def _adapted(self, adapter: BodyAdapter, data: dict[str, Any], parts: list[Part],
-                       set_headers: list[tuple[str, str]], remove: list[str],
-                       meta: dict[str, str]) -> Out:
-        """Adapt the body once for every candidate, then answer as ``_routed`` does; what was
-        done travels as metadata, for Envoy's route to tell the client (response headers)."""
-        try:
-            wait = adapter.plan(data, parts)
-            if wait:
-                yield extend_timeout(wait)
-            body = await adapter.run()
-        except (ConvertError, FetchError, VisionError) as exc:
-            yield self._reject(adapter.refusal(exc))
-            return
-        for header, value in adapter.tags:
-            meta[TAG_META[header]] = value
-        set_headers.append(("content-length", str(len(body))))
+    def _body_answer(self, set_headers: list[tuple[str, str]], remove: list[str],
+                     body: bytes | None, meta: dict[str, str]) -> pb.ProcessingResponse:
+        if body is not None:
+            set_headers.append(("content-length", str(len(body))))
         meta["record"] = self.record.to_json()
-        yield body_answer(set_headers, remove, body, meta, clear_route_cache=True)
+        return body_answer(set_headers, remove, body, meta, clear_route_cache=True)
+
+    async def _completed(self, checks: list[tuple[str, str]], adapter: BodyAdapter | None,
+                         data: dict[str, Any], parts: list[Part],
+                         set_headers: list[tuple[str, str]], remove: list[str],
+                         meta: dict[str, str], body: bytes | None) -> Out:
+        """The answer once what waits on the network is done: URLs a backend will fetch itself
+        checked against the fetch policy, then the body adapted once for every candidate (what
+        was done travels as metadata, for Envoy's route to tell the client)."""
+        try:
+            if checks:  # within Envoy's message timeout: no extension message for a lookup
+                limit = 0.8 * self.rt.config.envoy.message_timeout_ms / 1000
+                await asyncio.gather(*(self.rt.fetcher.check(url, param, limit)
+                                       for url, param in checks))
+            if adapter is not None:
+                wait = adapter.plan(data, parts)
+                if wait:
+                    yield extend_timeout(wait)
+                body = await adapter.run()
+                for header, value in adapter.tags:
+                    meta[TAG_META[header]] = value
+        except (ConvertError, FetchError, VisionError) as exc:
+            yield self._reject(adapter.refusal(exc) if adapter is not None else exc.reply)
+            return
+        yield self._body_answer(set_headers, remove, body, meta)
 
     def fail(self) -> pb.ProcessingResponse:
         self.record.rejected(500, "internal_error")
@@ -320,6 +349,7 @@ class AttemptStream:
         self.held_bytes = bytearray()
         self.hold_since = 0.0
         self.judge: StreamJudge | None = None
+        self.inflater: Inflater | None = None  # a compressed answer, for the judge
 
     async def handle(self, req: pb.ProcessingRequest) -> Out:
         kind = req.WhichOneof("request")
@@ -421,6 +451,16 @@ class AttemptStream:
         except ValueError:
             self.status = 0
         needs = self.needs
+        encoding = h.get("content-encoding", "").strip().lower()
+        if needs is not None and encoding not in ("", "identity"):
+            if encoding in READABLE_ENCODINGS:  # judged as decompressed, passed on as sent
+                self.inflater = Inflater(encoding, self.rt.config.capability_routing
+                                         .hold_max_bytes)
+            else:  # a judged request never asks for it; a backend sent it anyway
+                log_event(self.log, {"event": "capability.unjudged", "request_id":
+                                     self.request_id, "backend": self.backend,
+                                     "why": f"content-encoding {encoding[:40]!r}"})
+                needs = self.needs = None
         streaming = "text/event-stream" in h.get("content-type", "")
         # Hold a non-streaming answer until it is complete while another candidate remains: a
         # backend dying mid-response is then a reset before headers, which Envoy retries.
@@ -443,14 +483,16 @@ class AttemptStream:
             yield pb.ProcessingResponse(response_body=pb.BodyResponse())
             return
         self.held += 1
-        verdict: Verdict | None
-        if self.judge is not None:
-            verdict = self.judge.feed(msg.body, msg.end_of_stream)
+        verdict: Verdict | None = None
+        body = msg.body if self.inflater is None else self.inflater.feed(msg.body)
+        if body is None:
+            verdict = UNJUDGED  # corrupt, or it inflates past the hold limit
+        elif self.judge is not None:
+            verdict = self.judge.feed(body, msg.end_of_stream)
         else:
-            self.held_bytes += msg.body
-            verdict = None
+            self.held_bytes += body
             if msg.end_of_stream:
-                verdict = self._judge_whole(bytes(self.held_bytes))
+                verdict = await self._judge_whole(bytes(self.held_bytes))
         cfg = self.rt.config.capability_routing
         if verdict is None and (len(self.held_bytes) > cfg.hold_max_bytes
                                 or (self.judge and len(self.judge.buf) > cfg.hold_max_bytes)
@@ -458,18 +500,20 @@ class AttemptStream:
             verdict = UNJUDGED  # bounded: release what we hold, never fail on doubt
         if verdict is None:
             return
-        if verdict.schema_values and self.needs is not None and self.needs.schema is not None:
-            verdict = await self.rt.schema_judge.judge(self.needs.schema, verdict.schema_values)
         self.holding = False
         yield self._headers_answer(self._verdict_headers(verdict))
         for _ in range(self.held):
             yield pb.ProcessingResponse(response_body=pb.BodyResponse())
 
-    def _judge_whole(self, body: bytes) -> Verdict:
+    async def _judge_whole(self, body: bytes) -> Verdict:
         if self.needs is None:
             return UNJUDGED  # held only to be complete before the router sees it
         if self.status == 200:
-            return judge_completion(body, self.needs)
+            verdict = judge_completion(body, self.needs)
+            if verdict.schema_values and self.needs.schema is not None:
+                verdict = await self.rt.schema_judge.judge(self.needs.schema,
+                                                           verdict.schema_values)
+            return verdict
         gap = capability_gap(self.status, body)
         return Verdict(False, f"{gap}: the backend's error says the model lacks it") if gap \
             else UNJUDGED
@@ -498,7 +542,7 @@ class AttemptStream:
                 else pb.ProcessingResponse(request_body=pb.BodyResponse())
             return
         adapter = BodyAdapter(self.rt, self.backend, self.model, self.substitute,
-                              self.drop_metadata)
+                              self.drop_metadata, self.request_id)
         try:
             wait = adapter.plan(orjson.loads(msg.body))
             if wait:

@@ -22,6 +22,7 @@ import orjson
 
 from .config import VisionSettings
 from .errors import Reply, error_reply
+from .sharing import FairLimiter, SharedCalls
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 OPEN, CLOSE = "<image_description>", "</image_description>"
@@ -69,15 +70,9 @@ class VisionClient:
     def __init__(self, cfg: VisionSettings, endpoint: AuxEndpoint):
         self.cfg, self.endpoint = cfg, endpoint
         self.cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self.inflight: dict[str, asyncio.Future[str]] = {}
-        self._sem: asyncio.Semaphore | None = None
+        self.inflight: SharedCalls[str] = SharedCalls()
+        self.slots = FairLimiter(cfg.concurrency)  # aux calls at once, taken in turn by requests
         self.client = httpx.AsyncClient(timeout=cfg.timeout_s, trust_env=False)
-
-    @property
-    def sem(self) -> asyncio.Semaphore:
-        if self._sem is None:  # created lazily inside the serving event loop
-            self._sem = asyncio.Semaphore(self.cfg.concurrency)
-        return self._sem
 
     def prompt_for(self, user_text: str | None) -> str:
         if self.cfg.include_user_text and user_text:
@@ -100,35 +95,28 @@ class VisionClient:
         self.cache.move_to_end(key)
         return hit[1]
 
-    async def describe(self, image: bytes, mime: str, prompt: str, key: str | None = None
-                       ) -> tuple[str, bool]:
+    async def describe(self, image: bytes, mime: str, prompt: str, key: str | None = None,
+                       owner: str = "-") -> tuple[str, bool]:
         """-> (description, came from cache or a shared in-flight call). ``key``: this
-        image's ``key``, when the caller has it already (hashing a large image twice costs)."""
+        image's ``key``, when the caller has it already (hashing a large image twice costs);
+        ``owner``: the request asking, for a fair turn at the aux model."""
         key = key or self.key(image, prompt)
         hit = self.cached(key)
         if hit is not None:
             return hit, True
-        shared = self.inflight.get(key)
-        if shared is not None:
-            return await asyncio.shield(shared), True
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.inflight[key] = fut
-        try:
-            text = await self._call(image, mime, prompt)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            self.inflight.pop(key, None)
-        fut.set_result(text)
+        return await self.inflight.run(key, lambda: self._described(image, mime, prompt, key,
+                                                                    owner))
+
+    async def _described(self, image: bytes, mime: str, prompt: str, key: str, owner: str
+                         ) -> str:
+        text = await self._call(image, mime, prompt, owner)
         if self.cfg.cache_size:
             self.cache[key] = (time.monotonic() + self.cfg.cache_ttl_s, text)
             while len(self.cache) > self.cfg.cache_size:
                 self.cache.popitem(last=False)
-        return text, False
+        return text
 
-    async def _call(self, image: bytes, mime: str, prompt: str) -> str:
+    async def _call(self, image: bytes, mime: str, prompt: str, owner: str) -> str:
         import base64
 
         body = {
@@ -143,7 +131,7 @@ class VisionClient:
         headers = {"content-type": "application/json"}
         if self.endpoint.auth_header and self.endpoint.auth_value:
             headers[self.endpoint.auth_header] = self.endpoint.auth_value
-        async with self.sem:
+        async with self.slots.slot(owner):
             try:
                 resp = await asyncio.wait_for(
                     self.client.post(self.endpoint.url, content=orjson.dumps(body),
