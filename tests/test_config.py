@@ -105,3 +105,10 @@ def test_not_yaml_and_not_mapping(tmp_path: Path) -> None:
         load_config(f)
     assert exc.value.problems[0].startswith("(file): not valid YAML")
     assert problems([1, 2]) == ["(root): the config must be a mapping"]  # type: ignore[arg-type]
+
+
+def test_grpc_limit_must_hold_the_largest_body() -> None:
+    (problem,) = problems({**base(), "service": {"max_message_bytes": 8 * 1024 * 1024}})
+    assert problem.startswith("service.max_message_bytes: 8388608 is below envoy.max_body_bytes")
+    parse_config({**base(), "service": {"max_message_bytes": 8 * 1024 * 1024},
+                  "envoy": {"max_body_bytes": 4 * 1024 * 1024}})

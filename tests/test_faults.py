@@ -120,6 +120,8 @@ def test_service_killed_under_load_then_recovers(fstack: Stack) -> None:
     r = httpx.post(fstack.envoy_url + "/v1/chat/completions", json={**BODY, "model": "pub"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "gateway_error"
     assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+    assert r.json()["error"]["code"] == "gateway_processing_failed"
+    assert "grpc" not in r.text.lower() and "connect" not in r.text.lower()  # no internals
     restart_service(fstack)  # no Envoy restart
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

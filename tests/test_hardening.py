@@ -655,3 +655,13 @@ def test_a_shared_aux_call_survives_the_first_client_leaving(vstack: Stack,
     assert r.headers["x-extproc-vision"] == "substituted=1; cached=1; failed=0; model=ocr"
     assert waited < 4
     assert len(received(vstack, "txt")) == 1  # only the client that stayed reached it
+
+
+def test_an_answer_over_the_buffer_limit_is_a_502_naming_it(hstack: Stack) -> None:
+    """Non-streaming answers are held whole; one over envoy.max_body_bytes was a bare 500."""
+    behave(hstack, "good", pad_bytes=33 * 1024 * 1024)
+    r = chat(hstack, "plain", timeout=60)
+    assert r.status_code == 502, r.text[:300]
+    err = r.json()["error"]
+    assert err["code"] == "response_too_large" and err["model"] == "plain"
+    assert "envoy.max_body_bytes" in err["message"] and err["request_id"]

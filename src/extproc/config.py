@@ -543,6 +543,11 @@ def _cross_check(cfg: Config) -> list[str]:
                 problems.append(f"vision.model: backend {v.backend!r} has no model {v.model!r}")
         elif v.url is not None and urlsplit(v.url).scheme not in ("http", "https"):
             problems.append("vision.url: must be an http:// or https:// URL")
+    headroom = 256 * 1024
+    if cfg.service.max_message_bytes < cfg.envoy.max_body_bytes + headroom:
+        problems.append(f"service.max_message_bytes: {cfg.service.max_message_bytes} is below "
+                        f"envoy.max_body_bytes + {headroom} (bodies travel to the service in "
+                        "one gRPC message: larger ones would fail there)")
     for k, p in enumerate(cfg.routed_paths):
         if not p.startswith("/"):
             problems.append(f"routed_paths[{k}]: must start with '/'")

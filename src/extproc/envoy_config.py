@@ -79,13 +79,34 @@ def _cel(expression: str) -> dict[str, Any]:
             "expression": expression}}}
 
 
-def _local_reply() -> dict[str, Any]:
+def _local_reply(cfg: Config) -> dict[str, Any]:
     """Envoy's own errors as OpenAI-style JSON: upstream failures name the model; the service
     being down, bodies over the limit and slow clients get a JSON error too (never a bare body).
     The service's own answers (details ``llm_extproc``) and backends' answers pass untouched."""
     ours = "response.code_details == 'llm_extproc' || response.code_details == 'via_upstream'"
+    model = f"%DYNAMIC_METADATA({META_NS}:public_model)%"
     return {
         "mappers": [{
+            # A non-streaming answer is held whole (whole_responses): one over the buffer limit
+            # is the backend's failure to answer usably, not ours: a 502 that says so.
+            "filter": _cel("response.code_details == 'response_payload_too_large'"),
+            "status_code": 502,
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": f"the answer for model '{model}' is larger than "
+                        f"{cfg.envoy.max_body_bytes} bytes (envoy.max_body_bytes), the most a "
+                        "non-streaming answer may be; ask with \"stream\": true, or raise the "
+                        "limit",
+                        "type": "upstream_error",
+                        "code": "response_too_large",
+                        "model": model,
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                    }
+                },
+                "content_type": "application/json",
+            },
+        }, {
             "filter": {"response_flag_filter": {"flags": UPSTREAM_FLAGS}},
             "body_format_override": {
                 "json_format": {
@@ -95,6 +116,22 @@ def _local_reply() -> dict[str, Any]:
                         "type": "upstream_error",
                         "code": "%RESPONSE_CODE_DETAILS%",
                         "model": f"%DYNAMIC_METADATA({META_NS}:public_model)%",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                    }
+                },
+                "content_type": "application/json",
+            },
+        }, {
+            # The service failed or cannot be reached: say so, without gRPC's internals (they
+            # stay in Envoy's access log, under details).
+            "filter": _cel("response.code_details.startsWith('ext_proc_error')"),
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": "the gateway's request processing (llm-extproc) failed or "
+                        "is unreachable; the request was not forwarded",
+                        "type": "gateway_error",
+                        "code": "gateway_processing_failed",
                         "request_id": "%REQ(X-REQUEST-ID)%",
                     }
                 },
@@ -304,7 +341,7 @@ def render(cfg: Config) -> dict[str, Any]:
         "request_timeout": _dur(e.request_timeout_s),
         "request_headers_timeout": _dur(e.request_headers_timeout_s),
         "stream_idle_timeout": _dur(e.stream_idle_timeout_s),
-        "local_reply_config": _local_reply(),
+        "local_reply_config": _local_reply(cfg),
         "route_config": {
             "name": "llm",
             "internal_only_headers": [CLUSTER_HEADER, RETRY_HEADER],
