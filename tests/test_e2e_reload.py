@@ -11,6 +11,8 @@ import time
 import httpx
 import yaml
 
+from extproc.devstack import Stack
+
 from .conftest import stack_config, start_stack
 
 
@@ -28,12 +30,17 @@ def wait_for(pred, timeout: float = 8.0) -> bool:
     return False
 
 
-def test_reload_new_alias_broken_config_and_in_flight(tmp_path) -> None:
+def watched(tmp_path) -> tuple[dict, Stack]:
+    """One backend, one model, the config file watched every 0.2 s."""
     cfg = stack_config(
         backends=[{"name": "a", "preset": "vllm", "models": ["m1"]}],
         models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]}])
     cfg["service"]["reload_watch_s"] = 0.2
-    stack = start_stack(tmp_path, cfg)
+    return cfg, start_stack(tmp_path, cfg)
+
+
+def test_reload_new_alias_broken_config_and_in_flight(tmp_path) -> None:
+    cfg, stack = watched(tmp_path)
     path = tmp_path / "config.yaml"
     try:
         url = stack.envoy_url
@@ -66,11 +73,7 @@ def test_reload_new_alias_broken_config_and_in_flight(tmp_path) -> None:
 def test_watcher_survives_a_config_that_validates_but_cannot_be_built(tmp_path) -> None:
     """`fetch.ca_bundle: /nonexistent` passes validation but fails when the runtime is built:
     the file watcher used to die silently on it, and later valid edits were ignored."""
-    cfg = stack_config(
-        backends=[{"name": "a", "preset": "vllm", "models": ["m1"]}],
-        models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]}])
-    cfg["service"]["reload_watch_s"] = 0.2
-    stack = start_stack(tmp_path, cfg)
+    cfg, stack = watched(tmp_path)
     path = tmp_path / "config.yaml"
     try:
         url = stack.envoy_url

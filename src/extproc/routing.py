@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import product
 from typing import Any, Literal
 
 import orjson
@@ -262,6 +263,10 @@ def parse_json_body(body: bytes) -> dict[str, Any] | Reply:
     return data
 
 
+# Keys that fold to "model" (Go's encoding/json matches struct fields case-insensitively): only
+# ASCII letters fold to m, o, d, e or l, so these 31 are all of them.
+_CASE_VARIANTS = frozenset(
+    "".join(c) for c in product(*zip("model", "MODEL", strict=True))) - {"model"}
 # A JSON escape of an ASCII letter: no encoder writes one, so in a key it hides a name.
 _LETTER_ESCAPE = re.compile(rb"\\u00(?:4[1-9a-fA-F]|5[0-9aA]|6[1-9a-fA-F]|7[0-9aA])")
 
@@ -275,10 +280,10 @@ def model_key(raw: bytes, data: dict[str, Any]) -> Reply | bool:
     duplicate, a ``null`` model or an escaped key (``"m\\u006fdel"``) is made canonical by
     re-serialising the parsed body (the value routed on); a case variant is refused. Cheap for
     ordinary bodies: one count and one scan in C."""
-    for k in data:
-        if len(k) == 5 and k != "model" and k.casefold() == "model":
-            return error_reply(400, f"Unrecognized request argument '{k}': the model is given "
-                               "as 'model'", code="invalid_request", param=k)
+    if not _CASE_VARIANTS.isdisjoint(data):
+        k = next(k for k in data if k in _CASE_VARIANTS)
+        return error_reply(400, f"Unrecognized request argument '{k}': the model is given "
+                           "as 'model'", code="invalid_request", param=k)
     if "model" in data and data["model"] is None:
         del data["model"]  # routed to the default: the backend gets that name alone
         return True

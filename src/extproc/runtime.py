@@ -24,7 +24,8 @@ class Runtime:
     fetcher: Fetcher
     vision: VisionClient | None
     schema_judge: SchemaJudge
-    # Hint headers and client copies of propagated headers: removed from every request.
+    # Hint headers, the intent header and client copies of propagated headers: removed from
+    # every request.
     hint_headers: tuple[str, ...] = ()
     # Every header that carries a credential (client kinds and each backend's): removed on
     # every attempt before the attempt's own is set.

@@ -222,14 +222,14 @@ class RouteStream:
             meta["intent"] = d.hints.policy
         set_headers = [(CLUSTER_HEADER, cluster),
                        ("x-envoy-max-retries", str(len(d.candidates) - 1))]
-        # Hint headers and client copies of propagated headers never reach a backend.
+        # Hint headers, the intent header and client copies of propagated headers never reach
+        # a backend.
         remove = list(rt.hint_headers)
         for header, value in d.hints.context.items():
             if header in hcfg.propagate:
                 set_headers.append((header, value))
-        if d.hints.policy and hcfg.intent_header:
+        if d.hints.policy and hcfg.intent_header:  # (a client's own copy is always removed)
             set_headers.append((hcfg.intent_header, d.hints.policy))
-            remove.append(hcfg.intent_header)
         creds = client_credentials(self.headers)
         if prepared:
             plan = header_plan(prepared, self.raw_path, rt.credentials, creds)
