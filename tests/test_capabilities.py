@@ -192,3 +192,52 @@ def test_inflater_decodes_in_pieces_and_stops_at_its_limit() -> None:
 ])
 def test_readable_accept_encoding(given: str, readable: str | None) -> None:
     assert readable_accept_encoding(given) == readable
+
+
+ALL_BAD = {"empty_answer", "no_choices", "content_filter", "invalid_tool_arguments",
+           "stream_without_content"}
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (completion({"content": ""}), "empty_answer"),
+    (completion({"content": "   "}), "empty_answer"),
+    (completion({"content": None}), "empty_answer"),
+    (orjson.dumps({"choices": []}), "no_choices"),
+    (orjson.dumps({"choices": None}), "no_choices"),
+    (completion({"content": "x"}, "content_filter"), "content_filter"),
+    (completion({"content": None, "tool_calls": [{"function": {"name": "f", "arguments":
+                                                               "{oops"}}]}),
+     "invalid_tool_arguments"),
+])
+def test_bad_answers_fail_only_when_opted_into(body: bytes, reason: str) -> None:
+    v = judge_completion(body, Needs(bad=ALL_BAD))
+    assert v.ok is False and v.reason.startswith(reason + ":")
+    assert judge_completion(body, Needs(bad=ALL_BAD - {reason})).ok is not False
+    assert judge_completion(body, Needs()).ok is not False
+
+
+def test_good_answers_pass_every_rule() -> None:
+    needs = Needs(bad=ALL_BAD)
+    assert judge_completion(completion({"content": "Prose, though tools were offered."}),
+                            needs) == PASS
+    assert judge_completion(completion(CALL), needs) == PASS  # a tool call, no content
+    assert judge_completion(b'{"object": "list", "data": []}', needs).ok is None  # not chat
+
+
+def test_stream_bad_answer_rules() -> None:
+    rules = Needs(bad=ALL_BAD)
+    j = StreamJudge(rules)  # ends after its role delta
+    assert j.feed(b"".join(sse({"role": "assistant", "content": ""})), end=True).reason == \
+        "stream_without_content: the stream ended before any content"
+    j = StreamJudge(rules)
+    assert j.feed(b'data: {"error": {"message": "overloaded"}}\n\n').reason == \
+        "stream_without_content: the stream errored before any content"
+    j = StreamJudge(rules)
+    filtered = b"data: " + orjson.dumps({"choices": [{"delta": {}, "finish_reason":
+                                                       "content_filter"}]}) + b"\n\n"
+    assert j.feed(filtered).reason.startswith("content_filter:")
+    for needs in (rules, Needs()):  # the first content decides; without rules, nothing fails
+        j = StreamJudge(needs)
+        assert j.feed(b"".join(sse({"role": "assistant"}, {"content": "Hi"}))) == PASS
+    j = StreamJudge(Needs())
+    assert j.feed(b"".join(sse({"role": "assistant", "content": ""})), end=True).ok is None

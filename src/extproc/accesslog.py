@@ -11,6 +11,7 @@ replica can finish it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from google.protobuf import duration_pb2
 
 from . import metrics
 from .decision import complete
+from .health import observe
 from .logs import write_events
 from .messages import META_NS
 from .runtime import Runtime
@@ -56,6 +58,11 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
                     timings, rt.notes.pop(request_id, []) if rt.notes else [])
 
 
+def health_event(rt: Runtime, backend: str, state: str, mono: float) -> dict[str, Any]:
+    """The log line of a backend's health changing (also what ``/extproc/health`` shows)."""
+    return {"event": "backend.health", **rt.health.state(backend, mono), "became": state}
+
+
 def account(rec: dict[str, Any]) -> None:
     attempts = rec["attempts"]
     backend = attempts[-1].get("backend") if attempts else None
@@ -83,12 +90,16 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
         async for msg in request_iterator:
             rt = self.runtime()
             done = []
+            mono, wall = time.monotonic(), time.time()
             for entry in msg.http_logs.log_entry:
                 try:
                     rec = finish(entry, rt)
                     if rec is not None:
                         account(rec)
                         done.append(rec)
+                        retry_after = entry.response.response_headers.get("retry-after")
+                        for backend, state in observe(rt.health, rec, retry_after, mono, wall):
+                            done.append(health_event(rt, backend, state, mono))
                 except Exception:  # one odd entry must not end the stream
                     self.log.exception("access log entry", extra={"fields": {
                         "event": "decision_log.error",

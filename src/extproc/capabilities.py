@@ -28,16 +28,23 @@ class Needs:
     forced: set[str] = field(default_factory=set)
     tool_name: str | None = None          # a forced, named function
     schema: dict[str, Any] | None = None  # json_schema to validate against
+    bad: set[str] = field(default_factory=set)  # bad answers that move on (fallback_on)
+
+    @property
+    def judged(self) -> bool:
+        """Whether a 200 is judged at all (and a stream held until it decides)."""
+        return bool(self.forced or self.bad)
 
     def encode(self) -> str:
         return orjson.dumps({"needed": sorted(self.needed), "forced": sorted(self.forced),
-                             "tool": self.tool_name, "schema": self.schema}).decode()
+                             "tool": self.tool_name, "schema": self.schema,
+                             "bad": sorted(self.bad)}).decode()
 
     @classmethod
     def decode(cls, raw: str) -> Needs:
         d = orjson.loads(raw)
         return cls(set(d.get("needed") or ()), set(d.get("forced") or ()), d.get("tool"),
-                   d.get("schema"))
+                   d.get("schema"), set(d.get("bad") or ()))
 
 
 class NeedsError(Exception):
@@ -148,12 +155,14 @@ def _dict(v: Any) -> dict[str, Any]:
 
 
 def judge_completion(body: bytes, needs: Needs) -> Verdict:
-    """Judge a whole chat.completion body against the forced needs."""
+    """Judge a whole chat.completion body against the forced needs, then the bad-answer
+    rules the model opted into (``needs.bad``)."""
     try:
         data = orjson.loads(body)
         choices = data["choices"]
         if not isinstance(choices, list) or not choices:
-            return UNJUDGED
+            return Verdict(False, "no_choices: the answer has no choices") \
+                if "no_choices" in needs.bad and choices in ([], None) else UNJUDGED
         messages = [c["message"] for c in choices]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return UNJUDGED
@@ -187,8 +196,34 @@ def judge_completion(body: bytes, needs: Needs) -> Verdict:
                 return Verdict(False, "json: content is not valid JSON")
             values.append(content)
         if needs.schema is not None and values:
-            return Verdict(True, schema_values=tuple(values))
-    return PASS
+            bad = _bad_answer(choices, messages, needs.bad)
+            return bad or Verdict(True, schema_values=tuple(values))
+    return _bad_answer(choices, messages, needs.bad) or PASS
+
+
+def _bad_answer(choices: list[Any], messages: list[dict[str, Any]], rules: set[str]
+                ) -> Verdict | None:
+    """The first bad-answer rule (of those opted into) a whole answer breaks. Only what a
+    rule names fails: prose where tools were merely offered is an answer."""
+    if not rules:
+        return None
+    if "content_filter" in rules and any(c.get("finish_reason") == "content_filter"
+                                         for c in choices):
+        return Verdict(False, "content_filter: the answer was filtered")
+    calls = [tc for m in messages for tc in _list(m.get("tool_calls")) if isinstance(tc, dict)]
+    if "invalid_tool_arguments" in rules:
+        for tc in calls:
+            args = _dict(tc.get("function")).get("arguments")
+            try:
+                orjson.loads(args if isinstance(args, str) else b"")
+            except orjson.JSONDecodeError:
+                return Verdict(False, "invalid_tool_arguments: a tool call's arguments are "
+                                      "not JSON")
+    if "empty_answer" in rules and not calls and not any(
+            isinstance(m.get("function_call"), dict) for m in messages) and not any(
+            isinstance(m.get("content"), str) and m["content"].strip() for m in messages):
+        return Verdict(False, "empty_answer: no content and no tool call")
+    return None
 
 
 class StreamJudge:
@@ -196,6 +231,8 @@ class StreamJudge:
 
     tools forced: a ``tool_calls`` delta passes (if the name matches), text content fails.
     json forced: the first non-blank content character must open a JSON value.
+    Otherwise the first content or tool-call delta passes; a stream that ends or errors
+    before it (or is filtered) fails only where the model opted into that rule.
     """
 
     def __init__(self, needs: Needs):
@@ -218,25 +255,35 @@ class StreamJudge:
                 self.verdict = self._event(self.buf)
             if self.verdict is None:
                 self.verdict = Verdict(False, "stream ended without a tool call") \
-                    if "tools" in self.needs.forced else UNJUDGED
+                    if "tools" in self.needs.forced else self._no_content("ended")
         return self.verdict
 
+    def _no_content(self, how: str) -> Verdict:
+        return Verdict(False, f"stream_without_content: the stream {how} before any content") \
+            if "stream_without_content" in self.needs.bad else UNJUDGED
+
     def _event(self, event: bytes) -> Verdict | None:
+        """The verdict an event decides: the first content or tool-call delta decides (held
+        streams are released at it), what comes before it does not."""
         data = b"".join(line[5:].strip() for line in event.splitlines()
                         if line.startswith(b"data:"))
         if not data or data == b"[DONE]":
             return None
         try:
-            chunk = orjson.loads(data)
-            deltas = [_dict(_dict(c).get("delta")) for c in _list(_dict(chunk).get("choices"))]
+            chunk = _dict(orjson.loads(data))
+            choices = _list(chunk.get("choices"))
+            deltas = [_dict(_dict(c).get("delta")) for c in choices]
         except orjson.JSONDecodeError:
             return UNJUDGED
+        if "error" in chunk:  # an error event, before any content
+            return self._no_content("errored")
         for d in deltas:
             calls = [c for c in _list(d.get("tool_calls")) if isinstance(c, dict)] or \
                 ([d["function_call"]] if isinstance(d.get("function_call"), dict) else [])
-            if calls and "tools" in self.needs.forced:
+            if calls:
                 name = _dict(calls[0].get("function")).get("name") or calls[0].get("name")
-                if self.needs.tool_name and name and name != self.needs.tool_name:
+                if "tools" in self.needs.forced and self.needs.tool_name and name and \
+                        name != self.needs.tool_name:
                     return Verdict(False, f"tools: called another function than the forced "
                                           f"{self.needs.tool_name!r}")
                 return PASS
@@ -247,6 +294,10 @@ class StreamJudge:
                 if "json" in self.needs.forced:
                     return PASS if text.lstrip()[0] in "{[" else Verdict(
                         False, "json: the stream started with prose, not JSON")
+                return PASS
+        if "content_filter" in self.needs.bad and any(
+                _dict(c).get("finish_reason") == "content_filter" for c in choices):
+            return Verdict(False, "content_filter: the stream was filtered before any content")
         return None
 
 

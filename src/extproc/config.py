@@ -41,7 +41,19 @@ DEFAULT_STRIPPED_HEADERS = (
     "ocp-apim-subscription-key", "x-forwarded-client-cert")
 
 
-class BackendModel(_Strict):
+class AttemptLimits(_Strict):
+    """How long one attempt at a backend may take before the next candidate is tried; unset
+    fields take the backend's, then the envoy section's values."""
+
+    attempt_timeout_s: float | None = Field(
+        default=None, gt=0, description="a non-streaming attempt (headers come with the "
+        "whole answer, so minutes can be normal)")
+    stream_idle_s: float | None = Field(
+        default=None, gt=0, description="a streaming attempt that sends nothing (no headers, "
+        "no next byte) for this long is given up")
+
+
+class BackendModel(AttemptLimits):
     """A model as the backend knows it."""
 
     name: str = Field(description="the model name the backend expects in the request body")
@@ -49,6 +61,15 @@ class BackendModel(_Strict):
         default=None, description="what the model can do (tools, vision, audio, json, "
         "reasoning, or a name from extra_capabilities); unset means unknown")
     tags: list[str] = Field(default=[], description="free-form tags (local, cloud, free...)")
+
+
+class BackendHealth(_Strict):
+    """A backend's health probe; unset fields keep its preset's (vLLM, SGLang, llama.cpp:
+    /health; Ollama: /api/version; OpenAI-style cloud APIs: no probe)."""
+
+    probe: bool | None = Field(default=None, description="probe this backend at all")
+    path: str | None = Field(default=None, description="GET this path on the backend's host "
+                             "(not under its base path); any 2xx is healthy")
 
 
 class PartsOverride(_Strict):
@@ -94,7 +115,7 @@ class FetchSettings(_Strict):
                              "process, taken in turn by the requests waiting")
 
 
-class Backend(_Strict):
+class Backend(AttemptLimits):
     name: str
     url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(
@@ -115,6 +136,7 @@ class Backend(_Strict):
     egress_port: int | None = Field(default=None, ge=1, le=65535, description="loopback port "
                                     "of the egress listener for a backend by host name or over "
                                     "TLS (default: envoy.egress_base_port + its index)")
+    health: BackendHealth = BackendHealth()
     models: list[BackendModel] = Field(min_length=1)
 
     @field_validator("name")
@@ -140,6 +162,14 @@ class Backend(_Strict):
 class Candidate(_Strict):
     backend: str
     model: str = Field(description="the backend's model name (one of that backend's models)")
+    tier: int | None = Field(default=None, description="candidates of one tier share the load "
+                             "(in proportion to weight); lower tiers are tried first. Unset: "
+                             "its position in the list, i.e. strict order")
+    weight: float = Field(default=1.0, gt=0, description="share of its tier's requests")
+
+
+BadAnswer = Literal["empty_answer", "no_choices", "content_filter", "invalid_tool_arguments",
+                    "stream_without_content"]
 
 
 class PublicModel(_Strict):
@@ -147,6 +177,9 @@ class PublicModel(_Strict):
     aliases: list[str] = []
     candidates: list[Candidate] = Field(min_length=1, description="tried in this order")
     owned_by: str = "llm-extproc"
+    fallback_on: list[BadAnswer] | None = Field(
+        default=None, description="answers that move the request to the next candidate "
+        "(unset: capability_routing.fallback_on)")
 
 
 DEFAULT_VISION_PROMPT = (
@@ -199,6 +232,11 @@ class CapabilityRouting(_Strict):
         "is judged as JSON only)")
     judge_workers: int = Field(default=2, ge=1, le=16,
                                description="child processes checking schemas, per service process")
+    fallback_on: list[BadAnswer] = Field(
+        default=[], description="answers judged bad for every model (each model may set its own "
+        "fallback_on): empty_answer (no content, no tool call), no_choices, content_filter, "
+        "invalid_tool_arguments (not JSON), stream_without_content (a stream that ends or "
+        "errors before its first content)")
 
 
 HintKind = Literal["intent", "model", "backend", "order"]
@@ -303,11 +341,17 @@ class EnvoySettings(_Strict):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     message_timeout_ms: int = Field(default=10_000, ge=50)
     max_message_timeout_ms: int = Field(default=120_000, ge=50)
-    route_timeout_s: float = Field(default=300.0, gt=0)
+    route_timeout_s: float = Field(default=600.0, gt=0, description="a non-streaming request, "
+                                   "all attempts together (streams are bounded by stream_idle_s)")
     connect_timeout_s: float = Field(default=2.0, gt=0)
     retry_base_interval_ms: int = Field(default=5, ge=1)
     retry_max_interval_ms: int = Field(default=50, ge=1)
-    per_try_timeout_s: float | None = Field(default=None, gt=0)
+    per_try_timeout_s: float | None = Field(
+        default=300.0, gt=0, description="a non-streaming attempt, then the next candidate "
+        "(each backend and model may set its own attempt_timeout_s)")
+    stream_idle_s: float = Field(
+        default=30.0, gt=0, description="a streaming attempt that sends nothing for this long: "
+        "the next candidate, or (after the client got bytes) the stream ends")
     # Envoy's circuit breakers, per backend cluster. Its defaults (1,024 requests, 3 retries
     # in flight) refuse failover under load: with a dead first candidate every request needs a
     # retry, and the fourth concurrent one got a 503 instead of the next candidate.
@@ -344,6 +388,27 @@ class EnvoySettings(_Strict):
         "route stage sends requests there when no attempt would have anything to do")
 
 
+class HealthSettings(_Strict):
+    """Which backends are up, as the service sees it: active probes, the outcomes of requests
+    (Envoy's access log), and Retry-After. A backend that is down is skipped by every request
+    that has another candidate up (tried when all are down), so no request waits for its
+    connect timeout; it is back in the order as soon as it is up again."""
+
+    probes: bool = Field(default=True, description="probe backends (see each backend's health)")
+    interval_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+    unhealthy_threshold: int = Field(default=2, ge=1, description="failed probes in a row")
+    healthy_threshold: int = Field(default=1, ge=1, description="good probes in a row")
+    eject_after_failures: int = Field(
+        default=3, ge=1, description="attempts in a row that failed (refused, reset, timed "
+        "out, 5xx) take a backend out for ejection_s")
+    ejection_s: float = Field(default=10.0, gt=0, description="doubles with each ejection in "
+                              "a row, up to max_ejection_s")
+    max_ejection_s: float = Field(default=300.0, gt=0)
+    max_retry_after_s: float = Field(default=300.0, ge=0, description="longest 429 Retry-After "
+                                     "honoured (0: a 429 moves on but cools nothing)")
+
+
 class Config(_Strict):
     service: ServiceSettings = ServiceSettings()
     envoy: EnvoySettings = EnvoySettings()
@@ -363,6 +428,7 @@ class Config(_Strict):
                                           "tools, vision, audio, json, reasoning")
     virtual_models: list[VirtualModel] = []
     capability_routing: CapabilityRouting = CapabilityRouting()
+    health: HealthSettings = HealthSettings()
     hints: HintSettings = HintSettings()
     ai_gateway: AIGatewaySettings = AIGatewaySettings()
     client_auth: ClientAuth | None = None
@@ -543,6 +609,16 @@ def _cross_check(cfg: Config) -> list[str]:
                 problems.append(f"vision.model: backend {v.backend!r} has no model {v.model!r}")
         elif v.url is not None and urlsplit(v.url).scheme not in ("http", "https"):
             problems.append("vision.url: must be an http:// or https:// URL")
+    # Envoy ignores a per-try limit that is not below the route's (the whole request's).
+    limits = [("envoy.per_try_timeout_s", cfg.envoy.per_try_timeout_s)] + [
+        (f"backends[{i}].attempt_timeout_s", b.attempt_timeout_s)
+        for i, b in enumerate(cfg.backends)] + [
+        (f"backends[{i}].models[{j}].attempt_timeout_s", m.attempt_timeout_s)
+        for i, b in enumerate(cfg.backends) for j, m in enumerate(b.models)]
+    for where, value in limits:
+        if value is not None and value >= cfg.envoy.route_timeout_s:
+            problems.append(f"{where}: {value} is not below envoy.route_timeout_s "
+                            f"({cfg.envoy.route_timeout_s}): Envoy would ignore it")
     headroom = 256 * 1024
     if cfg.service.max_message_bytes < cfg.envoy.max_body_bytes + headroom:
         problems.append(f"service.max_message_bytes: {cfg.service.max_message_bytes} is below "

@@ -41,6 +41,8 @@ class DecisionRecord:
     hints: dict[str, Any] = field(default_factory=dict)
     context: dict[str, str] = field(default_factory=dict)
     needs: dict[str, Any] = field(default_factory=dict)
+    # Candidates whose backend was down: state, since (wall clock), reason, whether skipped.
+    unavailable: list[dict[str, Any]] = field(default_factory=list)
     decided_by: int = 0  # the pid of the worker whose route stage decided
 
     def reason(self) -> str:
@@ -55,6 +57,8 @@ class DecisionRecord:
             out += "; needs=" + ",".join(self.needs["needed"])
         if self.dropped_candidates:
             out += f"; dropped={len(self.dropped_candidates)}"
+        if self.unavailable:
+            out += f"; down={','.join(u['backend'] for u in self.unavailable)}"
         return out
 
     def routed(self, d: RouteDecision) -> None:
@@ -65,11 +69,13 @@ class DecisionRecord:
         self.warnings = d.warnings
         self.hints = d.hints.record() if d.hints.values else {}
         self.context = dict(d.hints.context)
-        if d.needs.needed:
-            self.needs = {"needed": sorted(d.needs.needed), "forced": sorted(d.needs.forced)}
+        if d.needs.needed or d.needs.bad:
+            self.needs = {"needed": sorted(d.needs.needed), "forced": sorted(d.needs.forced),
+                          **({"fallback_on": sorted(d.needs.bad)} if d.needs.bad else {})}
         self.dropped_candidates = [
             {"backend": t.backend, "model": t.model, "reason": f"cannot take {why}"}
             for t, why in d.dropped]
+        self.unavailable = d.unavailable
 
     def rejected(self, status: int, code: str | None) -> None:
         self.status = status

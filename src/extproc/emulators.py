@@ -46,6 +46,12 @@ ACCEPTED_PARTS: dict[str, frozenset[str]] = {
 }
 
 
+# Where each server answers a health probe (vLLM, SGLang, llama.cpp: /health; Ollama: /api/version
+# and / ("Ollama is running"); the OpenAI API has none).
+HEALTH_PATHS = {"vllm": ("/health",), "sglang": ("/health",), "llamacpp": ("/health",),
+                "ollama": ("/api/version", "/"), "ocr": ("/health",)}
+
+
 class EmulatorError(Exception):
     def __init__(self, status: int, body: dict[str, Any]):
         self.status, self.body = status, body
@@ -85,6 +91,14 @@ class Behaviour:
     content: str | None = None    # answer exactly this text (JSON mode included)
     pad_bytes: int = 0            # make the answer's text this many bytes longer
     gzip: bool = False            # gzip answers when the request accepts it (cloud APIs do)
+    unhealthy: bool = False       # the health endpoint answers 503 (llama.cpp loading a model)
+    stall: bool = False           # take the request, never answer (a hung engine)
+    stall_after_headers: bool = False  # a stream's headers, then silence (a stuck slot)
+    stream_cut: bool = False      # a stream ends after its role delta, before any content
+    stall_after_events: int = 0   # a stream stops after this many events, connection open
+    finish_reason: str | None = None   # e.g. content_filter
+    no_choices: bool = False      # "choices": []
+    tool_arguments: str | None = None  # tool-call arguments as given (e.g. not JSON)
 
 
 @dataclass
@@ -109,6 +123,10 @@ class Emulator:
         path = path.split("?", 1)[0]
         if path.startswith("/_emulator/"):
             return self._control(method, path, body)
+        if method == "GET" and path in HEALTH_PATHS.get(self.flavour, ()):  # no key needed
+            if self.behaviour.unhealthy:
+                return 503, {"error": {"code": 503, "message": "Loading model"}}, ""
+            return 200, {"version": "0.12.0"} if self.flavour == "ollama" else {}, ""
         rec: dict[str, Any] = {"method": method, "path": path, "headers": headers,
                                "ts": time.time()}
         try:
@@ -249,11 +267,15 @@ class Emulator:
                    }.get(self.flavour, _error(self.flavour, 400, "image input is not supported"))
         message, finish = self._answer(model, data, quirks)
         if data.get("stream"):
-            return 200, self._sse(model, message, finish), "text/event-stream"
+            events = self._sse(model, message, finish)
+            if quirks.stream_cut:  # the role delta, then the end: no content ever came
+                events = [events[0], events[-1]]
+            return 200, events, "text/event-stream"
         return 200, {
             "id": "chatcmpl-emu", "object": "chat.completion", "created": created,
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "choices": [] if quirks.no_choices else
+            [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
         }, ""
 
@@ -271,10 +293,12 @@ class Emulator:
                 else None
             tool = next((t for t in tools if t.get("function", {}).get("name") == name), tools[0])
             fn = tool.get("function", {})
-            args = orjson.dumps(_fake_json(fn.get("parameters") or {})).decode()
+            args = q.tool_arguments if q.tool_arguments is not None else \
+                orjson.dumps(_fake_json(fn.get("parameters") or {})).decode()
             return {"role": "assistant", "content": None, "tool_calls": [{
                 "id": "call_emu", "type": "function",
-                "function": {"name": fn.get("name"), "arguments": args}}]}, "tool_calls"
+                "function": {"name": fn.get("name"), "arguments": args}}]}, \
+                q.finish_reason or "tool_calls"
         rf = data.get("response_format") or {}
         text = f"Hello from {self.name} serving {model}."
         if rf.get("type") in ("json_object", "json_schema") and not q.prose_json:
@@ -283,7 +307,8 @@ class Emulator:
             text = orjson.dumps(value).decode()
         if q.content is not None:
             text = q.content
-        return {"role": "assistant", "content": text + " " * q.pad_bytes}, "stop"
+        return {"role": "assistant", "content": text + " " * q.pad_bytes}, \
+            q.finish_reason or "stop"
 
     def _describe(self, messages: list[Any]) -> str:
         from .aux_vision import describe_image
@@ -310,7 +335,7 @@ class Emulator:
                                                         "arguments": ""}}]})
             deltas.append({"tool_calls": [{"index": 0, "function": {
                 "arguments": call["function"]["arguments"]}}]})
-        else:
+        elif message["content"]:
             words = message["content"].split(" ")
             deltas += [{"content": w + (" " if i < len(words) - 1 else "")}
                        for i, w in enumerate(words)]
@@ -381,6 +406,15 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
                 await asyncio.sleep(delay)
             status, payload, ctype = await asyncio.get_running_loop().run_in_executor(
                 None, emu.handle, method, target, headers, body)
+            inference = method == "POST" and not target.startswith("/_emulator/")
+            if inference and (emu.behaviour.stall or (
+                    emu.behaviour.stall_after_headers and isinstance(payload, list))):
+                if emu.behaviour.stall_after_headers:
+                    writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
+                                 "transfer-encoding: chunked\r\n\r\n".encode())
+                    await writer.drain()
+                await reader.read()  # until the caller gives up and closes
+                return
             squeeze = emu.behaviour.gzip and "gzip" in headers.get("accept-encoding", "")
             if isinstance(payload, list):  # an event stream: chunked, paced
                 z = zlib.compressobj(wbits=31) if squeeze else None  # gzip, flushed per event
@@ -389,6 +423,9 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
                              "transfer-encoding: chunked\r\n\r\n".encode())
                 sent: list[float] = []
                 for i, event in enumerate(payload):
+                    if i and i == emu.behaviour.stall_after_events:
+                        await reader.read()  # silence until the caller gives up
+                        return
                     if i and emu.behaviour.stream_delay_s:
                         await asyncio.sleep(emu.behaviour.stream_delay_s)
                     if z is not None:

@@ -28,6 +28,7 @@ from .messages import (
     RESP_WARNINGS,
     RETRY_HEADER,
     STAGE_KEY,
+    STREAM_HEADER,
     TAG_META,
 )
 from .routing import DIRECT_CLUSTER, JUDGED_CLUSTER, POOL_CLUSTER
@@ -249,7 +250,8 @@ def _decision_log(cfg: Config) -> dict[str, Any]:
                 "transport_api_version": "V3",
                 "buffer_flush_interval": _dur(cfg.envoy.decision_log_flush_s),
             },
-            "additional_response_headers_to_log": list(DECISION_HEADERS),
+            # retry-after: a backend's 429 cools it down (health.py)
+            "additional_response_headers_to_log": [*DECISION_HEADERS, "retry-after"],
         },
     }
 
@@ -308,6 +310,14 @@ def _circuit_breakers(cfg: Config) -> dict[str, Any]:
     }]}
 
 
+def stream_idle_limits(cfg: Config) -> list[int]:
+    """Every silence limit (ms) a streaming request can get: Envoy's and each backend's and
+    model's own. The route stage picks the largest of a request's candidates: one of these."""
+    e = cfg.envoy
+    return sorted({int(1000 * (m.stream_idle_s or b.stream_idle_s or e.stream_idle_s))
+                   for b in cfg.backends for m in b.models} | {int(1000 * e.stream_idle_s)})
+
+
 def max_candidates(cfg: Config) -> int:
     counts = [len(m.candidates) for m in cfg.models]
     per_model: dict[str, int] = {}
@@ -322,9 +332,12 @@ def render(cfg: Config) -> dict[str, Any]:
     service_host = e.service_host or cfg.service.host
     if service_host in ("0.0.0.0", "::"):
         service_host = "127.0.0.1"
-    retry_policy = {
-        "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-headers",
+    retry_policy: dict[str, Any] = {
+        # 429: the next candidate now (the service cools the backend down per Retry-After).
+        "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-headers,"
+                    "retriable-status-codes",
         "num_retries": max(max_candidates(cfg) - 1, 0),
+        "retriable_status_codes": [429],
         "retriable_headers": [{"name": RETRY_HEADER}],
         "retry_back_off": {
             "base_interval": _dur(e.retry_base_interval_ms / 1000),
@@ -333,6 +346,18 @@ def render(cfg: Config) -> dict[str, Any]:
     }
     if e.per_try_timeout_s:
         retry_policy["per_try_timeout"] = _dur(e.per_try_timeout_s)
+    # Streams: no overall limit (a long answer is not a failure) and no per-try limit (it
+    # would cut the stream); an attempt silent for its idle limit is given up instead. One
+    # route per limit configured; the route stage picks it with STREAM_HEADER.
+    stream_policy = {k: v for k, v in retry_policy.items() if k != "per_try_timeout"}
+    stream_routes = [{
+        "match": {"prefix": "/", "headers": [
+            {"name": STREAM_HEADER, "string_match": {"exact": str(ms)}}]},
+        "request_body_buffer_limit": e.max_body_bytes,
+        "request_headers_to_remove": [CLUSTER_HEADER, STREAM_HEADER],
+        "route": {"cluster_header": CLUSTER_HEADER, "timeout": "0s",
+                  "retry_policy": {**stream_policy, "per_try_idle_timeout": _dur(ms / 1000)}},
+    } for ms in stream_idle_limits(cfg)]
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
@@ -344,7 +369,7 @@ def render(cfg: Config) -> dict[str, Any]:
         "local_reply_config": _local_reply(cfg),
         "route_config": {
             "name": "llm",
-            "internal_only_headers": [CLUSTER_HEADER, RETRY_HEADER],
+            "internal_only_headers": [CLUSTER_HEADER, RETRY_HEADER, STREAM_HEADER],
             "virtual_hosts": [{
                 "name": "llm",
                 "domains": ["*"],
@@ -359,7 +384,7 @@ def render(cfg: Config) -> dict[str, Any]:
                     *(_header(h, f"%DYNAMIC_METADATA({META_NS}:{key})%")
                       for h, key in TAG_META.items()),
                 ],
-                "routes": [{
+                "routes": [*stream_routes, {
                     "match": {"prefix": "/"},
                     "request_body_buffer_limit": e.max_body_bytes,
                     "request_headers_to_remove": [CLUSTER_HEADER],

@@ -14,6 +14,11 @@ from .errors import Reply
 
 STAGE_KEY = "x-extproc-stage"
 CLUSTER_HEADER = "x-extproc-cluster"
+# Set by the route stage on streaming requests, to how long (ms) an attempt may stay silent:
+# Envoy's route for that value fails over after it (the header never leaves Envoy).
+STREAM_HEADER = "x-extproc-stream"
+PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
+HEALTH_PATH = "/extproc/health"  # GET: each backend's health, answered by the route stage
 META_NS = "extproc"
 ATTR_ADDRESS = "upstream.address"
 ATTR_ATTEMPT = "upstream.request_attempt_count"

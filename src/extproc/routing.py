@@ -6,6 +6,7 @@ per-request work is a dict lookup and one JSON parse.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import orjson
 from .capabilities import Needs, NeedsError, rank, request_needs
 from .config import Config, pool_addresses
 from .errors import Reply, error_reply, json_reply
+from .health import Health
 from .hints import (
     Hints,
     allowed_intents,
@@ -63,6 +65,10 @@ class PublicEntry:
     # Precomputed Envoy metadata for the common case (the configured order, unchanged).
     hosts: str
     candidates_meta: str
+    # (tier, weight) per candidate when some tier holds several (they share its load): the
+    # order is drawn per request. None: strict order.
+    tiers: tuple[tuple[int, float], ...] | None = None
+    fallback_on: frozenset[str] = frozenset()  # bad answers that move to the next candidate
 
 
 @dataclass(slots=True)
@@ -86,6 +92,9 @@ class RouteDecision:
     # Remote URLs a candidate's backend would fetch itself: (url, param), each to be checked
     # against the fetch policy before the request leaves (that is I/O: the stage does it).
     url_checks: list[tuple[str, str]] = field(default_factory=list)
+    # Candidates moved to the end because their backend is down, with what health says.
+    unavailable: list[dict[str, Any]] = field(default_factory=list)
+    fallback_on: frozenset[str] = frozenset()
 
 
 def encode_candidates(cands: tuple[Target, ...]) -> str:
@@ -119,16 +128,24 @@ class RoutingTable:
         self.entries: dict[str, PublicEntry] = {}
         self.aliases: dict[str, str] = {}
 
-        def add(name: str, cands: list[Target], owned_by: str, virtual: bool = False) -> None:
+        default_fallback = frozenset(cfg.capability_routing.fallback_on)
+
+        def add(name: str, cands: list[Target], owned_by: str, virtual: bool = False,
+                tiers: list[tuple[int, float]] | None = None,
+                fallback: frozenset[str] = default_fallback) -> None:
             tup = tuple(cands)
+            shared = tiers is not None and len({t for t, _ in tiers}) < len(tiers)
             self.entries[name] = PublicEntry(
                 name, tup, owned_by, virtual, ",".join(t.address for t in tup),
-                encode_candidates(tup)
-            )
+                encode_candidates(tup), tuple(tiers) if shared and tiers else None, fallback)
 
         for pm in cfg.models:
             cands = [Target(c.backend, c.model, addresses[c.backend]) for c in pm.candidates]
-            add(pm.name, cands, pm.owned_by)
+            add(pm.name, cands, pm.owned_by,
+                tiers=[(i if c.tier is None else c.tier, c.weight)
+                       for i, c in enumerate(pm.candidates)],
+                fallback=default_fallback if pm.fallback_on is None
+                else frozenset(pm.fallback_on))
             for alias in pm.aliases:
                 self.aliases[alias] = pm.name
         if cfg.expose_backend_models:
@@ -143,7 +160,7 @@ class RoutingTable:
                     by_model.setdefault(m.name, []).append(
                         Target(b.name, m.name, addresses[b.name])
                     )
-            for name, cands in by_model.items():
+            for name, cands in by_model.items():  # in backend order (tiers: a public model)
                 add(name, cands, cands[0].backend)
         self.tags = {(b.name, m.name): frozenset(m.tags) for b in cfg.backends for m in b.models}
         for vm in cfg.virtual_models:
@@ -158,6 +175,12 @@ class RoutingTable:
                 add(vm.name, members, "llm-extproc", virtual=True)
         self.routed_paths = frozenset(cfg.routed_paths)
         self.created = int(time.time())
+        # How long one attempt may take, per candidate: its model's, its backend's or Envoy's.
+        e = cfg.envoy
+        self.limits: dict[tuple[str, str], tuple[float | None, float]] = {
+            (b.name, m.name): (m.attempt_timeout_s or b.attempt_timeout_s or e.per_try_timeout_s,
+                               m.stream_idle_s or b.stream_idle_s or e.stream_idle_s)
+            for b in cfg.backends for m in b.models}
 
     def has(self, t: Target, capability: str) -> bool:
         """True only when the model declares the capability."""
@@ -321,8 +344,12 @@ def _quoted_model(raw: bytes, max_quotes: int = 1024) -> tuple[int, bool] | None
 
 
 def route_request(table: RoutingTable, data: dict[str, Any],
-                  headers: dict[str, str] | None = None) -> RouteDecision | Reply:
-    """Pick the ordered candidates for a parsed POST body by its ``model``."""
+                  headers: dict[str, str] | None = None, health: Health | None = None,
+                  now: float = 0.0, draw: Callable[[], float] = random.random
+                  ) -> RouteDecision | Reply:
+    """Pick the ordered candidates for a parsed POST body by its ``model``. ``health``: which
+    backends are down at ``now`` (monotonic); ``draw``: the randomness that spreads a tier's
+    load (the tests pass their own)."""
     headers = headers or {}
     bad_meta = check_metadata(data.get("metadata"), table.header_metadata_keys)
     if bad_meta is not None:
@@ -378,7 +405,10 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         parts=report.parts,
         warnings=report.warnings,
         hints=hints,
+        fallback_on=entry.fallback_on,
     )
+    if entry.tiers is not None:
+        _set_candidates(decision, spread(entry.candidates, entry.tiers, draw))
     if hints.values:
         hinted = _apply_hints(table, decision, headers)
         if isinstance(hinted, Reply):
@@ -396,6 +426,8 @@ def route_request(table: RoutingTable, data: dict[str, Any],
                                        table.config.capability_routing.judge_max_schema_bytes)
     except NeedsError as exc:
         return error_reply(400, str(exc), code="invalid_type", param=exc.param)
+    if entry.fallback_on:
+        decision.needs.bad = set(entry.fallback_on)
     if decision.needs.needed:
         ordered = _order_by_needs(table, decision)
         if isinstance(ordered, Reply):
@@ -407,7 +439,39 @@ def route_request(table: RoutingTable, data: dict[str, Any],
             prefer.index(t.backend) if t.backend in prefer else len(prefer))))
     if decision.sigs:
         decision.url_checks = _url_checks(table, decision)
+    if health is not None and health.down:
+        _skip_down(decision, health, now)
     return decision
+
+
+def spread(cands: tuple[Target, ...], tiers: tuple[tuple[int, float], ...],
+           draw: Callable[[], float]) -> list[Target]:
+    """Tiers in order; within a tier, a weighted random order (each candidate first in
+    proportion to its weight: Efraimidis-Spirakis keys), drawn per request."""
+    keyed = sorted(zip(cands, tiers, strict=True),
+                   key=lambda it: (it[1][0], -(draw() ** (1.0 / it[1][1]))))
+    return [t for t, _ in keyed]
+
+
+def _skip_down(d: RouteDecision, health: Health, now: float) -> None:
+    """Candidates whose backend is down are skipped while another is up: no request waits for
+    a dead host's connect timeout, and the request is planned as if they were not configured
+    (one candidate left: straight to it). When every candidate is down, all are tried."""
+    down = [t for t in d.candidates if not health.available(t.backend, now)]
+    if not down:
+        return
+    d.unavailable = [{**health.state(t.backend, now), "model": t.model,
+                      "skipped": len(down) < len(d.candidates)} for t in down]
+    if len(down) < len(d.candidates):
+        _set_candidates(d, [t for t in d.candidates if t not in down])
+
+
+def attempt_limits(table: RoutingTable, d: RouteDecision) -> tuple[float | None, float]:
+    """How long one attempt of this request may take (non-streaming) and may stay silent
+    (streaming): the longest any of its candidates is allowed, so none is cut short."""
+    limits = [table.limits[(t.backend, t.model)] for t in d.candidates]
+    attempt = None if any(a is None for a, _ in limits) else max(a for a, _ in limits if a)
+    return attempt, max(idle for _, idle in limits)
 
 
 def _url_checks(table: RoutingTable, d: RouteDecision) -> list[tuple[str, str]]:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .attempt import BackendRuntime, MissingCredential, backend_runtimes, credential_headers
-from .config import Config, ConfigError, backend_endpoint
+from .config import Config, ConfigError, HealthSettings, backend_endpoint
 from .fetch import Fetcher, FetchPolicy
+from .health import Health
 from .routing import RoutingTable
 from .schema_judge import SchemaJudge
 from .sharing import FairLimiter
@@ -32,6 +33,7 @@ class Runtime:
     credentials: tuple[str, ...] = ()
     strip_headers: frozenset[str] = frozenset()  # client headers no backend ever sees
     transcodes: FairLimiter = field(default_factory=lambda: FairLimiter(2))
+    health: Health = field(default_factory=lambda: Health(HealthSettings(), []))
     # Attempt outcomes the route stage's decision record picks up (same process only).
     notes: OrderedDict[str, list[dict[str, Any]]] = field(default_factory=OrderedDict)
 
@@ -82,7 +84,10 @@ class Runtime:
         # One pool per process, whatever the reloads: its children outlive any one config.
         judge.timeout_s, judge.workers = cr.judge_timeout_s, cr.judge_workers
         judge.max_schema_bytes = cr.judge_max_schema_bytes
+        names = [b.name for b in cfg.backends]
+        health = previous.health if previous else Health(cfg.health, names)
+        health.reconfigure(cfg.health, names)  # what is known of a backend outlives reloads
         return cls(cfg, RoutingTable(cfg), backends, fetcher, vision, judge, hint_headers,
                    credential_headers(backends), frozenset(cfg.strip_client_headers),
-                   FairLimiter(cfg.service.transcode_concurrency),
+                   FairLimiter(cfg.service.transcode_concurrency), health,
                    previous.notes if previous else OrderedDict())

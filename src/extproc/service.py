@@ -12,10 +12,12 @@ import ctypes
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+import httpx
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -24,8 +26,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import metrics
 from .accesslog import DecisionLog
 from .attempt import MissingCredential
-from .config import ConfigError, load_config
+from .config import ConfigError, backend_endpoint, load_config
 from .envoy_config import render
+from .health import probe_path
 from .logs import log_event
 from .messages import STAGE_KEY
 from .runtime import Runtime
@@ -168,6 +171,48 @@ async def _trim_every(trim: Callable[[], None], interval: float) -> None:
         trim()
 
 
+async def probe_backends(runtime: Callable[[], Runtime]) -> None:
+    """Probe every backend that has a probe, every ``health.interval_s``, off any request's
+    path; transitions are logged as ``backend.health`` lines. The service reaches backends
+    directly (Envoy's own health checks could not drive our per-request order)."""
+    clients: dict[str, httpx.AsyncClient] = {}
+
+    async def one(rt: Runtime, name: str, url: str, ca: str | None) -> None:
+        client = clients.get(ca or "")
+        if client is None:
+            client = clients[ca or ""] = httpx.AsyncClient(
+                verify=ssl.create_default_context(cafile=ca) if ca else True, trust_env=False)
+        try:
+            resp = await client.get(url, timeout=rt.config.health.timeout_s)
+            ok, why = 200 <= resp.status_code < 300, f"HTTP {resp.status_code}"
+        except httpx.HTTPError as exc:
+            ok, why = False, f"{exc.__class__.__name__}"
+        mono, wall = time.monotonic(), time.time()
+        moved = rt.health.probed(name, ok, why, mono, wall)
+        if moved:
+            log_event(log, {"event": "backend.health", **rt.health.state(name, mono),
+                            "became": moved}, logging.INFO if ok else logging.WARNING)
+
+    try:
+        while True:
+            rt = runtime()
+            cfg = rt.config
+            probes = []
+            for b in cfg.backends:
+                path = probe_path(cfg, b.name)
+                if path is None:
+                    continue
+                ep = backend_endpoint(b.url)
+                url = f"{ep.scheme}://{ep.hostname or ep.host}:{ep.port}{path}"
+                ca = (b.tls_ca_file or cfg.envoy.ca_bundle) if ep.scheme == "https" else None
+                probes.append(one(rt, b.name, url, ca))
+            await asyncio.gather(*probes)
+            await asyncio.sleep(cfg.health.interval_s)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+
 async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
                 config_path: str | None = None, metrics_port: int | None = None,
                 trim: Callable[[], None] | None = None) -> None:
@@ -203,13 +248,14 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     watcher = None
     trimmer = asyncio.create_task(_trim_every(trim, 5.0)) if trim else None
     warming = asyncio.create_task(rt.schema_judge.warm())  # not on a request's path
+    prober = asyncio.create_task(probe_backends(lambda: processor.rt))
     if config_path:
         reloader = Reloader(config_path, processor)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         if cfg.reload_watch_s:
             watcher = asyncio.create_task(reloader.watch(cfg.reload_watch_s))
     await stop.wait()
-    for task in (watcher, trimmer):
+    for task in (watcher, trimmer, prober):
         if task:
             task.cancel()
     log_event(log, {"event": "service.stopping", "grace_s": cfg.shutdown_grace_s})

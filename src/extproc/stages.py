@@ -37,8 +37,9 @@ from .capabilities import (
     readable_accept_encoding,
 )
 from .decision import DecisionRecord
-from .errors import Reply, error_reply, internal_error
+from .errors import Reply, error_reply, internal_error, json_reply
 from .fetch import FetchError
+from .health import retry_after_seconds
 from .logs import log_event
 from .messages import (
     ATTR_ADDRESS,
@@ -52,11 +53,14 @@ from .messages import (
     ATTR_REQUEST_ID,
     ATTR_UNSTORED_META,
     CLUSTER_HEADER,
+    HEALTH_PATH,
     META_NS,
+    PER_TRY_HEADER,
     RESP_BACKEND,
     RESP_MODEL,
     RESP_UNMET,
     RETRY_HEADER,
+    STREAM_HEADER,
     TAG_META,
     attempt_mode,
     attribute_values,
@@ -74,6 +78,7 @@ from .routing import (
     JUDGED_CLUSTER,
     RouteDecision,
     Target,
+    attempt_limits,
     check_request_line,
     decode_candidates,
     model_key,
@@ -124,6 +129,9 @@ class RouteStream:
         self.raw_path = h.get(":path", "")
         self.path = self.raw_path.split("?", 1)[0]
         self.record.method, self.record.path = method, self.path
+        if method == "GET" and self.path == HEALTH_PATH:  # which backends are up, and why not
+            self.record.outcome, self.record.status = "answered", 200
+            return self._answer(json_reply(200, self.rt.health.snapshot(time.monotonic())))
         early = check_request_line(self.rt.table, method, self.path)
         if early is not None:
             if method == "GET" and early.status == 200:
@@ -150,7 +158,8 @@ class RouteStream:
             return self._reject(reserialise)
         model = data.get("model")
         self.record.model_requested = model if isinstance(model, str) else None
-        decision = route_request(self.rt.table, data, self.headers)
+        decision = route_request(self.rt.table, data, self.headers, self.rt.health,
+                                 time.monotonic())
         if isinstance(decision, Reply):
             return self._reject(decision)
         self.record.routed(decision)
@@ -211,7 +220,7 @@ class RouteStream:
                 "route_reason": self.record.reason()}
         if not direct:  # what the attempt stage needs for each attempt
             meta["candidates"] = d.candidates_meta
-            if d.needs.needed:
+            if d.needs.needed or d.needs.bad:
                 meta["needs"] = d.needs.encode()
         if not prepared:
             if d.sigs:
@@ -222,6 +231,11 @@ class RouteStream:
             meta["intent"] = d.hints.policy
         set_headers = [(CLUSTER_HEADER, cluster),
                        ("x-envoy-max-retries", str(len(d.candidates) - 1))]
+        attempt_s, idle_s = attempt_limits(rt.table, d)
+        if data.get("stream") is True:  # Envoy's route for this silence limit
+            set_headers.append((STREAM_HEADER, str(int(idle_s * 1000))))
+        elif attempt_s is not None and attempt_s != rt.config.envoy.per_try_timeout_s:
+            set_headers.append((PER_TRY_HEADER, str(int(attempt_s * 1000))))
         # Hint headers, the intent header and client copies of propagated headers never reach
         # a backend.
         remove = list(rt.hint_headers)
@@ -243,7 +257,7 @@ class RouteStream:
             if any(b.base_path != "/v1" for b in backends):
                 meta["path"] = self.raw_path
         accept = self.headers.get("accept-encoding")
-        if accept and d.needs.needed and not direct:  # answers are judged: readable ones only
+        if accept and (d.needs.needed or d.needs.bad) and not direct:  # judged: readable ones
             readable = readable_accept_encoding(accept)
             if readable is None:
                 remove.append("accept-encoding")
@@ -450,6 +464,8 @@ class AttemptStream:
             self.status = int(h.get(":status", "0"))
         except ValueError:
             self.status = 0
+        if self.status == 429:
+            self._rate_limited(h.get("retry-after"))
         needs = self.needs
         encoding = h.get("content-encoding", "").strip().lower()
         if needs is not None and encoding not in ("", "identity"):
@@ -462,11 +478,15 @@ class AttemptStream:
                                      "why": f"content-encoding {encoding[:40]!r}"})
                 needs = self.needs = None
         streaming = "text/event-stream" in h.get("content-type", "")
-        # Hold a non-streaming answer until it is complete while another candidate remains: a
-        # backend dying mid-response is then a reset before headers, which Envoy retries.
+        # While another candidate remains, hold a non-streaming answer until it is complete:
+        # a backend dying mid-answer is then a failed attempt Envoy retries. A stream is held
+        # (until its first deciding event) only when it is judged: a forced capability, or
+        # the model's fallback_on rules. Holding costs a service message per chunk for the
+        # rest of the stream (Envoy keeps streaming a body it started to send us), ~0.5 ms
+        # of CPU per token, too much for every stream.
         complete = not self.last and not streaming and self.status < 300
         hold = not msg.end_of_stream and (complete or (needs is not None and (
-            (self.status == 200 and bool(needs.forced)) or self.status >= 400)))
+            (self.status == 200 and needs.judged) or self.status >= 400)))
         if not hold:
             out = self._headers_answer()
             # Nothing to judge: no body messages for this response.
@@ -477,6 +497,29 @@ class AttemptStream:
         if needs is not None and self.status == 200 and streaming:
             self.judge = StreamJudge(needs)
         yield extend_timeout(self.rt.config.capability_routing.hold_max_s)
+
+    def _rate_limited(self, retry_after: str | None) -> None:
+        """A 429: Envoy tries the next candidate now (a retriable status); this backend cools
+        down for its Retry-After, so that later requests skip it meanwhile."""
+        seconds = retry_after_seconds(retry_after, time.time())
+        if seconds and self.backend:
+            self.rt.health.retry_after(self.backend, seconds, time.monotonic(), time.time())
+        if not self.last:  # else the 429 is the client's answer, not a retry
+            self._note_retry("rate_limited: 429" +
+                             (f", Retry-After {seconds:.0f}s" if seconds else ""))
+
+    def _note_retry(self, reason: str) -> None:
+        """A retry (or, on the last candidate, an answer left as it is) and its reason: a log
+        line, a metric, and the request's decision record (``capability_retries``)."""
+        metrics.ATTEMPT_RETRIES.labels(reason.split(":", 1)[0], self.backend or "-",
+                                       str(not self.last).lower()).inc()
+        self.rt.note(self.request_id, {"attempt": self.attempt, "backend": self.backend,
+                                       "model": self.model, "reason": reason,
+                                       "retried": not self.last})
+        log_event(self.log, {"event": "capability.retry" if not self.last else
+                             "capability.unmet", "request_id": self.request_id,
+                             "attempt": self.attempt, "backend": self.backend,
+                             "model": self.model, "reason": reason})
 
     async def _on_response_body(self, msg: pb.HttpBody) -> Out:
         if not self.holding:
@@ -521,15 +564,7 @@ class AttemptStream:
     def _verdict_headers(self, verdict: Verdict) -> list[tuple[str, str]]:
         if verdict.ok is not False:
             return []
-        metrics.ATTEMPT_RETRIES.labels(verdict.reason.split(":", 1)[0], self.backend or "-",
-                                       str(not self.last).lower()).inc()
-        self.rt.note(self.request_id, {"attempt": self.attempt, "backend": self.backend,
-                                       "model": self.model, "reason": verdict.reason,
-                                       "retried": not self.last})
-        log_event(self.log, {"event": "capability.retry" if not self.last else
-                             "capability.unmet", "request_id": self.request_id,
-                             "attempt": self.attempt, "backend": self.backend,
-                             "model": self.model, "reason": verdict.reason})
+        self._note_retry(verdict.reason)
         if self.last:
             return [(RESP_UNMET, verdict.reason)]
         return [(RETRY_HEADER, verdict.reason)]
