@@ -23,11 +23,11 @@ tools:
 
 ## make run: Envoy + the service + demo backends in the foreground (Ctrl-C stops all)
 run: install
-	$(PY) -m extproc.cli stack --config config/demo.yaml
+	$(PY) -m extproc_dev.stack --config config/demo.yaml
 
 ## make demo: start the stack, send real requests with the openai SDK, print a table, stop
 demo: install
-	$(PY) -m extproc.demo --config config/demo.yaml
+	$(PY) -m extproc_dev.demo --config config/demo.yaml
 
 ## make test: lint + the whole suite (core, gRPC servicer, end-to-end through a real Envoy)
 test: install tools
@@ -54,7 +54,7 @@ envoy-config: install
 	$(PY) -m extproc.cli envoy --config config/demo.yaml --out envoy/demo.yaml
 	$(PY) -m extproc.cli envoy --config config/compose.yaml --out envoy/compose.yaml
 	$(PY) -c 'import pathlib, re; from extproc.config import load_config; \
-	  from extproc.envoy_config import SNIPPETS_BEGIN as B, SNIPPETS_END as E, render_snippets; \
+	  from extproc.render.bootstrap import SNIPPETS_BEGIN as B, SNIPPETS_END as E, render_snippets; \
 	  p = pathlib.Path("README.md"); s = p.read_text(); \
 	  new = render_snippets(load_config("config/demo.yaml")); \
 	  p.write_text(s[:s.index(B)] + new + s[s.index(E) + len(E):])'

@@ -31,7 +31,7 @@ from bench import (
     run_wrk,
     wait_idle,
 )
-from extproc.devstack import envoy_binary, free_port
+from extproc_dev.stack import envoy_binary, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # The emulators a body needs besides the vLLM one (bench.py's configuration).
@@ -76,7 +76,7 @@ def main() -> int:
                      ("llama", "llamacpp", "audio-gguf,text-gguf"), ("aux", "ocr", "ocr")]
         for name, flavour, models in emulators:
             if name == "emu" or name in NEEDS.get(args.body, ()):
-                procs.start(name, [sys.executable, "-m", "extproc.emulators", "--flavour",
+                procs.start(name, [sys.executable, "-m", "extproc_dev.emulators", "--flavour",
                                    flavour, "--name", name, "--models", models, "--port",
                                    str(ports[name]), "--no-record-bodies"], ports[name],
                             timeout=120)

@@ -37,7 +37,7 @@ import orjson
 import soundfile
 import yaml
 
-from extproc.devstack import Stack, envoy_binary, free_port, free_port_run, wait_port
+from extproc_dev.stack import Stack, envoy_binary, free_port, free_port_run, wait_port
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -363,15 +363,15 @@ def main() -> int:
     pids: dict[str, dict[str, int]] = {}
     try:
         py = sys.executable
-        emu = procs.start("emulator", [py, "-m", "extproc.emulators", "--flavour", "vllm",
+        emu = procs.start("emulator", [py, "-m", "extproc_dev.emulators", "--flavour", "vllm",
                                        "--name", "emu", "--models",
                                        "bench-model-awq,bench-model,bench-audio,bench-blind,plain-model",
                                        "--port", str(emu_port), "--no-record-bodies"], emu_port)
-        procs.start("emulator-llama", [py, "-m", "extproc.emulators", "--flavour", "llamacpp",
+        procs.start("emulator-llama", [py, "-m", "extproc_dev.emulators", "--flavour", "llamacpp",
                                        "--name", "emu-llama", "--models", "audio-gguf,text-gguf",
                                        "--port", str(llama_port), "--no-record-bodies"],
                     llama_port)
-        procs.start("aux-ocr", [py, "-m", "extproc.emulators", "--flavour", "ocr", "--name",
+        procs.start("aux-ocr", [py, "-m", "extproc_dev.emulators", "--flavour", "ocr", "--name",
                                 "aux", "--models", "ocr", "--port", str(aux_port),
                                 "--no-record-bodies"], aux_port, timeout=120)
         emulators = {"emulator": emu.pid, "emulator-llama": procs.procs["emulator-llama"].pid,

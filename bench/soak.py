@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from extproc.devstack import Stack, free_port
+from extproc_dev.stack import Stack, free_port
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

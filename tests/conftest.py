@@ -13,7 +13,7 @@ import orjson
 import pytest
 import yaml
 
-from extproc.devstack import Stack, free_port
+from extproc_dev.stack import Stack, free_port
 
 BACKEND_KEY = "sk-backend-secret-123"
 
@@ -146,7 +146,7 @@ def fetch_refusal(url: str, **policy: Any) -> Any:
     """Fetch ``url`` under a policy and return the FetchError; fail if it was not refused."""
     import asyncio
 
-    from extproc.fetch import Fetcher, FetchError, FetchPolicy
+    from extproc.effects.fetch import Fetcher, FetchError, FetchPolicy
 
     async def go() -> FetchError:
         f = Fetcher(FetchPolicy(**policy))

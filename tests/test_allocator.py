@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from extproc.service import tune_allocator
+from extproc.shell.server import tune_allocator
 
 
 def test_allocator_tuning_returns_a_working_trim() -> None:

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from extproc.config import load_config
-from extproc.devstack import Stack, envoy_binary, free_port, wait_port
-from extproc.envoy_config import SNIPPETS_BEGIN, SNIPPETS_END, render_snippets
+from extproc.render.bootstrap import SNIPPETS_BEGIN, SNIPPETS_END, render_snippets
+from extproc_dev.stack import Stack, envoy_binary, free_port, wait_port
 
 from .conftest import demo_config_on_free_ports, write_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from extproc.capabilities import (
+from extproc.core.capabilities import (
     PASS,
     Inflater,
     Needs,
@@ -17,7 +17,7 @@ from extproc.capabilities import (
     readable_accept_encoding,
     request_needs,
 )
-from extproc.parts import Sig
+from extproc.core.parts import Sig
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from extproc.attempt import (
+from extproc.config import parse_config
+from extproc.core.backends import (
     BackendRuntime,
     backend_runtimes,
     credential_headers,
@@ -13,9 +14,8 @@ from extproc.attempt import (
     pick_candidate,
     rewrite_model,
 )
-from extproc.config import parse_config
-from extproc.errors import Reply
-from extproc.routing import (
+from extproc.core.errors import Reply
+from extproc.core.routing import (
     RoutingTable,
     Target,
     check_request_line,

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from extproc.accesslog import finish
-from extproc.decision import DecisionRecord
-from extproc.routing import Target
+from extproc.core.decision import DecisionRecord
+from extproc.core.routing import Target
+from extproc.shell.decision_log import finish
 
 
 def entry(record: DecisionRecord | None, status: int, attempts: int,

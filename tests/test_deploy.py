@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from extproc.config import load_config, parse_config
-from extproc.devstack import envoy_binary
-from extproc.envoy_config import render_yaml
+from extproc.render.bootstrap import render_yaml
+from extproc_dev.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())

@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import received, reset, stack_config, start_stack, wait_line
 from .media import data_url, png

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import stack_config, start_stack
 

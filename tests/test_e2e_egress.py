@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extproc.devstack import Stack, free_port
+from extproc_dev.stack import Stack, free_port
 
 from .conftest import BACKEND_KEY, received, stack_config, write_config
 
@@ -73,7 +73,7 @@ def test_failover_across_egress_backends(tls_stack: Stack) -> None:
 
 def test_rendered_config_verifies_certificates() -> None:
     from extproc.config import parse_config
-    from extproc.envoy_config import render
+    from extproc.render.bootstrap import render
 
     doc = render(parse_config({"backends": [{"name": "c", "url": "https://api.example.com/v1",
                                              "models": [{"name": "m"}]}]}))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import received, reset, stack_config, start_stack, wait_line
 
@@ -326,11 +326,11 @@ def test_a_backend_back_up_is_used_again(hstack: Stack) -> None:
     import sys
 
     from extproc.config import backend_endpoint
-    from extproc.devstack import wait_port
+    from extproc_dev.stack import wait_port
 
     wait_state(hstack, "dead", "unhealthy")
     ep = backend_endpoint(next(b for b in hstack.config.backends if b.name == "dead").url)
-    proc = subprocess.Popen([sys.executable, "-m", "extproc.emulators", "--flavour", "vllm",
+    proc = subprocess.Popen([sys.executable, "-m", "extproc_dev.emulators", "--flavour", "vllm",
                              "--name", "dead", "--models", "m", "--port", str(ep.port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import received, reset, stack_config, start_stack, wait_line
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 import soundfile
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import fetch_refusal, received, reset, stack_config, start_stack, wait_line
 from .media import b64, clip, data_url, png

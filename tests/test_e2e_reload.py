@@ -11,7 +11,7 @@ import time
 import httpx
 import yaml
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import stack_config, start_stack
 

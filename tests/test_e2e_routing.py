@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import BACKEND_KEY, read_answer, received, reset
 

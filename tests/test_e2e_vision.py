@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from extproc.devstack import Stack, free_port
-from extproc.vision import sanitize, substitution_text
+from extproc.effects.vision import sanitize, substitution_text
+from extproc_dev.stack import Stack, free_port
 
 from .conftest import received, reset, stack_config, start_stack, wait_line
 from .media import data_url, text_image

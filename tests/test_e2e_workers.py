@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import orjson
 
-from extproc.devstack import free_port_run
+from extproc_dev.stack import free_port_run
 
 from .conftest import stack_config, start_stack
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from extproc.config import load_config
-from extproc.devstack import envoy_binary
-from extproc.envoy_config import render, render_yaml
+from extproc.render.bootstrap import render, render_yaml
+from extproc_dev.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 

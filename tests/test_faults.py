@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from extproc.devstack import Stack, wait_port
+from extproc_dev.stack import Stack, wait_port
 
 from .conftest import reset, stack_config, start_stack, wait_line
 

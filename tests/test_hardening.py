@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from extproc.devstack import Stack, free_port
+from extproc_dev.stack import Stack, free_port
 
 from .conftest import BACKEND_KEY, received, reset, stack_config, write_config
 from .media import b64, clip

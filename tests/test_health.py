@@ -10,9 +10,9 @@ from email.utils import format_datetime
 import pytest
 
 from extproc.config import HealthSettings, parse_config
-from extproc.errors import Reply
-from extproc.health import Health, observe, retry_after_seconds
-from extproc.routing import RoutingTable, attempt_limits, route_request
+from extproc.core.errors import Reply
+from extproc.core.health import Health, observe, retry_after_seconds
+from extproc.core.routing import RoutingTable, attempt_limits, route_request
 
 S = HealthSettings(unhealthy_threshold=2, healthy_threshold=2, eject_after_failures=3,
                    ejection_s=10, max_ejection_s=25, max_retry_after_s=60)

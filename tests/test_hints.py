@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 
 from extproc.config import parse_config
-from extproc.errors import Reply
-from extproc.routing import RoutingTable, route_request
+from extproc.core.errors import Reply
+from extproc.core.routing import RoutingTable, route_request
 
 
 def table(**hints: object) -> RoutingTable:

@@ -8,8 +8,7 @@ import copy
 import orjson
 import pytest
 
-from extproc.emulators import ACCEPTED_PARTS, Emulator
-from extproc.parts import (
+from extproc.core.parts import (
     PRESETS,
     ConvertError,
     PartError,
@@ -18,6 +17,7 @@ from extproc.parts import (
     inspect_parts,
     plan,
 )
+from extproc_dev.emulators import ACCEPTED_PARTS, Emulator
 
 from .media import b64, clip, data_url, png
 
@@ -172,7 +172,7 @@ def test_errors_name_the_exact_place(body: dict, code: str, param: str) -> None:
 
 def test_preset_fields_overridable_from_config() -> None:
     from extproc.config import parse_config
-    from extproc.routing import RoutingTable
+    from extproc.core.routing import RoutingTable
 
     cfg = parse_config({"backends": [{
         "name": "x", "preset": "llamacpp", "url": "http://127.0.0.1:1/v1", "models": [{"name": "m"}],
@@ -205,7 +205,7 @@ def test_transcode_refuses_audio_that_decodes_past_its_budget_before_decoding() 
     import numpy as np
     import soundfile
 
-    from extproc.audio import AudioTooLarge, transcode
+    from extproc.core.audio import AudioTooLarge, transcode
 
     buf = io.BytesIO()
     with soundfile.SoundFile(buf, "w", 48000, 2, format="FLAC") as f:

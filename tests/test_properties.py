@@ -12,11 +12,11 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.capabilities import judge_completion, request_needs
 from extproc.config import parse_config
-from extproc.errors import Reply
-from extproc.parts import PRESETS, ConvertError, convert_body, inspect_parts
-from extproc.routing import RouteDecision, RoutingTable, route_body
+from extproc.core.capabilities import judge_completion, request_needs
+from extproc.core.errors import Reply
+from extproc.core.parts import PRESETS, ConvertError, convert_body, inspect_parts
+from extproc.core.routing import RouteDecision, RoutingTable, route_body
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "700"))
 CFG = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -152,7 +152,7 @@ def test_deep_nesting_and_invalid_utf8() -> None:
 @CFG
 @given(json_value)
 def test_response_judge_never_raises(value: object) -> None:
-    from extproc.capabilities import Needs
+    from extproc.core.capabilities import Needs
 
     for needs in (Needs({"tools"}, {"tools"}, "f"), Needs({"json"}, {"json"}, schema={
             "type": "object", "required": ["a"]})):
@@ -163,7 +163,7 @@ def test_response_judge_never_raises(value: object) -> None:
 @CFG
 @given(st.lists(st.binary(max_size=60), max_size=6), json_value)
 def test_stream_judge_never_raises(chunks: list[bytes], value: object) -> None:
-    from extproc.capabilities import Needs, StreamJudge
+    from extproc.core.capabilities import Needs, StreamJudge
 
     for needs in (Needs({"tools"}, {"tools"}, "f"), Needs({"json"}, {"json"})):
         judge = StreamJudge(needs)
@@ -190,7 +190,7 @@ def test_fast_base64_check_agrees_with_strict_decoding(text: str) -> None:
     oddities strict decoding tolerates), so refusing is always safe."""
     import binascii
 
-    from extproc.parts import _strict_base64
+    from extproc.core.parts import _strict_base64
 
     try:
         binascii.a2b_base64(text, strict_mode=True)

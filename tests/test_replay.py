@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

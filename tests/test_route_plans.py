@@ -14,8 +14,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.config import parse_config
-from extproc.runtime import Runtime
-from extproc.stages import RouteStream
+from extproc.shell.runtime import Runtime
+from extproc.shell.stages import RouteStream
 
 from .media import b64, clip, data_url
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from extproc.capabilities import PASS, UNJUDGED
-from extproc.schema_judge import SchemaJudge
+from extproc.core.capabilities import PASS, UNJUDGED
+from extproc.effects.schema_judge import SchemaJudge
 
 SCHEMA = {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
 

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from extproc.devstack import Stack
+from extproc_dev.stack import Stack
 
 from .conftest import (
     BACKEND_KEY,
@@ -236,6 +236,6 @@ def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
     ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo to 127.0.0.1
 ])
 def test_ipv6_forms_of_inside_addresses_are_refused(ip: str, allowed: bool) -> None:
-    from extproc.fetch import FetchPolicy, address_allowed
+    from extproc.effects.fetch import FetchPolicy, address_allowed
 
     assert address_allowed(ip, FetchPolicy(), "h") is allowed

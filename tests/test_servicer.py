@@ -13,14 +13,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from extproc.config import parse_config
-from extproc.messages import (
+from extproc.shell.protocol import (
     ATTR_ADDRESS,
     ATTR_ATTEMPT,
     ATTR_BODY_MODEL,
     ATTR_CANDIDATES,
 )
-from extproc.runtime import Runtime
-from extproc.service import Processor
+from extproc.shell.runtime import Runtime
+from extproc.shell.server import Processor
 
 CFG = parse_config({
     "backends": [
@@ -150,7 +150,7 @@ async def test_sigterm_lets_in_flight_stream_finish(tmp_path) -> None:
 
     import yaml
 
-    from extproc.devstack import free_port, wait_port
+    from extproc_dev.stack import free_port, wait_port
 
     port = free_port()
     cfg = {"service": {"port": port, "shutdown_grace_s": 5, "metrics_port": 0},
@@ -211,7 +211,7 @@ async def test_reloader_survives_any_build_failure(tmp_path, monkeypatch) -> Non
 
     import yaml
 
-    from extproc import service
+    from extproc.shell import server as service
 
     path = tmp_path / "config.yaml"
     raw = {"backends": [{"name": "a", "url": "http://127.0.0.1:8001/v1",

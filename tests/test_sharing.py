@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from extproc.sharing import FairLimiter, SharedCalls
+from extproc.effects.sharing import FairLimiter, SharedCalls
 
 
 async def test_slots_go_to_each_waiting_owner_in_turn() -> None:

@@ -22,7 +22,7 @@ def _load(path: str):
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    from .routing import RoutingTable
+    from .core.routing import RoutingTable
 
     table = RoutingTable(cfg)
     print(f"{args.config}: ok: {len(cfg.backends)} backend(s), "
@@ -31,7 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    from .envoy_config import render_snippets, render_yaml
+    from .render.bootstrap import render_snippets, render_yaml
 
     cfg = _load(args.config)
     text = render_snippets(cfg) + "\n" if args.snippets else \
@@ -44,10 +44,10 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .attempt import MissingCredential
+    from .core.backends import MissingCredential
     from .logs import setup_logging
-    from .runtime import Runtime
-    from .service import serve, tune_allocator
+    from .shell.runtime import Runtime
+    from .shell.server import serve, tune_allocator
 
     cfg = _load(args.config)
     setup_logging(cfg.service.log_level)
@@ -58,19 +58,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     workers = args.workers or cfg.service.workers
     if workers > 1 and args.worker is None:
-        from .workers import supervise
+        from .shell.workers import supervise
 
         return supervise(args.config, cfg, workers)
     metrics_port = 0 if args.worker is not None else None  # the supervisor serves them
     asyncio.run(serve(rt, args.host, args.port, config_path=args.config,
                       metrics_port=metrics_port, trim=tune_allocator()))
     return 0
-
-
-def cmd_stack(args: argparse.Namespace) -> int:
-    from .devstack import run_foreground
-
-    return run_foreground(args.config)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -116,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
                    "listens on port + i, which the rendered Envoy config balances across")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("stack", help="run emulators + service + Envoy in the foreground (demo)")
-    p.add_argument("--config", default="config/demo.yaml")
-    p.set_defaults(func=cmd_stack)
     p = sub.add_parser("health", help="check a running service's gRPC health")
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--service", default="envoy.service.ext_proc.v3.ExternalProcessor")

@@ -89,7 +89,7 @@ class PartsOverride(_Strict):
     @field_validator("accepts")
     @classmethod
     def _shapes(cls, v: list[str] | None) -> list[str] | None:
-        from .parts import SHAPES
+        from .core.parts import SHAPES
 
         for shape in v or ():
             if shape not in SHAPES:

@@ -14,9 +14,8 @@ from typing import Any
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from . import metrics
-from .adapt import BodyAdapter
-from .attempt import (
+from .. import metrics
+from ..core.backends import (
     CLIENT_CREDENTIAL_HEADERS,
     BackendRuntime,
     client_credentials,
@@ -25,7 +24,7 @@ from .attempt import (
     pick_candidate,
     rewrite_model,
 )
-from .capabilities import (
+from ..core.capabilities import (
     READABLE_ENCODINGS,
     UNJUDGED,
     Inflater,
@@ -36,12 +35,27 @@ from .capabilities import (
     judge_completion,
     readable_accept_encoding,
 )
-from .decision import DecisionRecord
-from .errors import Reply, error_reply, internal_error, json_reply
-from .fetch import FetchError
-from .health import retry_after_seconds
-from .logs import log_event
-from .messages import (
+from ..core.decision import DecisionRecord
+from ..core.errors import Reply, error_reply, internal_error, json_reply
+from ..core.health import retry_after_seconds
+from ..core.parts import ConvertError, Part, Profile, Sig, needs_change
+from ..core.routing import (
+    DIRECT_CLUSTER,
+    JUDGED_CLUSTER,
+    RouteDecision,
+    Target,
+    attempt_limits,
+    check_request_line,
+    decode_candidates,
+    model_key,
+    parse_json_body,
+    route_request,
+)
+from ..effects.adapt import BodyAdapter
+from ..effects.fetch import FetchError
+from ..effects.vision import VisionError
+from ..logs import log_event
+from .protocol import (
     ATTR_ADDRESS,
     ATTR_ATTEMPT,
     ATTR_BODY_MODEL,
@@ -72,21 +86,7 @@ from .messages import (
     mutation,
     struct,
 )
-from .parts import ConvertError, Part, Profile, Sig, needs_change
-from .routing import (
-    DIRECT_CLUSTER,
-    JUDGED_CLUSTER,
-    RouteDecision,
-    Target,
-    attempt_limits,
-    check_request_line,
-    decode_candidates,
-    model_key,
-    parse_json_body,
-    route_request,
-)
 from .runtime import Runtime
-from .vision import VisionError
 
 Out = AsyncIterator[pb.ProcessingResponse]
 

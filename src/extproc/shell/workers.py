@@ -17,11 +17,11 @@ import sys
 import tempfile
 import time
 
-from . import metrics
-from .config import Config
-from .logs import log_event
+from .. import metrics
+from ..config import Config
+from ..logs import log_event
 
-log = logging.getLogger("extproc.workers")
+log = logging.getLogger("extproc.shell.workers")
 
 
 def supervise(config_path: str, cfg: Config, n: int) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, HealthSettings
+from ..config import Config, HealthSettings
 
 # What a preset's server answers a health probe on (its host, not its API base path).
 PROBE_PATHS = {"vllm": "/health", "sglang": "/health", "llamacpp": "/health",

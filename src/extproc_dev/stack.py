@@ -20,8 +20,8 @@ from typing import IO
 
 import httpx
 
-from .config import Config, backend_endpoint, load_config
-from .envoy_config import render_yaml
+from extproc.config import Config, backend_endpoint, load_config
+from extproc.render.bootstrap import render_yaml
 
 
 def envoy_binary() -> str:
@@ -133,7 +133,7 @@ class Stack:
                     continue
                 ep = backend_endpoint(b.url)
                 aux = cfg.vision is not None and cfg.vision.backend == b.name
-                args = [py, "-m", "extproc.emulators", "--flavour", "ocr" if aux else b.preset,
+                args = [py, "-m", "extproc_dev.emulators", "--flavour", "ocr" if aux else b.preset,
                         "--name", b.name,
                         "--models", ",".join(m.name for m in b.models), "--host", ep.host,
                         "--port", str(ep.port)]
@@ -242,3 +242,16 @@ def run_foreground(config_path: str) -> int:
         print("stopping...", flush=True)
         stack.stop()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="emulators + service + Envoy in the foreground "
+                                 "(make run); Ctrl-C stops all")
+    ap.add_argument("--config", default="config/demo.yaml")
+    return run_foreground(ap.parse_args(argv).config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

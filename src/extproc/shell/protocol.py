@@ -10,7 +10,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
-from .errors import Reply
+from ..core.errors import Reply
 
 STAGE_KEY = "x-extproc-stage"
 CLUSTER_HEADER = "x-extproc-cluster"

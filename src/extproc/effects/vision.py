@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import httpx
 import orjson
 
-from .config import VisionSettings
-from .errors import Reply, error_reply
+from ..config import VisionSettings
+from ..core.errors import Reply, error_reply
 from .sharing import FairLimiter, SharedCalls
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

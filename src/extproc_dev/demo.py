@@ -11,7 +11,7 @@ import tempfile
 import httpx
 import openai
 
-from .devstack import Stack
+from .stack import Stack
 
 CASES: list[tuple[str, str | None, str]] = [
     ("exact model name", "qwen3-coder-25b", "routes to the vLLM backend serving it"),

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from .config import Config, backend_endpoint, pool_addresses
-from .messages import (
+from ..config import Config, backend_endpoint, pool_addresses
+from ..core.routing import DIRECT_CLUSTER, JUDGED_CLUSTER, POOL_CLUSTER
+from ..shell.protocol import (
     ATTEMPT_ATTRIBUTES,
     CLUSTER_HEADER,
     DECISION_HEADERS,
@@ -31,7 +32,6 @@ from .messages import (
     STREAM_HEADER,
     TAG_META,
 )
-from .routing import DIRECT_CLUSTER, JUDGED_CLUSTER, POOL_CLUSTER
 
 SERVICE_CLUSTER = "extproc_service"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"

@@ -23,14 +23,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import metrics
-from .accesslog import DecisionLog
-from .attempt import MissingCredential
-from .config import ConfigError, backend_endpoint, load_config
-from .envoy_config import render
-from .health import probe_path
-from .logs import log_event
-from .messages import STAGE_KEY
+from .. import metrics
+from ..config import ConfigError, backend_endpoint, load_config
+from ..core.backends import MissingCredential
+from ..core.health import probe_path
+from ..logs import log_event
+from ..render.bootstrap import render
+from .decision_log import DecisionLog
+from .protocol import STAGE_KEY
 from .runtime import Runtime
 from .stages import AttemptStream, RouteStream
 

@@ -16,11 +16,9 @@ from typing import Any
 
 import orjson
 
-from . import metrics
-from .errors import Reply, error_reply
-from .fetch import FetchBudget, FetchError
-from .messages import RESP_CONVERTED, RESP_VISION
-from .parts import (
+from .. import metrics
+from ..core.errors import Reply, error_reply
+from ..core.parts import (
     ConvertError,
     Part,
     PartsReport,
@@ -29,7 +27,9 @@ from .parts import (
     inspect_parts,
     transcodes,
 )
-from .runtime import Runtime
+from ..shell.protocol import RESP_CONVERTED, RESP_VISION
+from ..shell.runtime import Runtime
+from .fetch import FetchBudget, FetchError
 from .vision import VisionError, failure_text, substitution_text
 
 # What a message to Envoy carries besides the body (headers, dynamic metadata).

@@ -20,11 +20,11 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2
 
-from . import metrics
-from .decision import complete
-from .health import observe
-from .logs import write_events
-from .messages import META_NS
+from .. import metrics
+from ..core.decision import complete
+from ..core.health import observe
+from ..logs import write_events
+from .protocol import META_NS
 from .runtime import Runtime
 
 # Envoy's timestamps for the record, in milliseconds since the request started.

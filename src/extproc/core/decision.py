@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .messages import RESP_BACKEND, RESP_CONVERTED, RESP_MODEL, RESP_UNMET, RESP_VISION
+from ..shell.protocol import RESP_BACKEND, RESP_CONVERTED, RESP_MODEL, RESP_UNMET, RESP_VISION
 from .routing import RouteDecision, Target
 
 

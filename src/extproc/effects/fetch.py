@@ -20,7 +20,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from .errors import Reply, error_reply
+from ..core.errors import Reply, error_reply
 from .sharing import FairLimiter
 
 

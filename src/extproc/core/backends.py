@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from .config import Config, backend_endpoint
+from ..config import Config, backend_endpoint
 from .routing import Target
 
 # A JSON key "model" with a string value. Quotes inside JSON strings are escaped, so an

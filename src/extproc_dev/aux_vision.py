@@ -1,6 +1,6 @@
 """A real, offline auxiliary vision model for the demo and tests: OCR (RapidOCR, whose wheel
 ships its ONNX models) plus Pillow for size and main colours. Served OpenAI-compatible by the
-emulator server (flavour ``ocr``): ``python -m extproc.emulators --flavour ocr ...``.
+emulator server (flavour ``ocr``): ``python -m extproc_dev.emulators --flavour ocr ...``.
 """
 
 from __future__ import annotations

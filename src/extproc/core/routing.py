@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import orjson
 
+from ..config import Config, pool_addresses
 from .capabilities import Needs, NeedsError, rank, request_needs
-from .config import Config, pool_addresses
 from .errors import Reply, error_reply, json_reply
 from .health import Health
 from .hints import (

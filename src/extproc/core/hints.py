@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import HintSettings
+from ..config import HintSettings
 from .errors import Reply, error_reply
 
 HINT_KINDS = ("intent", "model", "backend", "order")

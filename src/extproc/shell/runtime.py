@@ -7,14 +7,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .attempt import BackendRuntime, MissingCredential, backend_runtimes, credential_headers
-from .config import Config, ConfigError, HealthSettings, backend_endpoint
-from .fetch import Fetcher, FetchPolicy
-from .health import Health
-from .routing import RoutingTable
-from .schema_judge import SchemaJudge
-from .sharing import FairLimiter
-from .vision import AuxEndpoint, VisionClient
+from ..config import Config, ConfigError, HealthSettings, backend_endpoint
+from ..core.backends import BackendRuntime, MissingCredential, backend_runtimes, credential_headers
+from ..core.health import Health
+from ..core.routing import RoutingTable
+from ..effects.fetch import Fetcher, FetchPolicy
+from ..effects.schema_judge import SchemaJudge
+from ..effects.sharing import FairLimiter
+from ..effects.vision import AuxEndpoint, VisionClient
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ A ``json_schema`` comes from the client, so checking an answer against it is unt
 a remote ``$ref`` would make us fetch a URL the client chose, ``{"$ref": "#"}`` recurses
 forever, a ``pattern`` such as ``^(a+)+$`` backtracks for minutes and Python's ``re`` cannot be
 interrupted, ``uniqueItems`` over a large array is quadratic. So the check runs in a child
-process (``python -m extproc.schema_judge``): references resolve only to the JSON Schema
+process (``python -m extproc.effects.schema_judge``): references resolve only to the JSON Schema
 meta-schemas bundled with ``jsonschema`` (no retrieval), the child has a memory limit, catches
 recursion, and is killed and replaced when a check outlasts its time budget. Whatever cannot be
 decided (a broken or oversized schema, an unresolvable reference, a budget overrun) is
@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from .capabilities import PASS, UNJUDGED, Verdict
-from .logs import log_event
+from ..core.capabilities import PASS, UNJUDGED, Verdict
+from ..logs import log_event
 
 log = logging.getLogger("extproc")
 _LEN = struct.Struct(">I")
@@ -40,7 +40,7 @@ class _Child:
     @classmethod
     async def start(cls) -> _Child:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "extproc.schema_judge", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "extproc.effects.schema_judge", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         child = cls(proc)
         assert proc.stdout is not None
