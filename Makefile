@@ -29,14 +29,14 @@ run: install
 demo: install
 	$(PY) -m extproc_dev.demo --config config/demo.yaml
 
-## make test: lint + the whole suite (core, gRPC servicer, end-to-end through a real Envoy)
+## make test: lint + the whole suite (tests/unit: no Envoy, no process; tests/e2e: real Envoy)
 test: install tools
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
 
 ## make fuzz: the property tests at 20,000 examples each (over 100,000 in all)
 fuzz: install
-	HYPOTHESIS_EXAMPLES=20000 $(PY) -m pytest -q tests/test_properties.py
+	HYPOTHESIS_EXAMPLES=20000 $(PY) -m pytest -q tests/unit/test_properties.py
 
 lint: install
 	$(PY) -m ruff check src tests bench
@@ -54,7 +54,7 @@ envoy-config: install
 	$(PY) -m extproc.cli envoy --config config/demo.yaml --out envoy/demo.yaml
 	$(PY) -m extproc.cli envoy --config config/compose.yaml --out envoy/compose.yaml
 	$(PY) -c 'import pathlib, re; from extproc.config import load_config; \
-	  from extproc.render.bootstrap import SNIPPETS_BEGIN as B, SNIPPETS_END as E, render_snippets; \
+	  from extproc.render import SNIPPETS_BEGIN as B, SNIPPETS_END as E, render_snippets; \
 	  p = pathlib.Path("README.md"); s = p.read_text(); \
 	  new = render_snippets(load_config("config/demo.yaml")); \
 	  p.write_text(s[:s.index(B)] + new + s[s.index(E) + len(E):])'

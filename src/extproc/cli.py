@@ -31,7 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    from .render.bootstrap import render_snippets, render_yaml
+    from .render import render_snippets, render_yaml
 
     cfg = _load(args.config)
     text = render_snippets(cfg) + "\n" if args.snippets else \
@@ -46,7 +46,7 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .core.backends import MissingCredential
     from .logs import setup_logging
-    from .shell.runtime import Runtime
+    from .runtime import Runtime
     from .shell.server import serve, tune_allocator
 
     cfg = _load(args.config)

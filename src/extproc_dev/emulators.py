@@ -2,7 +2,7 @@
 
 Not part of the service. Used by the tests, the demo and the benchmark, because real LLM servers
 cannot run here. Each flavour accepts and refuses content parts the way the real server does
-(../shared/design/content-parts.md), with the same statuses and error bodies, records exactly
+(docs/content-parts.md), with the same statuses and error bodies, records exactly
 what it received, and answers deterministically.
 
 Control endpoints (emulator only): GET /_emulator/requests, POST /_emulator/reset,
@@ -33,7 +33,7 @@ import orjson
 
 FLAVOURS = ("vllm", "llamacpp", "ollama", "openai", "sglang", "ocr")
 
-# Which part types each flavour accepts (content-parts.md). "image_url_string" is the
+# Which part types each flavour accepts (docs/content-parts.md). "image_url_string" is the
 # {"type":"image_url","image_url":"<str>"} form; "untyped_image_url" is {"image_url":...} alone.
 ACCEPTED_PARTS: dict[str, frozenset[str]] = {
     "openai": frozenset({"text", "image_url", "input_audio", "file"}),
@@ -195,7 +195,7 @@ class Emulator:
         return str(model)
 
     def _check_parts(self, messages: Any) -> None:
-        """Refuse parts the way the real server does (content-parts.md)."""
+        """Refuse parts the way the real server does (docs/content-parts.md)."""
         if not isinstance(messages, list):
             raise _error(self.flavour, 400, "'messages' must be a list", param="messages")
         accepted = ACCEPTED_PARTS[self.flavour]

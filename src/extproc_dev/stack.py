@@ -21,7 +21,7 @@ from typing import IO
 import httpx
 
 from extproc.config import Config, backend_endpoint, load_config
-from extproc.render.bootstrap import render_yaml
+from extproc.render import render_yaml
 
 
 def envoy_binary() -> str:

@@ -1,6 +1,6 @@
 """Capabilities: what a request needs and forces, candidate ordering, and response judging.
 
-Rules (../shared/design/capabilities.md):
+Rules (docs/capabilities.md):
 - needs: tools (non-empty ``tools``/``functions``), vision/audio (parts), json
   (``response_format`` json_object/json_schema), reasoning (``reasoning_effort``/``reasoning``);
 - forced: tools when ``tool_choice`` is "required", names a function, or ``allowed_tools`` is
@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from .errors import refusal
 from .parts import Sig
 
 
@@ -47,22 +48,16 @@ class Needs:
                    d.get("schema"), set(d.get("bad") or ()))
 
 
-class NeedsError(Exception):
-    """A request field the needs are read from has the wrong shape: a 400 naming it."""
-
-    def __init__(self, param: str, expected: str):
-        self.param, self.expected = param, expected
-        super().__init__(f"Invalid type for '{param}': expected {expected}")
-
-
 def _shape(value: Any, param: str, expected: str, *types: type) -> Any:
+    """``value`` when it is None or of ``types``; else a 400 naming the field."""
     if value is not None and not isinstance(value, types):
-        raise NeedsError(param, expected)
+        raise refusal(400, f"Invalid type for '{param}': expected {expected}",
+                      code="invalid_type", param=param)
     return value
 
 
 def request_needs(data: dict[str, Any], sigs: list[Sig], max_schema_bytes: int = 65536) -> Needs:
-    """What the request needs and forces. Raises NeedsError when a field read here has the
+    """What the request needs and forces. Raises Refusal when a field read here has the
     wrong shape. A ``json_schema`` over ``max_schema_bytes`` is not carried: such answers are
     judged as JSON only (the schema travels to the attempt stage in Envoy's metadata)."""
     n = Needs()
@@ -341,7 +336,51 @@ class Inflater:
         return out
 
 
-# Error answers that are capability gaps, not transient faults (content-parts.md).
+class AnswerHold:
+    """An answer held while it is judged, or kept whole for failover. Fed its body chunk by
+    chunk, it gives the verdict once the body decides it (a stream: its first deciding event;
+    otherwise: the whole body); bounded by bytes and time, past either the answer passes
+    unjudged. ``held`` counts the chunks Envoy waits to release."""
+
+    def __init__(self, needs: Needs | None, status: int, stream: bool, inflate: str | None,
+                 max_bytes: int, max_s: float, now: float):
+        self.needs, self.status = needs, status
+        self.judge = StreamJudge(needs) if needs is not None and status == 200 and stream \
+            else None
+        self.inflater = Inflater(inflate, max_bytes) if inflate else None
+        self.body = bytearray()
+        self.held = 0
+        self.since, self.max_bytes, self.max_s = now, max_bytes, max_s
+
+    def feed(self, chunk: bytes, end: bool, now: float) -> Verdict | None:
+        self.held += 1
+        verdict: Verdict | None = None
+        body = chunk if self.inflater is None else self.inflater.feed(chunk)
+        if body is None:
+            verdict = UNJUDGED  # corrupt, or it inflates past the limit
+        elif self.judge is not None:
+            verdict = self.judge.feed(body, end)
+        else:
+            self.body += body
+            if end:
+                verdict = self._whole(bytes(self.body))
+        if verdict is None and (len(self.body) > self.max_bytes or now - self.since > self.max_s
+                                or (self.judge is not None and
+                                    len(self.judge.buf) > self.max_bytes)):
+            verdict = UNJUDGED  # bounded: release what is held, never fail on doubt
+        return verdict
+
+    def _whole(self, body: bytes) -> Verdict:
+        if self.needs is None:
+            return UNJUDGED  # held only to be complete before the router sees it
+        if self.status == 200:
+            return judge_completion(body, self.needs)
+        gap = capability_gap(self.status, body)
+        return Verdict(False, f"{gap}: the backend's error says the model lacks it") if gap \
+            else UNJUDGED
+
+
+# Error answers that are capability gaps, not transient faults (docs/content-parts.md).
 _GAPS = [
     (re.compile(r"is not a multimodal model", re.I), "vision"),
     (re.compile(r"image input is not supported", re.I), "vision"),

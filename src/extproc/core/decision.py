@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ..shell.protocol import RESP_BACKEND, RESP_CONVERTED, RESP_MODEL, RESP_UNMET, RESP_VISION
+from ..contract import RESP_BACKEND, RESP_CONVERTED, RESP_MODEL, RESP_UNMET, RESP_VISION
 from .routing import RouteDecision, Target
 
 

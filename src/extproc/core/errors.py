@@ -1,4 +1,7 @@
-"""OpenAI-style error replies, produced by the core and sent by Envoy as immediate responses."""
+"""OpenAI-style error replies, and the one way the service says no: ``Refusal``.
+
+Anything in the core or the effects that refuses a request raises ``Refusal`` carrying the
+``Reply`` for the client; each stage catches it once and answers with it."""
 
 from __future__ import annotations
 
@@ -46,3 +49,18 @@ def internal_error(request_id: str) -> Reply:
         type="server_error",
         extra={"request_id": request_id},
     )
+
+
+class Refusal(Exception):
+    """A request refused, with the client's answer. Raised anywhere, caught once per stage."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(reply.code or str(reply.status))
+        self.reply = reply
+
+
+def refusal(status: int, message: str, *, code: str | None, param: str | None = None,
+            type: str = "invalid_request_error", extra: dict[str, object] | None = None
+            ) -> Refusal:
+    """``raise refusal(...)``: a Refusal with the OpenAI error envelope."""
+    return Refusal(error_reply(status, message, code=code, param=param, type=type, extra=extra))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import HintSettings
-from .errors import Reply, error_reply
+from .errors import refusal
 
 HINT_KINDS = ("intent", "model", "backend", "order")
 MAX_PAIRS, MAX_KEY, MAX_VALUE = 16, 64, 512
@@ -37,34 +37,34 @@ class Hints:
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def check_metadata(meta: Any, header_keys: frozenset[str] = frozenset()) -> Reply | None:
+def check_metadata(meta: Any, header_keys: frozenset[str] = frozenset()) -> None:
     """OpenAI's limits: at most 16 pairs, keys up to 64 characters, string values up to 512;
-    values of ``header_keys`` (propagated to a backend header) without control characters."""
+    values of ``header_keys`` (propagated to a backend header) without control characters.
+    Raises Refusal (a 400 naming the key)."""
     if meta is None:
-        return None
+        return
     if not isinstance(meta, dict):
-        return error_reply(400, "Invalid type for 'metadata': expected an object",
-                           code="invalid_type", param="metadata")
+        raise refusal(400, "Invalid type for 'metadata': expected an object",
+                      code="invalid_type", param="metadata")
     if len(meta) > MAX_PAIRS:
-        return error_reply(400, f"'metadata' has {len(meta)} pairs; at most {MAX_PAIRS} are "
-                           "allowed", code="invalid_metadata", param="metadata")
+        raise refusal(400, f"'metadata' has {len(meta)} pairs; at most {MAX_PAIRS} are "
+                      "allowed", code="invalid_metadata", param="metadata")
     for k, v in meta.items():
         if len(k) > MAX_KEY:
-            return error_reply(400, f"metadata key '{k[:20]}...' is {len(k)} characters; at most "
-                               f"{MAX_KEY} are allowed", code="invalid_metadata",
-                               param=f"metadata.{k[:MAX_KEY]}")
+            raise refusal(400, f"metadata key '{k[:20]}...' is {len(k)} characters; at most "
+                          f"{MAX_KEY} are allowed", code="invalid_metadata",
+                          param=f"metadata.{k[:MAX_KEY]}")
         if not isinstance(v, str):
-            return error_reply(400, f"metadata value for '{k}' must be a string",
-                               code="invalid_metadata", param=f"metadata.{k}")
+            raise refusal(400, f"metadata value for '{k}' must be a string",
+                          code="invalid_metadata", param=f"metadata.{k}")
         if len(v) > MAX_VALUE:
-            return error_reply(400, f"metadata value for '{k}' is {len(v)} characters; at most "
-                               f"{MAX_VALUE} are allowed", code="invalid_metadata",
-                               param=f"metadata.{k}")
+            raise refusal(400, f"metadata value for '{k}' is {len(v)} characters; at most "
+                          f"{MAX_VALUE} are allowed", code="invalid_metadata",
+                          param=f"metadata.{k}")
         if k in header_keys and _CONTROL.search(v):
-            return error_reply(400, f"metadata value for '{k}' contains control characters; it "
-                               "is sent to the backend as a header", code="invalid_metadata",
-                               param=f"metadata.{k}")
-    return None
+            raise refusal(400, f"metadata value for '{k}' contains control characters; it "
+                          "is sent to the backend as a header", code="invalid_metadata",
+                          param=f"metadata.{k}")
 
 
 Sources = tuple[tuple[str, str | None, str | None], ...]

@@ -28,7 +28,7 @@ from .audio import (
     sniff,
     transcode,
 )
-from .errors import Reply, error_reply
+from .errors import Refusal, error_reply
 
 Kind = Literal["text", "image", "audio", "video", "file", "other"]
 Action = Literal["keep", "reshape", "fetch", "transcode", "refuse"]
@@ -41,7 +41,7 @@ SHAPES = frozenset({
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """What one backend accepts natively (content-parts.md)."""
+    """What one backend accepts natively (docs/content-parts.md)."""
 
     accepts: frozenset[str]
     audio_formats: tuple[str, ...] = ()     # input_audio formats; empty = any
@@ -110,11 +110,6 @@ class PartsReport:
                                   or p.sig.shape != "text"))
 
 
-class PartError(Exception):
-    def __init__(self, reply: Reply):
-        self.reply = reply
-
-
 def profile_for(preset: str, override: Any) -> Profile:
     """A preset's profile with the config's overrides applied."""
     base = PRESETS[preset]
@@ -130,8 +125,8 @@ def profile_for(preset: str, override: Any) -> Profile:
     )
 
 
-def _bad_type(param: str, expected: str, got: Any) -> PartError:
-    return PartError(error_reply(
+def _bad_type(param: str, expected: str, got: Any) -> Refusal:
+    return Refusal(error_reply(
         400, f"Invalid type for '{param}': expected {expected}, got {_tname(got)}",
         code="invalid_type", param=param))
 
@@ -169,7 +164,7 @@ def check_base64(b64: str, param: str) -> None:
             return
     except (binascii.Error, ValueError):
         pass
-    raise PartError(error_reply(400, f"'{param}' is not valid base64", code="invalid_base64",
+    raise Refusal(error_reply(400, f"'{param}' is not valid base64", code="invalid_base64",
                                 param=param))
 
 
@@ -184,12 +179,12 @@ def parse_data_url(url: str, param: str, validate: bool = True) -> tuple[str, st
     """``data:<mime>;base64,<payload>`` -> (mime, payload), validating the payload."""
     head, sep, payload = url.partition(",")
     if not sep or not head.startswith("data:") or not head.endswith(";base64"):
-        raise PartError(error_reply(
+        raise Refusal(error_reply(
             400, f"'{param}' is not a readable data URL: expected data:<type>;base64,<data>",
             code="invalid_data_url", param=param))
     mime = head[5:-7].split(";", 1)[0].strip().lower()
     if not _MIME.fullmatch(mime):
-        raise PartError(error_reply(
+        raise Refusal(error_reply(
             400, f"'{param}' is not a readable data URL: its media type is not type/subtype",
             code="invalid_data_url", param=param))
     if validate:
@@ -299,7 +294,7 @@ def _parse_part(raw: Any, path: str, i: int, j: int, validate: bool = True
         declared = normalise_format(fmt)
         if declared not in FORMAT_MIME:
             param = f"{path}.input_audio.format"
-            raise PartError(error_reply(
+            raise Refusal(error_reply(
                 400, f"'{param}': unknown audio format {fmt[:20]!r}; expected one of "
                 f"{', '.join(FORMAT_MIME)}", code="invalid_value", param=param))
         sniffed = sniff(head_bytes(data))
@@ -323,7 +318,7 @@ def _parse_part(raw: Any, path: str, i: int, j: int, validate: bool = True
 
 def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None,
                   validate: bool = True) -> PartsReport:
-    """Parse and validate every content part; raise PartError with a 400 naming the place
+    """Parse and validate every content part; raise Refusal with a 400 naming the place
     (413 for an inline part over ``max_part_bytes``). The attempt stage passes
     ``validate=False``: the route stage already checked every payload of this body."""
     report = PartsReport()
@@ -343,7 +338,7 @@ def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None,
         for j, raw in enumerate(content):
             part, warning = _parse_part(raw, f"messages[{i}].content[{j}]", i, j, validate)
             if max_part_bytes and part.b64 is not None and len(part.b64) > max_part_bytes:
-                raise PartError(error_reply(
+                raise Refusal(error_reply(
                     413, f"{part.path}: the inline {part.sig.kind} is {len(part.b64)} bytes of "
                     f"base64, over the {max_part_bytes}-byte limit", code="part_too_large",
                     param=part.path))
@@ -407,11 +402,6 @@ def describe(s: Sig) -> str:
 
 # ---------------------------------------------------------------- attempt stage: conversion
 
-class ConvertError(Exception):
-    def __init__(self, reply: Reply):
-        self.reply = reply
-
-
 def _emit_image(p: Profile, url: str, detail: str | None) -> dict[str, Any]:
     inner: dict[str, Any] = {"url": url}
     if detail and p.keeps_detail:
@@ -441,7 +431,7 @@ def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
                  max_decoded_audio_bytes: int = 24 * 1024 * 1024) -> int:
     """Rewrite parts in place for profile ``p``; ``fetched`` maps URL -> (mime, bytes).
 
-    Returns the number of parts changed. Raises ConvertError with a 400 when a part cannot be
+    Returns the number of parts changed. Raises Refusal with a 400 when a part cannot be
     made acceptable (undecodable audio, a fetched file of the wrong type), a 413 when audio
     would decode to more than ``max_decoded_audio_bytes``.
     """
@@ -453,7 +443,7 @@ def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
         s = part.sig
         new: dict[str, Any]
         if action == "refuse":  # the route stage filters these; defend anyway
-            raise ConvertError(error_reply(400, f"{part.path}: {describe(s)} is not accepted "
+            raise Refusal(error_reply(400, f"{part.path}: {describe(s)} is not accepted "
                                            "by this backend", code="unsupported_content",
                                            param=part.path))
         if action == "fetch":
@@ -462,12 +452,12 @@ def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
             b64 = base64.b64encode(raw).decode()
             if s.kind == "image":
                 if not mime.startswith("image/"):
-                    raise ConvertError(error_reply(
+                    raise Refusal(error_reply(
                         400, f"{part.path}: {part.url} is {mime or 'untyped'}, not an image",
                         code="invalid_content_type", param=part.path))
                 sub = mime.split("/", 1)[1]
                 if p.image_mimes and sub not in p.image_mimes:
-                    raise ConvertError(error_reply(
+                    raise Refusal(error_reply(
                         400, f"{part.path}: image type {mime} is not accepted by this backend "
                         f"(accepts {', '.join(p.image_mimes)})", code="unsupported_content",
                         param=part.path))
@@ -475,7 +465,7 @@ def convert_body(data: dict[str, Any], report: PartsReport, p: Profile,
             else:
                 fmt = sniff(raw[:16]) or MIME_FORMATS.get(mime, "")
                 if not fmt:
-                    raise ConvertError(error_reply(
+                    raise Refusal(error_reply(
                         400, f"{part.path}: {part.url} is not recognisable audio ({mime})",
                         code="invalid_content_type", param=part.path))
                 if p.audio_formats and fmt not in p.audio_formats:
@@ -508,14 +498,14 @@ def _transcode(path: str, raw: bytes, fmt: str, p: Profile, max_decoded_bytes: i
                ) -> tuple[bytes, str]:
     target = "wav" if "wav" in p.audio_formats else p.audio_formats[0]
     if fmt not in DECODABLE:
-        raise ConvertError(error_reply(
+        raise Refusal(error_reply(
             400, f"{path}: {fmt} audio cannot be converted here; this backend accepts "
             f"{', '.join(p.audio_formats)}", code="unsupported_audio_format", param=path))
     try:
         return transcode(raw, target, max_decoded_bytes), target
     except AudioTooLarge as exc:
-        raise ConvertError(error_reply(413, f"{path}: {exc}", code="audio_too_large",
+        raise Refusal(error_reply(413, f"{path}: {exc}", code="audio_too_large",
                                        param=path)) from None
     except TranscodeError as exc:
-        raise ConvertError(error_reply(400, f"{path}: {exc}", code="invalid_audio",
+        raise Refusal(error_reply(400, f"{path}: {exc}", code="invalid_audio",
                                        param=path)) from None

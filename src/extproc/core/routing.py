@@ -17,8 +17,8 @@ from typing import Any, Literal
 import orjson
 
 from ..config import Config, pool_addresses
-from .capabilities import Needs, NeedsError, rank, request_needs
-from .errors import Reply, error_reply, json_reply
+from .capabilities import Needs, rank, request_needs
+from .errors import Refusal, Reply, json_reply, refusal
 from .health import Health
 from .hints import (
     Hints,
@@ -30,7 +30,6 @@ from .hints import (
 )
 from .parts import (
     Part,
-    PartError,
     Profile,
     Sig,
     describe,
@@ -39,10 +38,6 @@ from .parts import (
     profile_for,
     refused,
 )
-
-POOL_CLUSTER = "llm_backends"
-DIRECT_CLUSTER = "llm_backends_direct"
-JUDGED_CLUSTER = "llm_backends_judged"
 
 Resolution = Literal["exact", "alias", "default", "hint"]
 
@@ -62,9 +57,6 @@ class PublicEntry:
     candidates: tuple[Target, ...]
     owned_by: str
     virtual: bool
-    # Precomputed Envoy metadata for the common case (the configured order, unchanged).
-    hosts: str
-    candidates_meta: str
     # (tier, weight) per candidate when some tier holds several (they share its load): the
     # order is drawn per request. None: strict order.
     tiers: tuple[tuple[int, float], ...] | None = None
@@ -73,15 +65,13 @@ class PublicEntry:
 
 @dataclass(slots=True)
 class RouteDecision:
-    """Where a request goes. The route stage turns it into headers and dynamic metadata."""
+    """Where a request goes, and what it needs: the planner (``plan.py``) turns it into what
+    Envoy is told."""
 
     requested: str | None
     public_model: str
     resolution: Resolution
     candidates: tuple[Target, ...]
-    hosts: str
-    candidates_meta: str
-    cluster: str = POOL_CLUSTER
     body: dict[str, Any] = field(default_factory=dict)
     sigs: list[Sig] = field(default_factory=list)
     parts: list[Part] = field(default_factory=list)  # as parsed: adapting reuses them
@@ -92,22 +82,9 @@ class RouteDecision:
     # Remote URLs a candidate's backend would fetch itself: (url, param), each to be checked
     # against the fetch policy before the request leaves (that is I/O: the stage does it).
     url_checks: list[tuple[str, str]] = field(default_factory=list)
-    # Candidates moved to the end because their backend is down, with what health says.
+    # Candidates whose backend is down, with what health says (skipped while another is up).
     unavailable: list[dict[str, Any]] = field(default_factory=list)
     fallback_on: frozenset[str] = frozenset()
-
-
-def encode_candidates(cands: tuple[Target, ...]) -> str:
-    return orjson.dumps([[t.backend, t.model, t.address] for t in cands]).decode()
-
-
-def decode_candidates(meta: str) -> tuple[Target, ...]:
-    """Inverse of encode_candidates; raises ValueError on anything malformed."""
-    try:
-        raw = orjson.loads(meta)
-        return tuple(Target(str(b), str(m), str(a)) for b, m, a in raw)
-    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
-        raise ValueError(f"bad candidate metadata: {exc}") from None
 
 
 class RoutingTable:
@@ -136,8 +113,8 @@ class RoutingTable:
             tup = tuple(cands)
             shared = tiers is not None and len({t for t, _ in tiers}) < len(tiers)
             self.entries[name] = PublicEntry(
-                name, tup, owned_by, virtual, ",".join(t.address for t in tup),
-                encode_candidates(tup), tuple(tiers) if shared and tiers else None, fallback)
+                name, tup, owned_by, virtual, tuple(tiers) if shared and tiers else None,
+                fallback)
 
         for pm in cfg.models:
             cands = [Target(c.backend, c.model, addresses[c.backend]) for c in pm.candidates]
@@ -222,9 +199,9 @@ class RoutingTable:
         return {"object": "list", "data": data}
 
 
-def _model_not_found(table: RoutingTable, model: str) -> Reply:
+def _model_not_found(table: RoutingTable, model: str) -> Refusal:
     names = table.public_names() + sorted(table.aliases)
-    return error_reply(
+    return refusal(
         404,
         f"The model '{model}' does not exist. Available models: {', '.join(names)}",
         code="model_not_found",
@@ -234,7 +211,7 @@ def _model_not_found(table: RoutingTable, model: str) -> Reply:
 
 
 def answer_get(table: RoutingTable, path: str) -> Reply:
-    """GET requests the gateway answers itself from the config."""
+    """GET requests the gateway answers itself from the config (raises Refusal: 404)."""
     if path in ("/v1/models", "/models"):
         return json_reply(200, table.models_list())
     prefix = "/v1/models/" if path.startswith("/v1/models/") else "/models/"
@@ -243,42 +220,47 @@ def answer_get(table: RoutingTable, path: str) -> Reply:
         for item in table.models_list()["data"]:
             if item["id"] == name:
                 return json_reply(200, item)
-        return _model_not_found(table, name)
-    return error_reply(404, f"Unknown path {path}", code="unknown_path", param=None)
+        raise _model_not_found(table, name)
+    raise refusal(404, f"Unknown path {path}", code="unknown_path", param=None)
 
 
-def check_request_line(table: RoutingTable, method: str, path: str) -> Reply | None:
-    """Answer (or refuse) from the headers alone; None means: wait for the body and route it."""
+def check_request_line(table: RoutingTable, method: str, path: str, has_body: bool = True
+                       ) -> Reply | None:
+    """The answer to a GET from the headers alone; None means: wait for the body and route it.
+    Raises Refusal for a path we do not route, a method it does not take, no body."""
     if method == "GET":
         return answer_get(table, path)
     if path not in table.routed_paths:
-        return error_reply(
+        raise refusal(
             404,
             f"Unknown path {path}; routed paths: {', '.join(sorted(table.routed_paths))}",
             code="unknown_path",
         )
     if method != "POST":
-        return error_reply(405, f"Method {method} is not allowed on {path}; use POST",
-                           code="method_not_allowed")
+        raise refusal(405, f"Method {method} is not allowed on {path}; use POST",
+                      code="method_not_allowed")
+    if not has_body:
+        raise refusal(400, "The request has no body; expected a JSON object",
+                      code="invalid_json")
     return None
 
 
-def parse_json_body(body: bytes) -> dict[str, Any] | Reply:
+def parse_json_body(body: bytes) -> dict[str, Any]:
     """Parse a request body; a syntax error and a wrong top-level type are told apart."""
     if not body:
-        return error_reply(400, "The request body is empty; expected a JSON object",
-                           code="invalid_json")
+        raise refusal(400, "The request body is empty; expected a JSON object",
+                      code="invalid_json")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return error_reply(
+        raise refusal(
             400,
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
             f"{exc.colno} (char {exc.pos})",
             code="invalid_json",
-        )
+        ) from None
     if not isinstance(data, dict):
-        return error_reply(
+        raise refusal(
             400,
             f"The request body must be a JSON object, got {type(data).__name__}",
             code="invalid_type",
@@ -294,7 +276,7 @@ _CASE_VARIANTS = frozenset(
 _LETTER_ESCAPE = re.compile(rb"\\u00(?:4[1-9a-fA-F]|5[0-9aA]|6[1-9a-fA-F]|7[0-9aA])")
 
 
-def model_key(raw: bytes, data: dict[str, Any]) -> Reply | bool:
+def model_key(raw: bytes, data: dict[str, Any]) -> bool:
     """Whether the body must be re-serialised so that what leaves the gateway has exactly one
     ``model`` key, the one routed on; a 400 for a key only case folding makes ``model``.
 
@@ -305,8 +287,8 @@ def model_key(raw: bytes, data: dict[str, Any]) -> Reply | bool:
     ordinary bodies: one count and one scan in C."""
     if not _CASE_VARIANTS.isdisjoint(data):
         k = next(k for k in data if k in _CASE_VARIANTS)
-        return error_reply(400, f"Unrecognized request argument '{k}': the model is given "
-                           "as 'model'", code="invalid_request", param=k)
+        raise refusal(400, f"Unrecognized request argument '{k}': the model is given as "
+                      "'model'", code="invalid_request", param=k)
     if "model" in data and data["model"] is None:
         del data["model"]  # routed to the default: the backend gets that name alone
         return True
@@ -345,52 +327,40 @@ def _quoted_model(raw: bytes, max_quotes: int = 1024) -> tuple[int, bool] | None
 
 def route_request(table: RoutingTable, data: dict[str, Any],
                   headers: dict[str, str] | None = None, health: Health | None = None,
-                  now: float = 0.0, draw: Callable[[], float] = random.random
-                  ) -> RouteDecision | Reply:
-    """Pick the ordered candidates for a parsed POST body by its ``model``. ``health``: which
-    backends are down at ``now`` (monotonic); ``draw``: the randomness that spreads a tier's
-    load (the tests pass their own)."""
+                  now: float = 0.0, draw: Callable[[], float] = random.random) -> RouteDecision:
+    """Pick the ordered candidates for a parsed POST body by its ``model``; raises Refusal.
+    ``health``: which backends are down at ``now`` (monotonic); ``draw``: the randomness that
+    spreads a tier's load (the tests pass their own)."""
     headers = headers or {}
-    bad_meta = check_metadata(data.get("metadata"), table.header_metadata_keys)
-    if bad_meta is not None:
-        return bad_meta
+    check_metadata(data.get("metadata"), table.header_metadata_keys)
     model = data.get("model")
     resolution: Resolution
     if model is None:
         default = table.config.default_model
         if default is None:
-            return error_reply(400, "You must provide a model parameter ('model')",
-                               code="missing_model", param="model")
+            raise refusal(400, "You must provide a model parameter ('model')",
+                          code="missing_model", param="model")
         found = table.resolve(default)
         assert found is not None  # validated at config load
         entry, resolution = found[0], "default"
     elif not isinstance(model, str):
-        return error_reply(
-            400,
-            f"Invalid type for 'model': expected a string, got {type(model).__name__}",
-            code="invalid_type",
-            param="model",
-        )
+        raise refusal(400, f"Invalid type for 'model': expected a string, got "
+                      f"{type(model).__name__}", code="invalid_type", param="model")
     else:
         found = table.resolve(model)
         if found is None:
-            return _model_not_found(table, model)
+            raise _model_not_found(table, model)
         entry, resolution = found
-    try:
-        report = inspect_parts(data, table.config.service.max_part_bytes)
-    except PartError as exc:
-        return exc.reply
+    report = inspect_parts(data, table.config.service.max_part_bytes)
     urls = {p.url for p in report.parts if p.url and p.sig.source in ("http", "https")}
     limit = table.config.fetch.max_urls_per_request
     if len(urls) > limit:
-        return error_reply(400, f"The request has {len(urls)} remote media URLs; at most {limit} "
-                           "are allowed (fetch.max_urls_per_request)", code="too_many_urls",
-                           param="messages")
+        raise refusal(400, f"The request has {len(urls)} remote media URLs; at most {limit} "
+                      "are allowed (fetch.max_urls_per_request)", code="too_many_urls",
+                      param="messages")
     hints = read_hints(data, headers, table.config.hints, table.hint_sources)
     if hints.values:
         pinned = _pinned_model(table, hints, headers)
-        if isinstance(pinned, Reply):
-            return pinned
         if pinned is not None:
             entry, resolution = pinned, "hint"
     decision = RouteDecision(
@@ -398,8 +368,6 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         public_model=entry.name,
         resolution=resolution,
         candidates=entry.candidates,
-        hosts=entry.hosts,
-        candidates_meta=entry.candidates_meta,
         body=data,
         sigs=report.sigs,
         parts=report.parts,
@@ -408,34 +376,23 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         fallback_on=entry.fallback_on,
     )
     if entry.tiers is not None:
-        _set_candidates(decision, spread(entry.candidates, entry.tiers, draw))
+        decision.candidates = spread(entry.candidates, entry.tiers, draw)
     if hints.values:
-        hinted = _apply_hints(table, decision, headers)
-        if isinstance(hinted, Reply):
-            return hinted
+        _apply_hints(table, decision, headers)
     if decision.sigs:
-        filtered = _filter_by_parts(table, decision, report.parts)
-        if isinstance(filtered, Reply):
-            return filtered
+        _filter_by_parts(table, decision, report.parts)
         if not table.aux_vision and any(s.kind == "image" for s in decision.sigs):
-            filtered = _filter_blind(table, decision)
-            if isinstance(filtered, Reply):
-                return filtered
-    try:
-        decision.needs = request_needs(data, decision.sigs,
-                                       table.config.capability_routing.judge_max_schema_bytes)
-    except NeedsError as exc:
-        return error_reply(400, str(exc), code="invalid_type", param=exc.param)
+            _filter_blind(table, decision)
+    decision.needs = request_needs(data, decision.sigs,
+                                   table.config.capability_routing.judge_max_schema_bytes)
     if entry.fallback_on:
         decision.needs.bad = set(entry.fallback_on)
     if decision.needs.needed:
-        ordered = _order_by_needs(table, decision)
-        if isinstance(ordered, Reply):
-            return ordered
+        _order_by_needs(table, decision)
     order = hints.values.get("order")
     if order and "order" in hints.applied:
         prefer = [b.strip() for b in order.split(",")]
-        _set_candidates(decision, sorted(decision.candidates, key=lambda t: (
+        decision.candidates = tuple(sorted(decision.candidates, key=lambda t: (
             prefer.index(t.backend) if t.backend in prefer else len(prefer))))
     if decision.sigs:
         decision.url_checks = _url_checks(table, decision)
@@ -445,12 +402,12 @@ def route_request(table: RoutingTable, data: dict[str, Any],
 
 
 def spread(cands: tuple[Target, ...], tiers: tuple[tuple[int, float], ...],
-           draw: Callable[[], float]) -> list[Target]:
+           draw: Callable[[], float]) -> tuple[Target, ...]:
     """Tiers in order; within a tier, a weighted random order (each candidate first in
     proportion to its weight: Efraimidis-Spirakis keys), drawn per request."""
     keyed = sorted(zip(cands, tiers, strict=True),
                    key=lambda it: (it[1][0], -(draw() ** (1.0 / it[1][1]))))
-    return [t for t, _ in keyed]
+    return tuple(t for t, _ in keyed)
 
 
 def _skip_down(d: RouteDecision, health: Health, now: float) -> None:
@@ -463,7 +420,7 @@ def _skip_down(d: RouteDecision, health: Health, now: float) -> None:
     d.unavailable = [{**health.state(t.backend, now), "model": t.model,
                       "skipped": len(down) < len(d.candidates)} for t in down]
     if len(down) < len(d.candidates):
-        _set_candidates(d, [t for t in d.candidates if t not in down])
+        d.candidates = tuple(t for t in d.candidates if t not in down)
 
 
 def attempt_limits(table: RoutingTable, d: RouteDecision) -> tuple[float | None, float]:
@@ -486,17 +443,16 @@ def _url_checks(table: RoutingTable, d: RouteDecision) -> list[tuple[str, str]]:
     return list(out.items())
 
 
-def _hint_refusal(table: RoutingTable, hints: Hints, kind: str, why: str, denied: bool
-                  ) -> Reply | None:
+def _hint_refused(table: RoutingTable, hints: Hints, kind: str, why: str, denied: bool) -> None:
     """Per config: refuse with a 400 (403 for not allowed), or ignore and record."""
     cfg = table.config.hints
     if (cfg.on_denied if denied else cfg.on_unknown) == "ignore":
         hints.ignored.append(f"{kind}: {why}")
-        return None
+        return
     source = hints.sources[kind]
-    return error_reply(403 if denied else 400, f"Routing hint {kind}={hints.values[kind]!r} "
-                       f"({source}): {why}", code="hint_not_allowed" if denied else "unknown_hint",
-                       param=source.split(":", 1)[1])
+    raise refusal(403 if denied else 400, f"Routing hint {kind}={hints.values[kind]!r} "
+                  f"({source}): {why}", code="hint_not_allowed" if denied else "unknown_hint",
+                  param=source.split(":", 1)[1])
 
 
 def _client(table: RoutingTable, headers: dict[str, str]) -> str | None:
@@ -504,76 +460,68 @@ def _client(table: RoutingTable, headers: dict[str, str]) -> str | None:
 
 
 def _pinned_model(table: RoutingTable, hints: Hints, headers: dict[str, str]
-                  ) -> PublicEntry | Reply | None:
+                  ) -> PublicEntry | None:
     value = hints.values.get("model")
     if value is None:
         return None
     if "model" not in allowed_kinds(table.config.hints, _client(table, headers)):
-        return _hint_refusal(table, hints, "model", "this client may not pin a model", True)
+        _hint_refused(table, hints, "model", "this client may not pin a model", True)
+        return None
     found = table.resolve(value)
     if found is None:
-        return _hint_refusal(table, hints, "model", "no such model", False)
+        _hint_refused(table, hints, "model", "no such model", False)
+        return None
     hints.applied.append("model")
     return found[0]
 
 
-def _apply_hints(table: RoutingTable, d: RouteDecision, headers: dict[str, str]
-                 ) -> Reply | None:
+def _apply_hints(table: RoutingTable, d: RouteDecision, headers: dict[str, str]) -> None:
     hints, cfg = d.hints, table.config.hints
     client = _client(table, headers)
     allowed = allowed_kinds(cfg, client)
     for kind in ("intent", "backend", "order"):
         if kind in hints.values and kind not in allowed:
-            refusal = _hint_refusal(table, hints, kind, f"this client may not use the {kind} hint",
-                                    True)
-            if refusal:
-                return refusal
+            _hint_refused(table, hints, kind, f"this client may not use the {kind} hint", True)
             del hints.values[kind]
     intent = hints.values.get("intent")
     if intent is not None:
         policy = cfg.policies.get(intent)
         permitted = allowed_intents(cfg, client)
         if policy is None:
-            refusal = _hint_refusal(table, hints, "intent", "no such intent (known: "
-                                    f"{', '.join(sorted(cfg.policies)) or 'none'})", False)
+            _hint_refused(table, hints, "intent", "no such intent (known: "
+                          f"{', '.join(sorted(cfg.policies)) or 'none'})", False)
         elif permitted is not None and intent not in permitted:
-            refusal = _hint_refusal(table, hints, "intent", "this client may not use it", True)
+            _hint_refused(table, hints, "intent", "this client may not use it", True)
         else:
             tags = table.tags
             keep = [t for t in d.candidates
                     if set(policy.require_tags) <= tags[(t.backend, t.model)]
                     and not set(policy.exclude_tags) & tags[(t.backend, t.model)]]
             if not keep:
-                return error_reply(
+                raise refusal(
                     400, f"No candidate of model '{d.public_model}' fits intent '{intent}' "
                     f"(requires tags {policy.require_tags}, excludes {policy.exclude_tags})",
                     code="no_candidate_for_intent", param=hints.sources["intent"].split(":")[1])
             d.dropped += [(t, f"intent {intent}") for t in d.candidates if t not in keep]
             keep.sort(key=lambda t: not set(policy.prefer_tags) & tags[(t.backend, t.model)])
-            _set_candidates(d, keep)
+            d.candidates = tuple(keep)
             hints.applied.append("intent")
             hints.policy = intent
-            refusal = None
-        if refusal:
-            return refusal
     backend = hints.values.get("backend")
     if backend is not None:
         keep = [t for t in d.candidates if t.backend == backend]
         if not keep:
             known = backend in {b.name for b in table.config.backends}
-            refusal = _hint_refusal(table, hints, "backend", "not a candidate of model "
-                                    f"'{d.public_model}'" if known else "no such backend", False)
-            if refusal:
-                return refusal
+            _hint_refused(table, hints, "backend", "not a candidate of model "
+                          f"'{d.public_model}'" if known else "no such backend", False)
         else:
-            _set_candidates(d, keep)
+            d.candidates = tuple(keep)
             hints.applied.append("backend")
     if "order" in hints.values:
         hints.applied.append("order")  # applied last, after capability ordering
-    return None
 
 
-def _order_by_needs(table: RoutingTable, d: RouteDecision) -> RouteDecision | Reply:
+def _order_by_needs(table: RoutingTable, d: RouteDecision) -> None:
     """All needs declared first, unknown (or substitutable) next, known-incapable last or
     dropped; stable otherwise. A forced need nobody can serve is a 400."""
     needs = d.needs
@@ -583,7 +531,7 @@ def _order_by_needs(table: RoutingTable, d: RouteDecision) -> RouteDecision | Re
         if all(table.lacks(t, cap) for t in d.candidates):
             able = table.models_where(lambda c, cap=cap: table.has(c, cap))
             what = "forces" if cap in needs.forced else "needs"
-            return error_reply(
+            raise refusal(
                 400, f"The request {what} the '{cap}' capability, but no candidate of model "
                 f"'{d.public_model}' has it. "
                 + (f"Models with '{cap}': {', '.join(able)}" if able else f"No model has '{cap}'."),
@@ -598,39 +546,30 @@ def _order_by_needs(table: RoutingTable, d: RouteDecision) -> RouteDecision | Re
         if able:  # never silently drop every candidate
             d.dropped += [(t, "a needed capability") for t in keep if t not in able]
             keep = able
-    _set_candidates(d, keep)
-    return d
+    d.candidates = tuple(keep)
 
 
 _CAP_PARAM = {"tools": "tool_choice", "json": "response_format", "vision": "messages",
               "audio": "messages", "reasoning": "reasoning_effort"}
 
 
-def _set_candidates(d: RouteDecision, keep: list[Target]) -> None:
-    if tuple(keep) != d.candidates:
-        d.candidates = tuple(keep)
-        d.hosts = ",".join(t.address for t in keep)
-        d.candidates_meta = encode_candidates(d.candidates)
-
-
-def _filter_blind(table: RoutingTable, d: RouteDecision) -> RouteDecision | Reply:
+def _filter_blind(table: RoutingTable, d: RouteDecision) -> None:
     """Without an aux vision model, never hand an image to a model known not to see."""
     keep = [t for t in d.candidates if not table.lacks(t, "vision")]
     d.dropped += [(t, "images (no vision, no auxiliary vision model)") for t in d.candidates
                   if table.lacks(t, "vision")]
     if not keep:
         able = table.models_where(lambda c: table.has(c, "vision"))
-        return error_reply(
+        raise refusal(
             400, f"The request contains images, but no candidate of model '{d.public_model}' has "
             "the 'vision' capability and no auxiliary vision model is configured. "
             + (f"Models with vision: {', '.join(able)}" if able else "No model has vision."),
             code="unsupported_capability", param="messages",
             extra={"capability": "vision", "models_with_capability": able})
-    _set_candidates(d, keep)
-    return d
+    d.candidates = tuple(keep)
 
 
-def _filter_by_parts(table: RoutingTable, d: RouteDecision, parts: list[Any]) -> RouteDecision | Reply:
+def _filter_by_parts(table: RoutingTable, d: RouteDecision, parts: list[Any]) -> None:
     """Drop candidates whose backend cannot take some part even after conversion."""
     keep: list[Target] = []
     for t in d.candidates:
@@ -649,20 +588,12 @@ def _filter_by_parts(table: RoutingTable, d: RouteDecision, parts: list[Any]) ->
             fmts = sorted({f for t in d.candidates for f in table.profiles[t.backend].audio_formats})
             if fmts:
                 backends += f"; they accept audio formats: {', '.join(fmts)}"
-        return error_reply(
+        raise refusal(
             400,
             f"{where}: a {describe(sig)} cannot be sent to any candidate of model "
             f"'{d.public_model}' ({backends}), and no conversion exists. "
             + (f"Models that accept it: {', '.join(able)}" if able else
                "No configured model accepts it."),
             code="unsupported_content", param=where, extra={"models_accepting": able})
-    _set_candidates(d, keep)
-    return d
+    d.candidates = tuple(keep)
 
-
-def route_body(table: RoutingTable, body: bytes) -> RouteDecision | Reply:
-    data = parse_json_body(body)
-    if isinstance(data, Reply):
-        return data
-    checked = model_key(body, data)
-    return checked if isinstance(checked, Reply) else route_request(table, data)

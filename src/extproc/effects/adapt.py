@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .. import metrics
-from ..core.errors import Reply, error_reply
+from ..contract import RESP_CONVERTED, RESP_VISION
+from ..core.errors import Refusal, error_reply
 from ..core.parts import (
-    ConvertError,
     Part,
     PartsReport,
     convert_body,
@@ -27,10 +27,12 @@ from ..core.parts import (
     inspect_parts,
     transcodes,
 )
-from ..shell.protocol import RESP_CONVERTED, RESP_VISION
-from ..shell.runtime import Runtime
-from .fetch import FetchBudget, FetchError
+from ..core.plan import BodyWork
+from .fetch import FetchBudget
 from .vision import VisionError, failure_text, substitution_text
+
+if TYPE_CHECKING:  # the runtime holds the clients this uses
+    from ..runtime import Runtime
 
 # What a message to Envoy carries besides the body (headers, dynamic metadata).
 MESSAGE_HEADROOM = 256 * 1024
@@ -47,16 +49,17 @@ class _Image:
 
 
 class BodyAdapter:
-    """One body for one target: ``plan`` (no waiting), then ``run``. ``tags`` says what was
-    done, as response headers (``x-extproc-converted-parts``, ``x-extproc-vision``)."""
+    """Does one ``BodyWork`` (the planner decides it, the same way in both stages): ``plan``
+    (no waiting), then ``run``. ``tags`` says what was done, as response headers
+    (``x-extproc-converted-parts``, ``x-extproc-vision``)."""
 
-    def __init__(self, rt: Runtime, backend: str, model: str, substitute: bool,
-                 drop_metadata: bool, owner: str = "-"):
-        self.rt, self.backend, self.model = rt, backend, model
-        self.substitute, self.drop_metadata = substitute, drop_metadata
+    def __init__(self, rt: Runtime, work: BodyWork, owner: str = "-"):
+        self.rt, self.backend, self.model = rt, work.backend, work.model
+        self.substitute, self.drop_metadata = work.substitute, work.drop_metadata
         self.owner = owner  # the request: fair turns at the aux model, fetches, transcodes
         self.budget = FetchBudget(rt.config.fetch.max_bytes_per_request)
         self.tags: list[tuple[str, str]] = []
+        self.body = b""  # the adapted body, once run
         self.data: dict[str, Any] = {}
         self.report = PartsReport()
         self.fetch: list[Part] = []
@@ -87,7 +90,7 @@ class BodyAdapter:
                 self.images.append(img)
             calls = sum(img.hit is None for img in self.images)
             if calls > vision.cfg.max_images_per_request:
-                raise ConvertError(error_reply(
+                raise Refusal(error_reply(
                     400, f"The request has {calls} images to describe for {self.model}, which "
                     f"cannot see; at most {vision.cfg.max_images_per_request} are described "
                     "per request (vision.max_images_per_request)", code="too_many_images",
@@ -102,16 +105,9 @@ class BodyAdapter:
             (2 * vision.cfg.timeout_s if describe and vision is not None else 0.0)
         return min(wait, cfg.envoy.max_message_timeout_ms / 1000)
 
-    def refusal(self, exc: ConvertError | FetchError | VisionError) -> Reply:
-        """The client's answer when adapting failed."""
-        if isinstance(exc, VisionError):
-            assert self.rt.vision is not None
-            return exc.reply(self.rt.vision.cfg.model)
-        return exc.reply
-
     async def run(self) -> bytes:
-        """The adapted body. Raises ConvertError/FetchError (400/4xx/5xx replies) and, with
-        ``on_failure: reject``, VisionError."""
+        """The adapted body. Raises Refusal (400/4xx/5xx replies; with ``on_failure: reject``,
+        also when the aux model fails)."""
         data, cfg = self.data, self.rt.config
         if self.images:
             await self._substitute_images()
@@ -135,7 +131,7 @@ class BodyAdapter:
         # the request would fail later, with gRPC's or Envoy's own words.
         limit = min(cfg.envoy.max_body_bytes, cfg.service.max_message_bytes - MESSAGE_HEADROOM)
         if len(body) > limit:
-            raise ConvertError(error_reply(
+            raise Refusal(error_reply(
                 413, f"The request adapted for {self.backend} is {len(body)} bytes, over the "
                 f"{limit}-byte limit of what Envoy takes back (envoy.max_body_bytes, "
                 "service.max_message_bytes)", code="adapted_body_too_large", param="messages"))

@@ -20,7 +20,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from ..core.errors import Reply, error_reply
+from ..core.errors import Refusal, refusal
 from .sharing import FairLimiter
 
 
@@ -36,13 +36,8 @@ class FetchPolicy:
     concurrency: int = 8
 
 
-class FetchError(Exception):
-    def __init__(self, reply: Reply):
-        self.reply = reply
-
-
-def _refuse(param: str, why: str, status: int = 400, code: str = "url_refused") -> FetchError:
-    return FetchError(error_reply(status, f"{param}: {why}", code=code, param=param))
+def _refuse(param: str, why: str, status: int = 400, code: str = "url_refused") -> Refusal:
+    return refusal(status, f"{param}: {why}", code=code, param=param)
 
 
 @dataclass(slots=True)
@@ -133,7 +128,7 @@ class Fetcher:
 
     async def fetch(self, url: str, param: str, owner: str = "-",
                     budget: FetchBudget | None = None) -> tuple[str, bytes]:
-        """-> (mime type, bytes); raises FetchError with a 4xx/5xx JSON reply. ``owner``: the
+        """-> (mime type, bytes); raises Refusal with a 4xx/5xx JSON reply. ``owner``: the
         request asking (fair turns); ``budget``: what that request may still fetch."""
         hit = self._cached(url)
         if hit is not None:

@@ -21,23 +21,23 @@ import httpx
 import orjson
 
 from ..config import VisionSettings
-from ..core.errors import Reply, error_reply
+from ..core.errors import Refusal, error_reply
 from .sharing import FairLimiter, SharedCalls
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 OPEN, CLOSE = "<image_description>", "</image_description>"
 
 
-class VisionError(Exception):
-    """The aux model failed; ``status`` is 502 (bad answer) or 503 (unavailable/slow)."""
+class VisionError(Refusal):
+    """The aux model failed: 502 (a bad answer) or 503 (unavailable, slow), naming it.
+    ``message`` is the failure alone, for the text that replaces an image with
+    ``on_failure: drop``."""
 
-    def __init__(self, status: int, code: str, message: str):
-        self.status, self.code, self.message = status, code, message
-        super().__init__(message)
-
-    def reply(self, aux_model: str) -> Reply:
-        return error_reply(self.status, f"auxiliary vision model '{aux_model}': {self.message}",
-                           code=self.code, type="server_error", extra={"aux_model": aux_model})
+    def __init__(self, status: int, code: str, message: str, aux_model: str):
+        super().__init__(error_reply(
+            status, f"auxiliary vision model '{aux_model}': {message}", code=code,
+            type="server_error", extra={"aux_model": aux_model}))
+        self.message = message
 
 
 def sanitize(description: str, limit: int = 8000) -> str:
@@ -67,12 +67,13 @@ class AuxEndpoint:
 
 
 class VisionClient:
-    def __init__(self, cfg: VisionSettings, endpoint: AuxEndpoint):
+    def __init__(self, cfg: VisionSettings, endpoint: AuxEndpoint,
+                 client: httpx.AsyncClient | None = None):
         self.cfg, self.endpoint = cfg, endpoint
         self.cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self.inflight: SharedCalls[str] = SharedCalls()
         self.slots = FairLimiter(cfg.concurrency)  # aux calls at once, taken in turn by requests
-        self.client = httpx.AsyncClient(timeout=cfg.timeout_s, trust_env=False)
+        self.client = client or httpx.AsyncClient(timeout=cfg.timeout_s, trust_env=False)
 
     def prompt_for(self, user_text: str | None) -> str:
         if self.cfg.include_user_text and user_text:
@@ -138,17 +139,22 @@ class VisionClient:
                                      headers=headers), self.cfg.timeout_s)
             except (TimeoutError, httpx.TimeoutException):
                 raise VisionError(503, "aux_vision_timeout",
-                                  f"no answer within {self.cfg.timeout_s}s") from None
+                                  f"no answer within {self.cfg.timeout_s}s",
+                                  self.cfg.model) from None
             except httpx.HTTPError as exc:
                 raise VisionError(503, "aux_vision_unavailable",
-                                  f"unreachable ({exc.__class__.__name__})") from None
+                                  f"unreachable ({exc.__class__.__name__})",
+                                  self.cfg.model) from None
         if resp.status_code != 200:
-            raise VisionError(502, "aux_vision_error", f"answered HTTP {resp.status_code}")
+            raise VisionError(502, "aux_vision_error", f"answered HTTP {resp.status_code}",
+                              self.cfg.model)
         try:
             text = orjson.loads(resp.content)["choices"][0]["message"]["content"]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
             raise VisionError(502, "aux_vision_bad_response",
-                              "answered something that is not a chat completion") from None
+                              "answered something that is not a chat completion",
+                              self.cfg.model) from None
         if not isinstance(text, str) or not text.strip():
-            raise VisionError(502, "aux_vision_bad_response", "answered an empty description")
+            raise VisionError(502, "aux_vision_bad_response", "answered an empty description",
+                              self.cfg.model)
         return text

@@ -21,11 +21,11 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2
 
 from .. import metrics
+from ..contract import META_NS, Meta
 from ..core.decision import complete
 from ..core.health import observe
 from ..logs import write_events
-from .protocol import META_NS
-from .runtime import Runtime
+from ..runtime import Runtime
 
 # Envoy's timestamps for the record, in milliseconds since the request started.
 _TIMINGS = (("to_first_backend_byte", "time_to_first_upstream_rx_byte"),
@@ -45,7 +45,7 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
     filter_md = common.metadata.filter_metadata
     if META_NS not in filter_md:
         return None
-    value = filter_md[META_NS].fields.get("record")
+    value = filter_md[META_NS].fields.get(Meta.RECORD)
     if value is None or not value.string_value:
         return None
     timings = {}

@@ -1,8 +1,10 @@
-"""Envoy ext_proc protocol names and message helpers shared by both stages and the renderer."""
+"""The ext_proc protobuf messages, built in one place (the names they carry: ``contract.py``).
+
+Both stages describe their answers as plain data (plans, replies); this turns them into
+``ProcessingResponse`` messages, and Envoy's requests into plain dicts.
+"""
 
 from __future__ import annotations
-
-import re
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -10,46 +12,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
+from ..contract import META_NS, header_safe
 from ..core.errors import Reply
-
-STAGE_KEY = "x-extproc-stage"
-CLUSTER_HEADER = "x-extproc-cluster"
-# Set by the route stage on streaming requests, to how long (ms) an attempt may stay silent:
-# Envoy's route for that value fails over after it (the header never leaves Envoy).
-STREAM_HEADER = "x-extproc-stream"
-PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
-HEALTH_PATH = "/extproc/health"  # GET: each backend's health, answered by the route stage
-META_NS = "extproc"
-ATTR_ADDRESS = "upstream.address"
-ATTR_ATTEMPT = "upstream.request_attempt_count"
-ATTR_CANDIDATES = "metadata.filter_metadata['extproc']['candidates']"
-ATTR_BODY_MODEL = "metadata.filter_metadata['extproc']['body_model']"
-ATTR_PARTS = "metadata.filter_metadata['extproc']['parts']"
-ATTR_NEEDS = "metadata.filter_metadata['extproc']['needs']"
-ATTR_UNSTORED_META = "metadata.filter_metadata['extproc']['unstored_metadata']"
-# The client's own path and credentials: the route stage removes the credentials from the
-# request (each attempt sets its backend's), so the attempt stage has them from here.
-ATTR_PATH = "metadata.filter_metadata['extproc']['path']"
-ATTR_CLIENT_AUTH = "metadata.filter_metadata['extproc']['client_auth']"
-ATTR_REQUEST_ID = "request.headers['x-request-id']"
-ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_BODY_MODEL, ATTR_PARTS,
-                      ATTR_NEEDS, ATTR_UNSTORED_META, ATTR_PATH, ATTR_CLIENT_AUTH)
-# The judged cluster's attempt stage sees only responses: what it needs comes with them.
-JUDGED_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, ATTR_CANDIDATES, ATTR_NEEDS, ATTR_REQUEST_ID)
-RETRY_HEADER = "x-extproc-retry"
-RESP_UNMET = "x-extproc-unmet-capability"
-RESP_BACKEND = "x-extproc-backend"
-RESP_MODEL = "x-extproc-model"
-RESP_ATTEMPTS = "x-extproc-attempts"
-RESP_CONVERTED = "x-extproc-converted-parts"
-RESP_WARNINGS = "x-extproc-warnings"
-RESP_VISION = "x-extproc-vision"
-# A body adapted by the route stage: the metadata key that carries each of its response
-# headers (Envoy's route sets the header from it; the attempt stage sets its own).
-TAG_META = {RESP_CONVERTED: "converted", RESP_VISION: "vision"}
-# What the decision log needs from each response (see accesslog.py).
-DECISION_HEADERS = (RESP_BACKEND, RESP_MODEL, RESP_CONVERTED, RESP_VISION, RESP_UNMET)
-DECISION_LOG_NAME = "llm_extproc_decisions"
 
 _MODE = processing_mode_pb2.ProcessingMode
 
@@ -75,19 +39,6 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Most header settings repeat request after request (cluster, retries, credentials): build
 # each once. Bounded; values that vary (content-length) are not kept.
 _HVO_CACHE: dict[tuple[str, str], base_pb2.HeaderValueOption] = {}
-
-
-_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def header_safe(value: str) -> str:
-    """A header value that cannot end the header: control characters become %XX. Every value
-    we set goes through here, whatever its source (validation upstream is the first line; a
-    value that slipped through must still not inject a header or make Envoy refuse the
-    mutation)."""
-    if _UNSAFE.search(value) is None:
-        return value
-    return _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", value)
 
 
 def _hvo(key: str, value: str) -> base_pb2.HeaderValueOption:

@@ -25,14 +25,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import metrics
 from ..config import ConfigError, backend_endpoint, load_config
+from ..contract import STAGE_KEY
 from ..core.backends import MissingCredential
 from ..core.health import probe_path
 from ..logs import log_event
-from ..render.bootstrap import render
+from ..render import render
+from ..runtime import Runtime
+from .attempt_stage import AttemptStream
 from .decision_log import DecisionLog
-from .protocol import STAGE_KEY
-from .runtime import Runtime
-from .stages import AttemptStream, RouteStream
+from .route_stage import RouteStream
 
 log = logging.getLogger("extproc")
 

@@ -7,33 +7,31 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Config, ConfigError, HealthSettings, backend_endpoint
-from ..core.backends import BackendRuntime, MissingCredential, backend_runtimes, credential_headers
-from ..core.health import Health
-from ..core.routing import RoutingTable
-from ..effects.fetch import Fetcher, FetchPolicy
-from ..effects.schema_judge import SchemaJudge
-from ..effects.sharing import FairLimiter
-from ..effects.vision import AuxEndpoint, VisionClient
+from .config import Config, ConfigError, backend_endpoint
+from .core.backends import BackendRuntime, MissingCredential, backend_runtimes
+from .core.health import Health
+from .core.plan import Planner
+from .core.routing import RoutingTable
+from .effects.fetch import Fetcher, FetchPolicy
+from .effects.schema_judge import SchemaJudge
+from .effects.sharing import FairLimiter
+from .effects.vision import AuxEndpoint, VisionClient
 
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
+    """The composition root: the pure parts compiled from one config (table, planner) and the
+    effects' clients and state (fetches, aux vision, schema checks, transcodes, health)."""
+
     config: Config
     table: RoutingTable
+    planner: Planner
     backends: dict[str, BackendRuntime]
     fetcher: Fetcher
     vision: VisionClient | None
     schema_judge: SchemaJudge
-    # Hint headers, the intent header and client copies of propagated headers: removed from
-    # every request.
-    hint_headers: tuple[str, ...] = ()
-    # Every header that carries a credential (client kinds and each backend's): removed on
-    # every attempt before the attempt's own is set.
-    credentials: tuple[str, ...] = ()
-    strip_headers: frozenset[str] = frozenset()  # client headers no backend ever sees
-    transcodes: FairLimiter = field(default_factory=lambda: FairLimiter(2))
-    health: Health = field(default_factory=lambda: Health(HealthSettings(), []))
+    transcodes: FairLimiter
+    health: Health
     # Attempt outcomes the route stage's decision record picks up (same process only).
     notes: OrderedDict[str, list[dict[str, Any]]] = field(default_factory=OrderedDict)
 
@@ -76,9 +74,6 @@ class Runtime:
                 else Fetcher(policy)
         except (OSError, ValueError) as exc:  # ssl cannot load the CA bundle
             raise ConfigError([f"fetch.ca_bundle: cannot load {f.ca_bundle}: {exc}"]) from None
-        hint_headers = tuple(n for n in cfg.hints.headers.model_dump().values() if n) + \
-            tuple(cfg.hints.propagate) + \
-            ((cfg.hints.intent_header,) if cfg.hints.intent_header else ())
         cr = cfg.capability_routing
         judge = previous.schema_judge if previous else SchemaJudge(cr.judge_timeout_s)
         # One pool per process, whatever the reloads: its children outlive any one config.
@@ -87,7 +82,7 @@ class Runtime:
         names = [b.name for b in cfg.backends]
         health = previous.health if previous else Health(cfg.health, names)
         health.reconfigure(cfg.health, names)  # what is known of a backend outlives reloads
-        return cls(cfg, RoutingTable(cfg), backends, fetcher, vision, judge, hint_headers,
-                   credential_headers(backends), frozenset(cfg.strip_client_headers),
+        table = RoutingTable(cfg)
+        return cls(cfg, table, Planner(cfg, table, backends), backends, fetcher, vision, judge,
                    FairLimiter(cfg.service.transcode_concurrency), health,
                    previous.notes if previous else OrderedDict())

@@ -12,8 +12,8 @@ import pytest
 from extproc.effects.vision import sanitize, substitution_text
 from extproc_dev.stack import Stack, free_port
 
+from ..media import data_url, text_image
 from .conftest import received, reset, stack_config, start_stack, wait_line
-from .media import data_url, text_image
 
 INVOICE = data_url("image/png", text_image("INVOICE 4711"))
 

@@ -18,7 +18,7 @@ from extproc.config import load_config, parse_config
 from extproc.render.bootstrap import render_yaml
 from extproc_dev.stack import envoy_binary
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
 K8S = ROOT / "deploy" / "kubernetes"
 

@@ -226,8 +226,8 @@ def test_no_candidate_left_gives_json_error_naming_model(fstack: Stack, fault: s
     ("aux vision down", None, True), ("aux vision slow", {"delay_s": 3}, False)])
 def test_aux_vision_fault_under_load_policy_holds(tmp_path, fault: str, behaviour: dict | None,
                                                   stop: bool) -> None:
+    from ..media import data_url, png
     from .conftest import received
-    from .media import data_url, png
 
     cfg = stack_config(
         backends=[{"name": "txt", "preset": "llamacpp",

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from extproc.config import parse_config
+from extproc.contract import decode_candidates, encode_candidates
 from extproc.core.backends import (
     BackendRuntime,
     backend_runtimes,
@@ -14,15 +15,14 @@ from extproc.core.backends import (
     pick_candidate,
     rewrite_model,
 )
-from extproc.core.errors import Reply
 from extproc.core.routing import (
     RoutingTable,
     Target,
     check_request_line,
-    decode_candidates,
     model_key,
-    route_body,
 )
+
+from ..refusals import refused, route_body
 
 CFG = parse_config({
     "backends": [
@@ -41,52 +41,45 @@ def body(**kw: object) -> bytes:
     return orjson.dumps({"messages": [{"role": "user", "content": "hi"}], **kw})
 
 
-def err(reply: object) -> dict:
-    assert isinstance(reply, Reply)
-    return orjson.loads(reply.body)["error"]
-
-
 def test_exact_alias_default_resolution() -> None:
     d = route_body(TABLE, body(model="pub"))
-    assert not isinstance(d, Reply)
     assert d.resolution == "exact" and [t.backend for t in d.candidates] == ["a", "b"]
-    assert d.hosts == "127.0.0.1:8001,127.0.0.1:8002"
-    assert decode_candidates(d.candidates_meta) == d.candidates
+    assert [t.address for t in d.candidates] == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert decode_candidates(encode_candidates(d.candidates)) == d.candidates
     d = route_body(TABLE, body(model="p"))
-    assert not isinstance(d, Reply) and d.resolution == "alias" and d.public_model == "pub"
+    assert d.resolution == "alias" and d.public_model == "pub"
     d = route_body(TABLE, body())
-    assert not isinstance(d, Reply) and d.resolution == "default" and d.public_model == "pub"
+    assert d.resolution == "default" and d.public_model == "pub"
 
 
 def test_backend_models_exposed_with_all_serving_backends() -> None:
     d = route_body(TABLE, body(model="solo"))
-    assert not isinstance(d, Reply)
     assert [(t.backend, t.model) for t in d.candidates] == [("a", "solo"), ("b", "solo")]
     assert [t.backend for t in TABLE.entries["m1"].candidates] == ["a"]  # own name too
     assert "pub" not in {t.model for e in TABLE.entries.values() for t in e.candidates}
 
 
 def test_errors_name_the_problem() -> None:
-    e = err(route_body(TABLE, b'{"model": "pub",'))
+    e = refused(route_body, TABLE, b'{"model": "pub",')
     assert e["code"] == "invalid_json" and "line 1" in e["message"]
-    assert err(route_body(TABLE, b"[1]"))["code"] == "invalid_type"
-    e = err(route_body(TABLE, body(model=["x"])))
+    assert refused(route_body, TABLE, b"[1]")["code"] == "invalid_type"
+    e = refused(route_body, TABLE, body(model=["x"]))
     assert e["param"] == "model" and "expected a string" in e["message"]
-    e = err(route_body(TABLE, body(model="zzz")))
+    e = refused(route_body, TABLE, body(model="zzz"))
     assert e["code"] == "model_not_found" and "pub" in e["available_models"]
-    assert err(route_body(TABLE, b""))["code"] == "invalid_json"
+    assert refused(route_body, TABLE, b"")["code"] == "invalid_json"
 
 
 def test_request_line() -> None:
     assert check_request_line(TABLE, "POST", "/v1/chat/completions") is None
     models = check_request_line(TABLE, "GET", "/v1/models")
-    assert isinstance(models, Reply) and models.status == 200
+    assert models is not None and models.status == 200
     ids = [m["id"] for m in orjson.loads(models.body)["data"]]
     assert ids == ["m1", "m1-q", "pub", "solo", "p"]
-    r = check_request_line(TABLE, "PUT", "/v1/chat/completions")
-    assert isinstance(r, Reply) and r.status == 405
-    r = check_request_line(TABLE, "POST", "/v1/files")
-    assert isinstance(r, Reply) and r.status == 404
+    assert refused(check_request_line, TABLE, "PUT", "/v1/chat/completions")["status"] == 405
+    assert refused(check_request_line, TABLE, "POST", "/v1/files")["status"] == 404
+    assert refused(check_request_line, TABLE, "POST", "/v1/chat/completions", False)[
+        "code"] == "invalid_json"  # no body
 
 
 CANDS = (Target("a", "m1", "1.1.1.1:1"), Target("b", "m2", "2.2.2.2:2"),
@@ -178,8 +171,7 @@ def test_model_key_canonical_or_reserialised(raw: bytes, reserialise: bool) -> N
 
 def test_model_key_case_variants_are_refused() -> None:
     for key in ("Model", "MODEL", "moDel"):
-        out = model_key(b"{}", {"model": "pub", key: "x"})
-        assert isinstance(out, Reply) and err(out)["param"] == key
+        assert refused(model_key, b"{}", {"model": "pub", key: "x"})["param"] == key
     assert model_key(b'{"models": 1}', {"models": 1}) is False
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from extproc_dev.stack import Stack
 
+from ..media import data_url, png
 from .conftest import received, reset, stack_config, start_stack, wait_line
-from .media import data_url, png
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "parameters": {

@@ -9,7 +9,6 @@ from extproc.core.capabilities import (
     PASS,
     Inflater,
     Needs,
-    NeedsError,
     StreamJudge,
     capability_gap,
     judge_completion,
@@ -18,6 +17,8 @@ from extproc.core.capabilities import (
     request_needs,
 )
 from extproc.core.parts import Sig
+
+from ..refusals import refused
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
 
@@ -115,9 +116,7 @@ def test_tool_reasons_name_the_forced_function_not_the_answer() -> None:
      "response_format.json_schema.schema"),
 ])
 def test_request_needs_refuses_wrong_shapes_naming_the_field(extra: dict, param: str) -> None:
-    with pytest.raises(NeedsError) as exc:
-        request_needs({"tools": TOOLS, **extra}, [])
-    assert exc.value.param == param
+    assert refused(request_needs, {"tools": TOOLS, **extra}, [])["param"] == param
 
 
 def test_oversized_schema_is_not_carried() -> None:

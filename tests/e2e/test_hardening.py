@@ -14,8 +14,8 @@ import pytest
 
 from extproc_dev.stack import Stack, free_port
 
+from ..media import b64, clip
 from .conftest import BACKEND_KEY, received, reset, stack_config, write_config
-from .media import b64, clip
 
 OTHER_KEY = "sk-other-backend-456"
 SCHEMA_SECRET = "SECRET-FROM-THE-FETCHED-SCHEMA"
@@ -580,7 +580,7 @@ def vclean(vstack: Stack) -> None:
 
 
 def images(widths: range) -> list[dict]:
-    from .media import data_url, png
+    from ..media import data_url, png
 
     return [{"type": "image_url", "image_url": {"url": data_url("image/png", png(w, 3))}}
             for w in widths]

@@ -13,13 +13,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from extproc.config import parse_config
-from extproc.shell.protocol import (
-    ATTR_ADDRESS,
-    ATTR_ATTEMPT,
-    ATTR_BODY_MODEL,
-    ATTR_CANDIDATES,
-)
-from extproc.shell.runtime import Runtime
+from extproc.contract import ATTR_ADDRESS, ATTR_ATTEMPT, Meta, attribute
+from extproc.runtime import Runtime
 from extproc.shell.server import Processor
 
 CFG = parse_config({
@@ -94,7 +89,8 @@ def attempt_req(attempt: int, address: str, candidates: str, body_model: str = '
                 ) -> pb.ProcessingRequest:
     attrs = struct_pb2.Struct()
     attrs.update({ATTR_ADDRESS: address, ATTR_ATTEMPT: float(attempt),
-                  ATTR_CANDIDATES: candidates, ATTR_BODY_MODEL: body_model})
+                  attribute(Meta.CANDIDATES): candidates,
+                  attribute(Meta.BODY_MODEL): body_model})
     return pb.ProcessingRequest(
         request_headers=hdrs({**POST, "authorization": "Bearer client"}),
         attributes={"envoy.filters.http.ext_proc": attrs})

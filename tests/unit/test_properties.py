@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 
 from extproc.config import parse_config
 from extproc.core.capabilities import judge_completion, request_needs
-from extproc.core.errors import Reply
-from extproc.core.parts import PRESETS, ConvertError, convert_body, inspect_parts
-from extproc.core.routing import RouteDecision, RoutingTable, route_body
+from extproc.core.errors import Refusal
+from extproc.core.parts import PRESETS, convert_body, inspect_parts
+from extproc.core.routing import RouteDecision, RoutingTable
+
+from ..refusals import route_body
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "700"))
 CFG = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -98,10 +100,11 @@ def dumps(value: object) -> bytes:
 
 
 def check(body: bytes) -> None:
-    out = route_body(TABLE, body)
-    if isinstance(out, Reply):
-        assert 400 <= out.status < 500, out
-        err = orjson.loads(out.body)["error"]
+    try:
+        out = route_body(TABLE, body)
+    except Refusal as exc:
+        assert 400 <= exc.reply.status < 500, exc.reply
+        err = orjson.loads(exc.reply.body)["error"]
         assert err["message"] and err["code"], err
         return
     assert isinstance(out, RouteDecision) and out.candidates
@@ -112,7 +115,7 @@ def check(body: bytes) -> None:
         try:
             convert_body(data, inspect_parts(data), preset, {
                 p.url: ("image/png", b"\x89PNG") for p in report.parts if p.url})
-        except ConvertError as exc:
+        except Refusal as exc:
             assert 400 <= exc.reply.status < 500
     request_needs(out.body, out.sigs)
 

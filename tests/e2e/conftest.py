@@ -116,7 +116,7 @@ def routing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.stop()
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def demo_config_on_free_ports() -> dict[str, Any]:
@@ -143,16 +143,17 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def fetch_refusal(url: str, **policy: Any) -> Any:
-    """Fetch ``url`` under a policy and return the FetchError; fail if it was not refused."""
+    """Fetch ``url`` under a policy and return the Refusal; fail if it was not refused."""
     import asyncio
 
-    from extproc.effects.fetch import Fetcher, FetchError, FetchPolicy
+    from extproc.core.errors import Refusal
+    from extproc.effects.fetch import Fetcher, FetchPolicy
 
-    async def go() -> FetchError:
+    async def go() -> Refusal:
         f = Fetcher(FetchPolicy(**policy))
         try:
             await f.fetch(url, "messages[0].content[0]")
-        except FetchError as exc:
+        except Refusal as exc:
             return exc
         finally:
             await f.aclose()

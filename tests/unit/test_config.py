@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import yaml
 
 from extproc.config import ConfigError, load_config, parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def base() -> dict:
@@ -81,21 +79,21 @@ def test_duplicate_address_rejected_hostnames_get_egress_ports() -> None:
     assert any(p.startswith("backends[4].url: 127.0.0.1:8001 is already backend 'a'") for p in ps)
 
 
-def test_check_cli_exits_nonzero_with_paths(tmp_path: Path) -> None:
+def test_check_cli_exits_nonzero_with_paths(tmp_path: Path, capsys) -> None:
+    from extproc.cli import main
+
     d = base()
     del d["backends"][1]["models"][0]["name"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(d))
-    r = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(bad)],
-                       capture_output=True, text=True)
-    assert r.returncode == 2
-    assert "backends[1].models[0].name: field required" in r.stderr
+    with pytest.raises(SystemExit) as exc:
+        main(["check", str(bad)])
+    assert exc.value.code == 2
+    assert "backends[1].models[0].name: field required" in capsys.readouterr().err
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(base()))
-    r = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(good)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "ok" in r.stdout
+    assert main(["check", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
 
 
 def test_not_yaml_and_not_mapping(tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ import pytest
 
 from extproc.core.parts import (
     PRESETS,
-    ConvertError,
-    PartError,
     convert_body,
     fetch_targets,
     inspect_parts,
@@ -19,7 +17,8 @@ from extproc.core.parts import (
 )
 from extproc_dev.emulators import ACCEPTED_PARTS, Emulator
 
-from .media import b64, clip, data_url, png
+from ..media import b64, clip, data_url, png
+from ..refusals import refused
 
 WAV, FLAC = clip("wav"), clip("flac")
 PNG = png()
@@ -139,10 +138,9 @@ def test_remote_urls_fetched_only_for_backends_that_cannot() -> None:
 def test_fetched_file_of_wrong_type_is_400() -> None:
     data = req({"type": "image_url", "image_url": "https://example.com/x"})
     report = inspect_parts(data)
-    with pytest.raises(ConvertError) as exc:
-        convert_body(data, report, PRESETS["ollama"], {"https://example.com/x":
-                                                       ("text/html", b"<html>")})
-    assert exc.value.reply.status == 400 and exc.value.reply.code == "invalid_content_type"
+    err = refused(convert_body, data, report, PRESETS["ollama"],
+                  {"https://example.com/x": ("text/html", b"<html>")})
+    assert (err["status"], err["code"]) == (400, "invalid_content_type")
 
 
 @pytest.mark.parametrize(("body", "code", "param"), [
@@ -163,10 +161,8 @@ def test_fetched_file_of_wrong_type_is_400() -> None:
      "invalid_base64", "messages[0].content[0].image_url.url"),
 ])
 def test_errors_name_the_exact_place(body: dict, code: str, param: str) -> None:
-    with pytest.raises(PartError) as exc:
-        inspect_parts(body)
-    err = orjson.loads(exc.value.reply.body)["error"]
-    assert (exc.value.reply.status, err["code"], err["param"]) == (400, code, param)
+    err = refused(inspect_parts, body)
+    assert (err["status"], err["code"], err["param"]) == (400, code, param)
     assert param.split(".")[-1].split("[")[0] in err["message"]
 
 
@@ -193,8 +189,7 @@ def test_preset_fields_overridable_from_config() -> None:
 
 def test_attempt_stage_skips_revalidating_what_the_route_stage_checked() -> None:
     bad = req({"type": "input_audio", "input_audio": {"data": "not*base64", "format": "wav"}})
-    with pytest.raises(PartError):
-        inspect_parts(bad)
+    refused(inspect_parts, bad)
     assert inspect_parts(bad, validate=False).parts[0].sig.kind == "audio"
 
 

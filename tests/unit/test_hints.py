@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import orjson
-
 from extproc.config import parse_config
-from extproc.core.errors import Reply
 from extproc.core.routing import RoutingTable, route_request
+
+from ..refusals import refused
 
 
 def table(**hints: object) -> RoutingTable:
@@ -28,39 +27,36 @@ def test_ignore_mode_records_instead_of_refusing() -> None:
     t = table(on_denied="ignore", on_unknown="ignore",
               access=[{"clients": ["*"], "allow": ["intent"], "intents": ["cheap"]}])
     d = route(t, {"route_intent": "force-cloud", "route_backend": "c"})
-    assert not isinstance(d, Reply)
     assert [c.backend for c in d.candidates] == ["l", "c"]  # no effect
     assert d.hints.applied == []
     assert any("may not use" in x for x in d.hints.ignored)
     d = route(t, {"route_intent": "nope"})
-    assert not isinstance(d, Reply) and d.hints.ignored[0].startswith("intent: no such intent")
+    assert d.hints.ignored[0].startswith("intent: no such intent")
 
 
 def test_policy_by_tags_and_client_grants() -> None:
     t = table(access=[{"clients": ["ops"], "allow": ["intent", "order"]}])
     d = route(t, {"route_intent": "force-cloud"}, {"x-client-id": "ops"})
-    assert not isinstance(d, Reply) and [c.backend for c in d.candidates] == ["c"]
+    assert [c.backend for c in d.candidates] == ["c"]
     assert d.hints.policy == "force-cloud"
-    denied = route(t, {"route_intent": "force-cloud"}, {"x-client-id": "intruder"})
-    assert isinstance(denied, Reply) and denied.status == 403
+    assert refused(route, t, {"route_intent": "force-cloud"}, {"x-client-id": "intruder"})[
+        "status"] == 403
     d = route(t, {"route_order": "c,l"}, {"x-client-id": "ops"})
-    assert not isinstance(d, Reply) and [c.backend for c in d.candidates] == ["c", "l"]
+    assert [c.backend for c in d.candidates] == ["c", "l"]
 
 
 def test_headers_can_be_disabled() -> None:
     t = table(headers_enabled=False, access=[{"clients": ["*"], "allow": ["intent"]}])
     d = route_request(t, {"model": "m", "messages": []}, {"x-route-intent": "force-cloud"})
-    assert not isinstance(d, Reply) and d.hints.values == {}
+    assert d.hints.values == {}
 
 
 def test_routing_keys_collected_for_removal() -> None:
     d = route(table(), {"route_anything": "x", "keep": "y"})
-    assert not isinstance(d, Reply) and d.hints.routing_keys == ["route_anything"]
+    assert d.hints.routing_keys == ["route_anything"]
 
 
 def test_metadata_limit_message_names_the_key() -> None:
-    r = route(table(), {"x": "v" * 600})
-    assert isinstance(r, Reply)
-    err = orjson.loads(r.body)["error"]
-    assert (r.status, err["code"], err["param"]) == (400, "invalid_metadata", "metadata.x")
+    err = refused(route, table(), {"x": "v" * 600})
+    assert (err["status"], err["code"], err["param"]) == (400, "invalid_metadata", "metadata.x")
     assert "600 characters; at most 512" in err["message"]

@@ -18,8 +18,8 @@ import soundfile
 
 from extproc_dev.stack import Stack
 
+from ..media import b64, clip, data_url, png
 from .conftest import fetch_refusal, received, reset, stack_config, start_stack, wait_line
-from .media import b64, clip, data_url, png
 
 WAV, FLAC, OGG = clip("wav"), clip("flac"), clip("ogg")
 PNG = png()

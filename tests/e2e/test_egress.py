@@ -73,7 +73,7 @@ def test_failover_across_egress_backends(tls_stack: Stack) -> None:
 
 def test_rendered_config_verifies_certificates() -> None:
     from extproc.config import parse_config
-    from extproc.render.bootstrap import render
+    from extproc.render import render
 
     doc = render(parse_config({"backends": [{"name": "c", "url": "https://api.example.com/v1",
                                              "models": [{"name": "m"}]}]}))

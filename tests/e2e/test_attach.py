@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from extproc.config import load_config
-from extproc.render.bootstrap import SNIPPETS_BEGIN, SNIPPETS_END, render_snippets
+from extproc.render import SNIPPETS_BEGIN, SNIPPETS_END, render_snippets
 from extproc_dev.stack import Stack, envoy_binary, free_port, wait_port
 
 from .conftest import demo_config_on_free_ports, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_blocks() -> list[dict]:

@@ -10,7 +10,7 @@ import yaml
 
 from extproc_dev.stack import Stack
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def replay(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

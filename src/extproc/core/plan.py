@@ -1,0 +1,323 @@
+"""The planner: what Envoy is told, for a request and for each attempt, as plain data.
+
+Pure functions of what a request looks like, the routing decision and the compiled config:
+
+- ``route``: the route stage's answer. The cluster picks how attempts are handled: ``direct``
+  (nothing differs between candidates: the request is prepared whole here and no attempt stage
+  runs), ``judged`` (prepared whole, but answers are judged or held, so the attempt stage sees
+  the responses), ``per_attempt`` (the attempt stage adapts every attempt). Then the headers to
+  set and remove, the dynamic metadata (the hand-off, and what Envoy's route and access log
+  read), and the new body or the body work to do first.
+- ``attempt``: one attempt's request headers, and whether its body must change.
+- ``response``: whether an answer is held (to judge it, or to keep it whole for failover).
+
+The shell turns plans into protobuf; ``effects/adapt.py`` does body work. Tests drive the
+planner without either (``tests/unit/test_plan.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal
+
+import orjson
+
+from ..config import Config
+from ..contract import (
+    CLUSTER_HEADER,
+    MAX_RETRIES_HEADER,
+    PER_TRY_HEADER,
+    RESP_UNMET,
+    RETRY_HEADER,
+    STREAM_HEADER,
+    Cluster,
+    HandOff,
+    Meta,
+)
+from .backends import (
+    BackendRuntime,
+    client_credentials,
+    common_backend,
+    credential_headers,
+    header_plan,
+    pick_candidate,
+    rewrite_model,
+)
+from .capabilities import READABLE_ENCODINGS, Needs, Verdict, readable_accept_encoding
+from .errors import refusal
+from .health import retry_after_seconds
+from .parts import Sig, needs_change
+from .routing import RouteDecision, RoutingTable, Target, attempt_limits
+
+PlanKind = Literal["direct", "judged", "per_attempt"]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyWork:
+    """What a body needs beyond its model name, for one backend: its images described (the
+    model cannot see), parts reshaped, fetched or transcoded, ``metadata`` dropped (taken only
+    with ``store: true``). ``effects/adapt.py`` does it."""
+
+    backend: str
+    model: str
+    substitute: bool = False
+    drop_metadata: bool = False
+
+
+@dataclass(slots=True)
+class RequestView:
+    """What the route stage knows of the client's request."""
+
+    method: str
+    path: str                    # as sent, query included
+    headers: dict[str, str]
+    body: bytes
+    data: dict[str, Any]         # the parsed body (the plan may change it)
+    reserialise: bool = False    # its model key is not canonical (routing.model_key)
+
+    @property
+    def streaming(self) -> bool:
+        return self.data.get("stream") is True
+
+
+@dataclass(slots=True)
+class RoutePlan:
+    kind: PlanKind
+    cluster: Cluster
+    set_headers: list[tuple[str, str]]
+    remove_headers: list[str]
+    metadata: dict[str, str]
+    body: bytes | None = None          # the new body, when it is known now
+    work: BodyWork | None = None       # or the work to do before it is (effects)
+    url_checks: list[tuple[str, str]] = field(default_factory=list)  # (url, param): effects
+
+
+@dataclass(slots=True)
+class AttemptPlan:
+    target: Target
+    last: bool                         # no candidate after this one: a failed check stands
+    set_headers: list[tuple[str, str]]
+    remove_headers: list[str]
+    body_model: str | None             # what the body's model says before this attempt
+    work: BodyWork | None              # the body changes beyond its model (effects)
+    needs_body: bool                   # Envoy sends the request body: it changes
+    needs_response: bool               # Envoy sends the response body: judged or held
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsePlan:
+    hold: bool                         # answer the headers only once the body decided
+    needs: Needs | None                # what the answer is judged against (None: nothing)
+    stream: bool
+    inflate: str | None = None         # a compressed answer the judge must decompress
+    unreadable: str | None = None      # an encoding the judge cannot read: not judged
+    retry_after_s: float | None = None  # a 429's Retry-After: cool this backend down
+
+
+class Planner:
+    """Built once per config (``runtime.py``)."""
+
+    def __init__(self, config: Config, table: RoutingTable, backends: dict[str, BackendRuntime]):
+        self.config, self.table, self.backends = config, table, backends
+        self.vision = config.vision is not None
+        # Every header that carries a credential (client kinds and each backend's): removed on
+        # every attempt before the attempt's own is set.
+        self.credentials = credential_headers(backends)
+        self.strip_headers = frozenset(config.strip_client_headers)
+        # Hint headers, the intent header and client copies of propagated headers: removed
+        # from every request.
+        h = config.hints
+        self.hint_headers = tuple(n for n in h.headers.model_dump().values() if n) + \
+            tuple(h.propagate) + ((h.intent_header,) if h.intent_header else ())
+
+    # ------------------------------------------------------------ the route stage
+
+    def stripped(self, headers: dict[str, str]) -> list[str]:
+        """Client headers removed at once: Envoy honours some x-envoy-* request headers
+        (timeouts, retries), never a client's; nor our own names; nor what the config says no
+        backend may see."""
+        strip = self.strip_headers
+        return [k for k in headers if k in strip or k.startswith(("x-envoy-", "x-extproc-"))]
+
+    def route(self, view: RequestView, d: RouteDecision) -> RoutePlan:
+        cfg, data = self.config, view.data
+        unstored = bool(data.get("metadata")) and data.get("store") is not True
+        found = self._prepared(d, unstored)
+        prepared, work = found if found is not None else (None, None)
+        kind: PlanKind = "per_attempt" if prepared is None else \
+            "judged" if d.needs.forced or len(d.candidates) > 1 else "direct"
+        cluster = {"direct": Cluster.DIRECT, "judged": Cluster.JUDGED,
+                   "per_attempt": Cluster.POOL}[kind]
+        meta: dict[str, str] = {Meta.HOSTS: endpoint_list(d.candidates),
+                                Meta.PUBLIC_MODEL: d.public_model}
+        if d.hints.policy:
+            meta[Meta.INTENT] = d.hints.policy
+        judged = bool(d.needs.needed or d.needs.bad)
+        creds = client_credentials(view.headers)
+        set_headers = [(CLUSTER_HEADER, cluster.value),
+                       (MAX_RETRIES_HEADER, str(len(d.candidates) - 1))]
+        attempt_s, idle_s = attempt_limits(self.table, d)
+        if view.streaming:  # Envoy's route for this silence limit
+            set_headers.append((STREAM_HEADER, str(int(idle_s * 1000))))
+        elif attempt_s is not None and attempt_s != cfg.envoy.per_try_timeout_s:
+            set_headers.append((PER_TRY_HEADER, str(int(attempt_s * 1000))))
+        # Hint headers, the intent header and client copies of propagated headers never reach
+        # a backend.
+        remove = list(self.hint_headers)
+        hcfg = cfg.hints
+        for header, value in d.hints.context.items():
+            if header in hcfg.propagate:
+                set_headers.append((header, value))
+        if d.hints.policy and hcfg.intent_header:  # (a client's own copy is always removed)
+            set_headers.append((hcfg.intent_header, d.hints.policy))
+        # The model the body must carry from here: AI Gateway routes on the canonical name; a
+        # prepared request names the backend's model now, and so does one whose candidates all
+        # serve one name (the attempt stage then skips the body unless a part needs reshaping).
+        aig = cfg.ai_gateway.model_header
+        served = d.candidates[0].model
+        uniform = all(t.model == served for t in d.candidates)
+        model_out = d.public_model if aig else served if uniform else None
+        body_model = d.requested if d.resolution != "default" else None
+        if prepared is not None:
+            plan = header_plan(prepared, view.path, self.credentials, creds)
+            set_headers += plan.set
+            remove += plan.remove
+            if kind == "judged":
+                meta.update(HandOff(d.candidates, needs=d.needs if judged else None).encode())
+            else:  # no attempt stage will name the backend: Envoy's route adds these
+                meta[Meta.BACKEND], meta[Meta.MODEL] = d.candidates[0].backend, served
+        else:  # each attempt sets its own backend's credentials and path from the hand-off
+            remove += creds
+            backends = [self.backends[t.backend] for t in d.candidates]
+            forwards = any(b.forward_client_auth and b.auth_value is None for b in backends)
+            meta.update(HandOff(
+                d.candidates, model_out or body_model,
+                tuple(d.sigs), d.needs if judged else None, unstored,
+                view.path if any(b.base_path != "/v1" for b in backends) else None,
+                creds if forwards else {}).encode())
+        accept = view.headers.get("accept-encoding")
+        if accept and judged and kind != "direct":  # judged: only encodings the judge reads
+            readable = readable_accept_encoding(accept)
+            if readable is None:
+                remove.append("accept-encoding")
+            elif readable != accept:
+                set_headers.append(("accept-encoding", readable))
+        if aig:  # Envoy AI Gateway routes on this header and the body's model
+            set_headers.append((aig, d.public_model))
+        named = {k for k, _ in set_headers}
+        out = RoutePlan(kind, cluster, set_headers, [r for r in remove if r not in named], meta,
+                        work=work, url_checks=d.url_checks)
+        if d.warnings:
+            meta[Meta.WARNINGS] = "; ".join(d.warnings)[:2000]
+        reserialise = view.reserialise
+        metadata = data.get("metadata")
+        if d.hints.routing_keys and isinstance(metadata, dict):  # never to a backend
+            rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
+            if rest:
+                data["metadata"] = rest
+            else:
+                del data["metadata"]
+            reserialise = True
+        # (Body work serialises the body it adapts, with the served model as its one key.)
+        if reserialise and work is None:  # one canonical model key: the body as routed
+            if model_out:
+                data["model"] = model_out
+            out.body = orjson.dumps(data)
+        elif model_out and work is None:
+            out.body = rewrite_model(view.body, body_model, model_out)
+        return out
+
+    def _prepared(self, d: RouteDecision, unstored: bool
+                  ) -> tuple[BackendRuntime, BodyWork | None] | None:
+        """The one backend plan (and body work) every candidate would get, so the route stage
+        prepares the request whole and no attempt stage is needed on the request side (one to
+        three gRPC messages fewer per attempt); None when any two candidates differ."""
+        cfg = self.config
+        if not cfg.envoy.direct_cluster or cfg.ai_gateway.model_header:
+            return None
+        common = common_backend(d.candidates, self.backends)
+        if common is None:
+            return None
+        if not d.sigs and not unstored:  # plain text: one body for all, nothing to adapt
+            return common, None
+        works = [self.body_work(t, d.sigs, unstored) for t in d.candidates]
+        if all(w is None for w in works):
+            return common, None
+        profiles = {self.table.profiles[t.backend] for t in d.candidates}
+        alike = len(profiles) == 1 and len({(w.substitute, w.drop_metadata) if w else None
+                                            for w in works}) == 1
+        return (common, works[0]) if alike else None
+
+    def body_work(self, t: Target, sigs: list[Sig] | tuple[Sig, ...], unstored: bool
+                  ) -> BodyWork | None:
+        """The body work one backend needs: the same answer in both stages."""
+        profile = self.table.profiles[t.backend]
+        substitute = self.vision and any(s.kind == "image" for s in sigs) and \
+            self.table.lacks(t, "vision")
+        drop = unstored and profile.metadata == "with_store"
+        if substitute or drop or (sigs and needs_change(profile, list(sigs))):
+            return BodyWork(t.backend, t.model, substitute, drop)
+        return None
+
+    # ------------------------------------------------------------ the attempt stage
+
+    def attempt(self, handoff: HandOff, attempt: int, address: str, current_path: str,
+                has_body: bool) -> AttemptPlan:
+        """One attempt, from the hand-off and which endpoint it reached. Raises Refusal (a 502)
+        when that endpoint is not one of the request's candidates."""
+        picked = pick_candidate(handoff.candidates, attempt, address)
+        if picked is None:
+            raise refusal(502, f"attempt {attempt} reached {address}, which is not a candidate "
+                          "for this request", code="unexpected_upstream", type="server_error")
+        index, target = picked
+        last = index >= len(handoff.candidates) - 1
+        backend = self.backends[target.backend]
+        client_path = handoff.path or current_path
+        plan = header_plan(backend, client_path, self.credentials, handoff.client_auth,
+                           current_path)
+        work = self.body_work(target, handoff.sigs, handoff.unstored_metadata)
+        needs_body = has_body and (target.model != handoff.body_model or work is not None)
+        return AttemptPlan(target, last, plan.set, plan.remove, handoff.body_model, work,
+                           needs_body, handoff.needs is not None or not last)
+
+    # ------------------------------------------------------------ answers
+
+    def response(self, status: int, headers: dict[str, str], end_of_stream: bool,
+                 needs: Needs | None, last: bool, now_wall: float) -> ResponsePlan:
+        """Whether to hold an answer (its headers wait for the body's verdict). While another
+        candidate remains, a non-streaming answer is held until complete (a backend dying
+        mid-answer is then a failed attempt Envoy retries). A stream is held, until its first
+        deciding event, only when it is judged (a forced capability, fallback rules): holding
+        costs a gRPC message per chunk for the rest of the stream (Envoy keeps streaming a
+        body it started to send us), ~0.5 ms of service CPU per token, too much for every
+        stream. Errors are held when judged (a capability gap may be named in them)."""
+        retry_after = retry_after_seconds(headers.get("retry-after"), now_wall) \
+            if status == 429 else None
+        encoding = headers.get("content-encoding", "").strip().lower()
+        inflate = unreadable = None
+        if needs is not None and encoding not in ("", "identity"):
+            if encoding in READABLE_ENCODINGS:  # judged decompressed, passed on as sent
+                inflate = encoding
+            else:  # a judged request never asks for it; a backend sent it anyway
+                unreadable, needs = encoding, None
+        stream = "text/event-stream" in headers.get("content-type", "")
+        complete = not last and not stream and status < 300
+        hold = not end_of_stream and (complete or (needs is not None and (
+            (status == 200 and needs.judged) or status >= 400)))
+        return ResponsePlan(hold, needs, stream, inflate, unreadable, retry_after)
+
+
+@lru_cache(maxsize=4096)
+def endpoint_list(cands: tuple[Target, ...]) -> str:
+    """The override-host LB's per-request order: one ``IP:port`` per attempt (candidate lists
+    repeat request after request: each is joined once)."""
+    return ",".join(t.address for t in cands)
+
+
+def verdict_headers(verdict: Verdict, last: bool) -> list[tuple[str, str]]:
+    """What a judged answer's headers get: the retry trigger (Envoy tries the next
+    candidate), or on the last candidate the reason it stands unmet."""
+    if verdict.ok is not False:
+        return []
+    return [(RESP_UNMET if last else RETRY_HEADER, verdict.reason)]

@@ -1,0 +1,141 @@
+"""The route stage's stream: one client request, in the HCM before the router.
+
+Decodes Envoy's messages, asks the core (routing), the planner (what Envoy is told) and the
+effects (URL checks, body work), and encodes the answers. Every decision is a call into the
+core; ``Processor`` (``server.py``) drives it and guarantees it never raises out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ..contract import HEALTH_PATH, META_NS, TAG_META, Meta, header_safe
+from ..core.decision import DecisionRecord
+from ..core.errors import Refusal, Reply, internal_error, json_reply
+from ..core.parts import Part
+from ..core.plan import RequestView, RoutePlan
+from ..core.routing import check_request_line, model_key, parse_json_body, route_request
+from ..effects.adapt import BodyAdapter
+from ..runtime import Runtime
+from .adapting import adapt
+from .protocol import body_answer, headers_dict, immediate, mutation, struct
+
+Out = AsyncIterator[pb.ProcessingResponse]
+
+
+class RouteStream:
+    """One client request: validated, routed, planned; its decision record travels with it."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.path = self.raw_path = self.method = ""
+        self.headers: dict[str, str] = {}
+        self.record = DecisionRecord(request_id="-", decided_by=os.getpid())
+
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    def respond(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | Out | None:
+        """The answer to one message; an async iterator of answers when it must wait on the
+        network first (URL checks, body work)."""
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return self._on_headers(req.request_headers)
+            if kind == "request_body":
+                return self._on_body(req.request_body)
+        except Refusal as refused:
+            return self._reject(refused.reply)
+        return None
+
+    def _answer(self, reply: Reply) -> pb.ProcessingResponse:
+        """Answer the client ourselves; the record travels to the access log all the same."""
+        out = immediate(reply)
+        out.dynamic_metadata.CopyFrom(struct({META_NS: {Meta.RECORD: self.record.to_json()}}))
+        return out
+
+    def _reject(self, reply: Reply) -> pb.ProcessingResponse:
+        self.record.rejected(reply.status, reply.code)
+        return self._answer(reply)
+
+    def _on_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        h = self.headers = headers_dict(msg)
+        self.record.request_id = h.get("x-request-id", "-")
+        self.method = h.get(":method", "")
+        self.raw_path = h.get(":path", "")
+        self.path = self.raw_path.split("?", 1)[0]
+        self.record.method, self.record.path = self.method, self.path
+        if self.method == "GET" and self.path == HEALTH_PATH:  # which backends are up, why not
+            return self._answered(json_reply(200, self.rt.health.snapshot(time.monotonic())))
+        early = check_request_line(self.rt.table, self.method, self.path,
+                                   not msg.end_of_stream)
+        if early is not None:
+            return self._answered(early)
+        stripped = self.rt.planner.stripped(h)
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation(remove=stripped)) if stripped
+            else None))
+
+    def _answered(self, reply: Reply) -> pb.ProcessingResponse:
+        self.record.outcome, self.record.status = "answered", reply.status
+        return self._answer(reply)
+
+    def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse | Out:
+        data = parse_json_body(msg.body)
+        reserialise = model_key(msg.body, data)
+        model = data.get("model")
+        self.record.model_requested = model if isinstance(model, str) else None
+        decision = route_request(self.rt.table, data, self.headers, self.rt.health,
+                                 time.monotonic())
+        self.record.routed(decision)
+        plan = self.rt.planner.route(
+            RequestView(self.method, self.raw_path, self.headers, msg.body, data, reserialise),
+            decision)
+        self.record.plan = plan.kind
+        if plan.work is not None or plan.url_checks:
+            return self._completed(plan, data, decision.parts)
+        return self._body_answer(plan, plan.body)
+
+    def _body_answer(self, plan: RoutePlan, body: bytes | None) -> pb.ProcessingResponse:
+        meta = plan.metadata
+        if Meta.WARNINGS in meta:  # it becomes a response header
+            meta[Meta.WARNINGS] = header_safe(meta[Meta.WARNINGS])
+        meta[Meta.ROUTE_REASON] = self.record.reason()
+        meta[Meta.RECORD] = self.record.to_json()
+        set_headers = plan.set_headers
+        if body is not None:
+            set_headers = [*set_headers, ("content-length", str(len(body)))]
+        return body_answer(set_headers, plan.remove_headers, body, meta, clear_route_cache=True)
+
+    async def _completed(self, plan: RoutePlan, data: dict[str, Any], parts: list[Part]) -> Out:
+        """The answer once what waits on the network is done: URLs a backend will fetch itself
+        checked against the fetch policy, then the body work done once for every candidate
+        (what was done travels as metadata, for Envoy's route to tell the client)."""
+        body = plan.body
+        try:
+            if plan.url_checks:  # within Envoy's message timeout: no extension for a lookup
+                limit = 0.8 * self.rt.config.envoy.message_timeout_ms / 1000
+                await asyncio.gather(*(self.rt.fetcher.check(url, param, limit)
+                                       for url, param in plan.url_checks))
+            if plan.work is not None:
+                adapter = BodyAdapter(self.rt, plan.work, self.request_id)
+                async for extension in adapt(adapter, data, parts):
+                    yield extension
+                body = adapter.body
+                for header, value in adapter.tags:
+                    plan.metadata[TAG_META[header]] = value
+        except Refusal as refused:
+            yield self._reject(refused.reply)
+            return
+        yield self._body_answer(plan, body)
+
+    def fail(self) -> pb.ProcessingResponse:
+        self.record.rejected(500, "internal_error")
+        return self._answer(internal_error(self.record.request_id))
