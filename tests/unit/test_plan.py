@@ -127,4 +127,5 @@ def test_which_answers_are_held() -> None:
     br = r(200, {**json_h, "content-encoding": "br"}, False, judged, True, 0)
     assert br.unreadable == "br" and not br.hold
     limited = r(429, {"retry-after": "7", **json_h}, False, None, False, 0)
-    assert limited.retry_after_s == 7 and not limited.hold  # Envoy retries a 429 itself
+    assert limited.rate_limited and limited.retry_after_s == 7 and not limited.hold  # Envoy retries it
+    assert not r(503, {"retry-after": "7", **json_h}, False, None, False, 0).rate_limited

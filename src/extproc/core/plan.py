@@ -112,7 +112,8 @@ class ResponsePlan:
     stream: bool
     inflate: str | None = None         # a compressed answer the judge must decompress
     unreadable: str | None = None      # an encoding the judge cannot read: not judged
-    retry_after_s: float | None = None  # a 429's Retry-After: cool this backend down
+    rate_limited: bool = False         # a 429: the next candidate now, this backend cools down
+    retry_after_s: float | None = None  # for how long (its Retry-After)
 
 
 class Planner:
@@ -292,8 +293,9 @@ class Planner:
         costs a gRPC message per chunk for the rest of the stream (Envoy keeps streaming a
         body it started to send us), ~0.5 ms of service CPU per token, too much for every
         stream. Errors are held when judged (a capability gap may be named in them)."""
+        rate_limited = status == 429
         retry_after = retry_after_seconds(headers.get("retry-after"), now_wall) \
-            if status == 429 else None
+            if rate_limited else None
         encoding = headers.get("content-encoding", "").strip().lower()
         inflate = unreadable = None
         if needs is not None and encoding not in ("", "identity"):
@@ -305,7 +307,7 @@ class Planner:
         complete = not last and not stream and status < 300
         hold = not end_of_stream and (complete or (needs is not None and (
             (status == 200 and needs.judged) or status >= 400)))
-        return ResponsePlan(hold, needs, stream, inflate, unreadable, retry_after)
+        return ResponsePlan(hold, needs, stream, inflate, unreadable, rate_limited, retry_after)
 
 
 @lru_cache(maxsize=4096)

@@ -141,7 +141,7 @@ class AttemptStream:
             status = 0
         plan = self.rt.planner.response(status, h, msg.end_of_stream, self.needs, self.last,
                                         time.time())
-        if status == 429:
+        if plan.rate_limited:
             self._rate_limited(plan.retry_after_s)
         if plan.unreadable:
             log_event(self.log, {"event": "capability.unjudged", "request_id": self.request_id,
