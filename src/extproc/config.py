@@ -16,7 +16,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
@@ -115,6 +122,10 @@ class FetchSettings(_Strict):
                              "process, taken in turn by the requests waiting")
 
 
+ApiName = Literal["chat", "completions", "embeddings", "responses", "messages", "count_tokens",
+                  "transcriptions", "translations", "speech", "images", "rerank", "score"]
+
+
 class Backend(AttemptLimits):
     name: str
     url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1")
@@ -127,9 +138,15 @@ class Backend(AttemptLimits):
         default=False,
         description="forward the client's Authorization when the backend has no key of its own",
     )
-    preset: Literal["vllm", "sglang", "llamacpp", "ollama", "openai"] = Field(
-        default="openai", description="which server this is; sets its content-part profile"
-    )
+    preset: Literal["vllm", "sglang", "llamacpp", "ollama", "openai", "azure"] = Field(
+        default="openai", description="which server this is; sets its content-part profile, "
+        "the APIs it speaks and (azure) its paths and key header")
+    apis: list[ApiName] | None = Field(
+        default=None, description="the APIs this backend speaks, instead of its preset's (a "
+        "request for Responses or Messages is translated to chat for a backend without them; "
+        "for the others a backend without the API is not a candidate)")
+    api_version: str = Field(default="2024-10-21", description="azure: the api-version query "
+                             "parameter of every request")
     parts: PartsOverride = PartsOverride()
     tls_ca_file: str | None = Field(default=None, description="CA bundle that must have signed "
                                     "an https backend's certificate (default: envoy.ca_bundle)")
@@ -145,6 +162,14 @@ class Backend(AttemptLimits):
         if not NAME_RE.match(v):
             raise ValueError("must be letters, digits and ._:/@+- (no spaces)")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _azure_key(cls, data: Any) -> Any:
+        """Azure OpenAI takes its key in ``api-key``, bare, unless the config says otherwise."""
+        if isinstance(data, dict) and data.get("preset") == "azure":
+            data = {"auth_header": "api-key", "auth_scheme": "", **data}
+        return data
 
     @field_validator("url")
     @classmethod
@@ -298,6 +323,8 @@ class ClientAuth(_Strict):
     keys_file: str | None = Field(default=None, description="YAML/JSON mapping client -> key")
     header: str = Field(default="authorization", description="where clients send the key "
                         "(authorization takes `Bearer <key>`)")
+    also_headers: list[str] = Field(default=["x-api-key"], description="other headers a key "
+                                    "is taken from (Anthropic clients send x-api-key)")
     forward_header: str = "x-client-id"
 
 
@@ -432,7 +459,10 @@ class Config(_Strict):
     hints: HintSettings = HintSettings()
     ai_gateway: AIGatewaySettings = AIGatewaySettings()
     client_auth: ClientAuth | None = None
-    routed_paths: list[str] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    routed_paths: list[str] | None = Field(
+        default=None, description="the paths routed by model (unset: every endpoint the "
+        "gateway knows, and their Azure-style /openai/deployments/{model}/... forms); a path "
+        "it does not know is passed on as it is, routed by the body's model")
     strip_client_headers: list[str] = Field(
         default=list(DEFAULT_STRIPPED_HEADERS), description="client request headers that never "
         "reach a backend (every x-envoy-* and x-extproc-* header is removed too; credentials "
@@ -624,7 +654,7 @@ def _cross_check(cfg: Config) -> list[str]:
         problems.append(f"service.max_message_bytes: {cfg.service.max_message_bytes} is below "
                         f"envoy.max_body_bytes + {headroom} (bodies travel to the service in "
                         "one gRPC message: larger ones would fail there)")
-    for k, p in enumerate(cfg.routed_paths):
+    for k, p in enumerate(cfg.routed_paths or ()):
         if not p.startswith("/"):
             problems.append(f"routed_paths[{k}]: must start with '/'")
     return problems

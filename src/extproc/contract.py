@@ -19,6 +19,7 @@ from functools import lru_cache
 import orjson
 
 from .core.capabilities import Needs
+from .core.endpoints import BY_PATH, OTHER, Endpoint
 from .core.parts import Sig
 from .core.routing import Target
 
@@ -67,6 +68,7 @@ class Meta(StrEnum):
     UNSTORED_METADATA = "unstored_metadata"
     PATH = "path"
     CLIENT_AUTH = "client_auth"
+    ENDPOINT = "endpoint"
 
 
 def attribute(key: Meta) -> str:
@@ -94,10 +96,12 @@ RESP_CONVERTED = "x-extproc-converted-parts"
 RESP_WARNINGS = "x-extproc-warnings"
 RESP_VISION = "x-extproc-vision"
 RESP_UNMET = "x-extproc-unmet-capability"
+RESP_TRANSLATED = "x-extproc-translated"     # e.g. messages<-chat: spoken to in another API
 # A body adapted by the route stage: the metadata key Envoy's route sets each header from.
 TAG_META = {RESP_CONVERTED: Meta.CONVERTED, RESP_VISION: Meta.VISION}
 # What the decision log reads from each response (Envoy logs these for it).
-DECISION_HEADERS = (RESP_BACKEND, RESP_MODEL, RESP_CONVERTED, RESP_VISION, RESP_UNMET)
+DECISION_HEADERS = (RESP_BACKEND, RESP_MODEL, RESP_CONVERTED, RESP_VISION, RESP_UNMET,
+                    RESP_TRANSLATED)
 # Ours alone: a backend's copies are dropped before we tag a response.
 OWN_RESPONSE_HEADERS = (*DECISION_HEADERS, RESP_WARNINGS, RESP_ATTEMPTS, RETRY_HEADER)
 
@@ -107,10 +111,10 @@ ATTR_ADDRESS = "upstream.address"
 ATTR_ATTEMPT = "upstream.request_attempt_count"
 ATTR_REQUEST_ID = "request.headers['x-request-id']"
 HANDOFF_KEYS = (Meta.CANDIDATES, Meta.BODY_MODEL, Meta.PARTS, Meta.NEEDS, Meta.UNSTORED_METADATA,
-                Meta.PATH, Meta.CLIENT_AUTH)
+                Meta.PATH, Meta.CLIENT_AUTH, Meta.ENDPOINT)
 ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, *(attribute(k) for k in HANDOFF_KEYS))
 JUDGED_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, attribute(Meta.CANDIDATES),
-                     attribute(Meta.NEEDS), ATTR_REQUEST_ID)
+                     attribute(Meta.NEEDS), attribute(Meta.ENDPOINT), ATTR_REQUEST_ID)
 
 
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -137,8 +141,9 @@ class HandOff:
     sigs: tuple[Sig, ...] = ()         # the body's part signatures: whether to reshape
     needs: Needs | None = None         # judged answers: forced capabilities, fallback rules
     unstored_metadata: bool = False    # `metadata` without `store: true` (OpenAI refuses it)
-    path: str | None = None            # the client's path, when a backend's base path differs
+    path: str | None = None            # the client's path, when some backend's path differs
     client_auth: dict[str, str] = field(default_factory=dict)  # to backends that forward it
+    endpoint: Endpoint = BY_PATH["/v1/chat/completions"]  # what the client called
 
     def encode(self) -> dict[str, str]:
         out = {Meta.CANDIDATES.value: encode_candidates(self.candidates)}
@@ -154,6 +159,8 @@ class HandOff:
             out[Meta.PATH] = self.path
         if self.client_auth:
             out[Meta.CLIENT_AUTH] = orjson.dumps(self.client_auth).decode()
+        if self.endpoint.path != "/v1/chat/completions":
+            out[Meta.ENDPOINT] = self.endpoint.path or "-"
         return out
 
     @classmethod
@@ -178,6 +185,7 @@ class HandOff:
             get(Meta.UNSTORED_METADATA) is not None,
             get(Meta.PATH),
             {str(k): str(v) for k, v in orjson.loads(auth).items()} if auth else {},
+            BY_PATH.get(get(Meta.ENDPOINT) or "/v1/chat/completions", OTHER),
         )
 
 

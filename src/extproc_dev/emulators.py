@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import gzip
+import hashlib
 import os
 import re
 import threading
@@ -31,7 +32,20 @@ from typing import Any
 
 import orjson
 
-FLAVOURS = ("vllm", "llamacpp", "ollama", "openai", "sglang", "ocr")
+from .emulated_apis import (
+    FLAVOUR_APIS,
+    api_of,
+    message_object,
+    messages_answer,
+    messages_events,
+    other_answer,
+    read_form,
+    response_object,
+    responses_events,
+    responses_output,
+)
+
+FLAVOURS = ("vllm", "llamacpp", "ollama", "openai", "azure", "sglang", "ocr")
 
 # Which part types each flavour accepts (docs/content-parts.md). "image_url_string" is the
 # {"type":"image_url","image_url":"<str>"} form; "untyped_image_url" is {"image_url":...} alone.
@@ -44,6 +58,7 @@ ACCEPTED_PARTS: dict[str, frozenset[str]] = {
     "ollama": frozenset({"text", "image_url", "image_url_string"}),
     "ocr": frozenset({"text", "image_url"}),
 }
+ACCEPTED_PARTS["azure"] = ACCEPTED_PARTS["openai"]
 
 
 # Where each server answers a health probe (vLLM, SGLang, llama.cpp: /health; Ollama: /api/version
@@ -116,11 +131,16 @@ class Emulator:
     lock: threading.Lock = field(default_factory=threading.Lock)
     record_bodies: bool = True
     stream_sent: list[float] = field(default_factory=list)
+    apis: frozenset[str] | None = None  # the APIs served (default: the flavour's)
+
+    def __post_init__(self) -> None:
+        if self.apis is None:
+            self.apis = FLAVOUR_APIS[self.flavour]
 
     # ------------------------------------------------------------ request handling
     def handle(self, method: str, path: str, headers: dict[str, str],
                body: bytes) -> tuple[int, dict[str, Any] | bytes, str]:
-        path = path.split("?", 1)[0]
+        path, _, query = path.partition("?")
         if path.startswith("/_emulator/"):
             return self._control(method, path, body)
         if method == "GET" and path in HEALTH_PATHS.get(self.flavour, ()):  # no key needed
@@ -137,15 +157,41 @@ class Emulator:
             if method == "GET" and path.rstrip("/") in ("/v1/models", "/models"):
                 return 200, {"object": "list", "data": [
                     {"id": m, "object": "model", "owned_by": self.name} for m in self.models]}, ""
-            if method != "POST":
+            deployment = None
+            if self.flavour == "azure":  # /openai/deployments/{model}/...?api-version=
+                m = re.match(r"^/openai/deployments/([^/]+)(/.+)$", path)
+                responses = path == "/openai/responses"
+                if "api-version=" not in query or (m is None and not responses):
+                    raise _error(self.flavour, 404, "Resource not found")
+                deployment = m.group(1) if m else None
+            api = api_of(path)
+            if method != "POST" or api is None or api not in (self.apis or ()):
                 raise _error(self.flavour, 404, f"no route {method} {path}")
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise _error(self.flavour, 400, f"JSON decode error: {exc}") from None
-            rec["json"] = data if self.record_bodies else {"model": data.get("model")}
+            rec["api"] = api
+            if api in ("transcriptions", "translations"):
+                try:
+                    data = read_form(headers.get("content-type", ""), body)
+                except ValueError as exc:
+                    raise _error(self.flavour, 400, f"bad multipart body: {exc}") from None
+                upload = data.get("file")
+                if not isinstance(upload, dict):
+                    raise _error(self.flavour, 400, "the 'file' field is required",
+                                 param="file")
+                rec["file"] = {"filename": upload["filename"], "size": len(upload["bytes"]),
+                               "sha256": hashlib.sha256(upload["bytes"]).hexdigest()}
+                rec["body_sha256"] = hashlib.sha256(body).hexdigest()
+            else:
+                try:
+                    data = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    raise _error(self.flavour, 400, f"JSON decode error: {exc}") from None
+            if deployment is not None:
+                data["model"] = deployment  # Azure serves the deployment the path names
+            shown = {k: v for k, v in data.items() if k != "file"}
+            rec["json"] = shown if self.record_bodies else {"model": data.get("model")}
             rec["body_bytes"] = len(body)
-            if self.record_bodies and len(body) <= 65536:  # as sent: duplicate keys and all
+            if self.record_bodies and len(body) <= 65536 and api not in (
+                    "transcriptions", "translations"):  # as sent: duplicate keys and all
                 rec["raw"] = body.decode("utf-8", "replace")
             with self.lock:
                 b = self.behaviour
@@ -250,6 +296,16 @@ class Emulator:
                   ) -> tuple[int, Any, str]:
         model = self._check_model(data)
         created = 1_700_000_000
+        api = api_of(path)
+        if api == "messages":
+            return self._messages(model, data, quirks)
+        if api == "count_tokens":
+            return 200, {"input_tokens": 12}, ""
+        if api == "responses":
+            return self._responses(model, data, quirks)
+        if api not in ("chat", "completions", "embeddings"):
+            payload, ctype = other_answer(str(api), self.name, model, data)
+            return 200, payload, ctype
         if path.endswith("/embeddings"):
             return 200, {"object": "list", "model": model, "data": [
                 {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
@@ -278,6 +334,73 @@ class Emulator:
             [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
         }, ""
+
+    def _text(self, model: str, json_schema: Any, q: Behaviour) -> str:
+        """The text a capable model answers (JSON when structured output is asked for)."""
+        text = f"Hello from {self.name} serving {model}."
+        if json_schema is not None and not q.prose_json:
+            schema = json_schema if isinstance(json_schema, dict) else None
+            value = {} if q.bad_schema else (_fake_json(schema) if schema else {"answer": text})
+            text = orjson.dumps(value).decode()
+        return q.content if q.content is not None else text
+
+    def _messages(self, model: str, data: dict[str, Any], q: Behaviour
+                  ) -> tuple[int, Any, str]:
+        """Anthropic Messages, as vLLM, llama.cpp and Ollama serve it."""
+        f = self.flavour
+        if not isinstance(data.get("max_tokens"), int):
+            raise _error(f, 400, "max_tokens: Field required", param="max_tokens")
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _error(f, 400, "messages: Field required", param="messages")
+        images = 0
+        for msg in messages:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            for block in content if isinstance(content, list) else ():
+                if not isinstance(block, dict) or block.get("type") != "image":
+                    continue
+                images += 1
+                src = block.get("source") or {}
+                if f == "ollama" and src.get("type") != "base64":
+                    raise _error(f, 400, f"invalid image source type: {src.get('type')}. "
+                                 "Only base64 images are supported.")
+        if images and q.reject_images:
+            raise _error(f, 400, f"{model} is not a multimodal model")
+        fmt = data.get("output_format") if isinstance(data.get("output_format"), dict) else {}
+        text = self._text(model, fmt.get("schema") if fmt.get("type") == "json_schema"
+                          else None, q)
+        content, stop = messages_answer(self.name, model, data, q.ignore_tools, text)
+        if data.get("stream"):
+            return 200, messages_events(model, content, stop), "text/event-stream"
+        return 200, message_object(model, content, stop), ""
+
+    def _responses(self, model: str, data: dict[str, Any], q: Behaviour
+                   ) -> tuple[int, Any, str]:
+        """OpenAI Responses (vLLM, llama.cpp, Ollama serve it over their chat engine)."""
+        f = self.flavour
+        items = data.get("input")
+        images = 0
+        for item in items if isinstance(items, list) else ():
+            content = item.get("content") if isinstance(item, dict) else None
+            for part in content if isinstance(content, list) else ():
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "input_image":
+                    images += 1
+                    if f == "ollama" and not str(part.get("image_url", "")).startswith("data:"):
+                        raise _error(f, 400, "image URLs are not currently supported, please "
+                                     "use base64 encoded data instead")
+                elif kind == "input_file" and f == "ollama":
+                    raise _error(f, 400, "file inputs are not currently supported")
+        if images and q.reject_images:
+            raise _error(f, 400, f"{model} is not a multimodal model")
+        text_cfg = data.get("text") if isinstance(data.get("text"), dict) else {}
+        fmt = text_cfg.get("format") if isinstance(text_cfg.get("format"), dict) else {}
+        text = self._text(model, fmt.get("schema") if fmt.get("type") in (
+            "json_schema", "json_object") else None, q)
+        output = responses_output(model, data, q.ignore_tools, text)
+        if data.get("stream"):
+            return 200, responses_events(model, output), "text/event-stream"
+        return 200, response_object(model, output), ""
 
     def _answer(self, model: str, data: dict[str, Any], q: Behaviour
                 ) -> tuple[dict[str, Any], str]:
@@ -479,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key-header", default="authorization")
     ap.add_argument("--api-key-scheme", default="Bearer")
     ap.add_argument("--no-record-bodies", action="store_true")
+    ap.add_argument("--apis", help="comma-separated APIs served (default: the flavour's)")
     ap.add_argument("--tls-cert", help="serve HTTPS with this certificate (and --tls-key)")
     ap.add_argument("--tls-key")
     a = ap.parse_args(argv)
@@ -490,7 +614,8 @@ def main(argv: list[str] | None = None) -> None:
         ctx.load_cert_chain(a.tls_cert, a.tls_key)
     record = not (a.no_record_bodies or os.environ.get("EMULATOR_NO_RECORD_BODIES"))
     emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key, a.api_key_header.lower(),
-                   a.api_key_scheme, record_bodies=record)
+                   a.api_key_scheme, record_bodies=record,
+                   apis=frozenset(a.apis.split(",")) if a.apis else None)
 
     if a.flavour == "ocr":
         from .aux_vision import warm_up

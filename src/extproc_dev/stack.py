@@ -140,6 +140,8 @@ class Stack:
                 if b.api_key_env and self.env.get(b.api_key_env):
                     args += ["--api-key", self.env[b.api_key_env], "--api-key-header",
                              b.auth_header, "--api-key-scheme", b.auth_scheme]
+                if b.apis is not None:  # an older server: fewer APIs than its preset's
+                    args += ["--apis", ",".join(b.apis)]
                 if ep.scheme == "https" and self.tls:
                     args += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
                 self._spawn(f"emulator-{b.name}", args)

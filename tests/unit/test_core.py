@@ -14,7 +14,9 @@ from extproc.core.backends import (
     header_plan,
     pick_candidate,
     rewrite_model,
+    target_path,
 )
+from extproc.core.endpoints import BY_PATH
 from extproc.core.routing import (
     RoutingTable,
     Target,
@@ -71,7 +73,14 @@ def test_errors_name_the_problem() -> None:
 
 
 def test_request_line() -> None:
-    assert check_request_line(TABLE, "POST", "/v1/chat/completions") is None
+    chat = check_request_line(TABLE, "POST", "/v1/chat/completions")
+    assert chat == (BY_PATH["/v1/chat/completions"], None)
+    assert check_request_line(TABLE, "POST", "/v1/messages") == (BY_PATH["/v1/messages"], None)
+    # Azure OpenAI's client paths name the model (the deployment) in the path.
+    assert check_request_line(TABLE, "POST", "/openai/deployments/p%2Fx/embeddings") == (
+        BY_PATH["/v1/embeddings"], "p/x")
+    assert refused(check_request_line, TABLE, "POST", "/openai/deployments/p/files")[
+        "status"] == 404
     models = check_request_line(TABLE, "GET", "/v1/models")
     assert models is not None and models.status == 200
     ids = [m["id"] for m in orjson.loads(models.body)["data"]]
@@ -124,13 +133,15 @@ def test_credentials_and_paths() -> None:
     rts = backend_runtimes(CFG, env={"B_KEY": "sek"})
     creds = credential_headers(rts)
     client = {"authorization": "Bearer client", "x-api-key": "client-2"}
-    plan_b = header_plan(rts["b"], "/v1/chat/completions", creds, client)
+    chat = "/v1/chat/completions"
+    plan_b = header_plan(rts["b"], chat, creds, client, chat)
     assert ("authorization", "Bearer sek") in plan_b.set and len(plan_b.set) == 1
     assert "x-api-key" in plan_b.remove and "authorization" not in plan_b.remove
-    plan_a = header_plan(rts["a"], "/v1/chat/completions", creds, client)
+    plan_a = header_plan(rts["a"], chat, creds, client, chat)
     assert "authorization" in plan_a.remove and not plan_a.set
     fwd = BackendRuntime("f", None, None, True, "/openai/v1")
-    plan_f = header_plan(fwd, "/v1/chat/completions?x=1", creds, client)
+    path = target_path(fwd, BY_PATH[chat], False, "/v1/chat/completions?x=1", "m")
+    plan_f = header_plan(fwd, path, creds, client, "/v1/chat/completions?x=1")
     assert set(plan_f.set) == {("authorization", "Bearer client"), ("x-api-key", "client-2"),
                                (":path", "/openai/v1/chat/completions?x=1")}
     assert "authorization" not in plan_f.remove
@@ -143,12 +154,13 @@ def test_every_attempt_sets_credentials_and_path_from_scratch() -> None:
     plain = BackendRuntime("p", None, None, True, "/v1")
     creds = credential_headers({"c": custom, "p": plain})
     assert "x-custom-key" in creds
-    plan = header_plan(plain, "/v1/chat/completions", creds, {"authorization": "Bearer cl"},
-                       current_path="/api/v1/chat/completions")
+    chat = BY_PATH["/v1/chat/completions"]
+    plan = header_plan(plain, target_path(plain, chat, False, chat.path, "m"), creds,
+                       {"authorization": "Bearer cl"}, current_path="/api/v1/chat/completions")
     assert "x-custom-key" in plan.remove
     assert set(plan.set) == {("authorization", "Bearer cl"), (":path", "/v1/chat/completions")}
-    plan = header_plan(custom, "/v1/chat/completions", creds, {"authorization": "Bearer cl"},
-                       current_path="/v1/chat/completions")
+    plan = header_plan(custom, target_path(custom, chat, False, chat.path, "m"), creds,
+                       {"authorization": "Bearer cl"}, current_path="/v1/chat/completions")
     assert set(plan.set) == {("x-custom-key", "ck"), (":path", "/api/v1/chat/completions")}
     assert {"authorization", "x-api-key", "api-key"} <= set(plan.remove)
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import orjson
 
 from ..config import Config, backend_endpoint
+from .endpoints import BY_PATH, Api, Endpoint
+from .form import parse_form, set_text
 from .routing import Target
 
 # A JSON key "model" with a string value. Quotes inside JSON strings are escaped, so an
@@ -33,6 +36,8 @@ class BackendRuntime:
     auth_value: str | None
     forward_client_auth: bool
     base_path: str
+    preset: str = "openai"
+    api_version: str = ""      # azure: every request's api-version
 
 
 class MissingCredential(Exception):
@@ -52,10 +57,10 @@ def backend_runtimes(cfg: Config, env: dict[str, str] | None = None) -> dict[str
                     f"backend {b.name!r}: environment variable {b.api_key_env} is not set"
                 )
             value = f"{b.auth_scheme} {key}" if b.auth_scheme else key
-        base = backend_endpoint(b.url).base_path or "/v1"
+        base = backend_endpoint(b.url).base_path or ("/openai" if b.preset == "azure" else "/v1")
         out[b.name] = BackendRuntime(
-            b.name, b.auth_header.lower() if value else None, value, b.forward_client_auth, base
-        )
+            b.name, b.auth_header.lower() if value else None, value, b.forward_client_auth, base,
+            b.preset, b.api_version)
     return out
 
 
@@ -90,19 +95,30 @@ def client_credentials(headers: dict[str, str]) -> dict[str, str]:
     return {h: headers[h] for h in CLIENT_CREDENTIAL_HEADERS if headers.get(h)}
 
 
-def backend_path(backend: BackendRuntime, client_path: str) -> str:
-    """The client's ``/v1/...`` path under the backend's base path."""
-    if backend.base_path != "/v1" and client_path.startswith("/v1"):
-        return backend.base_path + client_path[3:]
-    return client_path
+def target_path(backend: BackendRuntime, endpoint: Endpoint, translated: bool, client_path: str,
+                model: str) -> str:
+    """The path one backend is asked on: its base path and the endpoint's (or, translated, the
+    API it is spoken to in, without the client's query); Azure's deployment form with its
+    api-version. A path the gateway does not know keeps the client's, under the base path."""
+    path, _, query = client_path.partition("?")
+    if endpoint.api is Api.OTHER:
+        if backend.base_path != "/v1" and path.startswith("/v1"):
+            return backend.base_path + client_path[3:]
+        return client_path
+    suffix = BY_PATH["/v1/chat/completions"].suffix if translated else endpoint.suffix
+    if backend.preset == "azure":
+        where = "" if endpoint.api is Api.RESPONSES and not translated else \
+            f"/deployments/{quote(model, safe='')}"
+        return f"{backend.base_path}{where}{suffix}?api-version={quote(backend.api_version)}"
+    return backend.base_path + suffix + (f"?{query}" if query and not translated else "")
 
 
-def header_plan(backend: BackendRuntime, client_path: str, credentials: tuple[str, ...],
+def header_plan(backend: BackendRuntime, path: str, credentials: tuple[str, ...],
                 client_auth: dict[str, str], current_path: str | None = None) -> HeaderPlan:
     """Credentials and path for one backend, set from scratch: Envoy hands a retry the headers
     the previous attempt's upstream filter left, so every credential header any backend uses
     is removed and only this backend's (or, where it forwards them, the client's own, carried
-    from the route stage) is set; the path is derived from the client's, not the current."""
+    from the route stage) is set; ``path`` (``target_path``) replaces ``current_path``."""
     plan = HeaderPlan(remove=list(INTERNAL_HEADERS))
     if backend.auth_value is not None:
         assert backend.auth_header is not None
@@ -111,10 +127,20 @@ def header_plan(backend: BackendRuntime, client_path: str, credentials: tuple[st
         plan.set += client_auth.items()
     named = {h for h, _ in plan.set}
     plan.remove += [h for h in credentials if h not in named]
-    path = backend_path(backend, client_path)
-    if path != (client_path if current_path is None else current_path):
+    if path != current_path:
         plan.set.append((":path", path))
     return plan
+
+
+def set_model(body: bytes, body_model: str | None, model: str, content_type: str) -> bytes | None:
+    """The body naming ``model`` (None when it already does): a JSON body's top-level key, a
+    multipart upload's ``model`` field (the rest byte for byte)."""
+    if content_type.lower().startswith("multipart/form-data"):
+        form = parse_form(body, content_type)
+        if form.text(body, "model") == model:
+            return None
+        return set_text(body, form, "model", model)
+    return rewrite_model(body, body_model, model)
 
 
 def rewrite_model(body: bytes, body_model: str | None, new_model: str) -> bytes | None:
@@ -153,9 +179,10 @@ def common_backend(cands: tuple[Target, ...], backends: dict[str, BackendRuntime
     path), or None when any two differ and the attempt stage must adapt each attempt."""
     first = backends[cands[0].backend]
     key = (cands[0].model, first.auth_header, first.auth_value, first.forward_client_auth,
-           first.base_path)
+           first.base_path, first.api_version if first.preset == "azure" else None)
     for t in cands[1:]:
         b = backends[t.backend]
-        if (t.model, b.auth_header, b.auth_value, b.forward_client_auth, b.base_path) != key:
+        if (t.model, b.auth_header, b.auth_value, b.forward_client_auth, b.base_path,
+                b.api_version if b.preset == "azure" else None) != key:
             return None
     return first

@@ -19,8 +19,17 @@ from typing import Any
 
 import orjson
 
+from .endpoints import Dialect
+from .endpoints.messages import MessagesTranslator
+from .endpoints.responses import ResponsesTranslator
 from .errors import refusal
 from .parts import Sig
+
+# Answers in other APIs' shapes, read as chat completions for the judge.
+_ANSWER_READERS = {"messages": MessagesTranslator.read_answer,
+                   "responses": ResponsesTranslator.read_answer}
+_EVENT_READERS = {"messages": MessagesTranslator.read_event,
+                  "responses": ResponsesTranslator.read_event}
 
 
 @dataclass(slots=True)
@@ -149,11 +158,13 @@ def _dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
-def judge_completion(body: bytes, needs: Needs) -> Verdict:
-    """Judge a whole chat.completion body against the forced needs, then the bad-answer
-    rules the model opted into (``needs.bad``)."""
+def judge_completion(body: bytes, needs: Needs, dialect: Dialect = "chat") -> Verdict:
+    """Judge a whole chat.completion body (or another API's answer, read as one) against the
+    forced needs, then the bad-answer rules the model opted into (``needs.bad``)."""
     try:
         data = orjson.loads(body)
+        if dialect != "chat":
+            data = _ANSWER_READERS[dialect](data) if isinstance(data, dict) else None
         choices = data["choices"]
         if not isinstance(choices, list) or not choices:
             return Verdict(False, "no_choices: the answer has no choices") \
@@ -230,10 +241,11 @@ class StreamJudge:
     before it (or is filtered) fails only where the model opted into that rule.
     """
 
-    def __init__(self, needs: Needs):
+    def __init__(self, needs: Needs, dialect: Dialect = "chat"):
         self.needs = needs
         self.buf = b""
         self.verdict: Verdict | None = None
+        self.read_event = _EVENT_READERS.get(dialect)
 
     def feed(self, chunk: bytes, end: bool = False) -> Verdict | None:
         if self.verdict is not None:
@@ -266,6 +278,8 @@ class StreamJudge:
             return None
         try:
             chunk = _dict(orjson.loads(data))
+            if self.read_event is not None:
+                chunk = self.read_event(chunk)
             choices = _list(chunk.get("choices"))
             deltas = [_dict(_dict(c).get("delta")) for c in choices]
         except orjson.JSONDecodeError:
@@ -343,10 +357,13 @@ class AnswerHold:
     unjudged. ``held`` counts the chunks Envoy waits to release."""
 
     def __init__(self, needs: Needs | None, status: int, stream: bool, inflate: str | None,
-                 max_bytes: int, max_s: float, now: float):
-        self.needs, self.status = needs, status
-        self.judge = StreamJudge(needs) if needs is not None and status == 200 and stream \
-            else None
+                 max_bytes: int, max_s: float, now: float, dialect: Dialect = "chat",
+                 whole_limit: int | None = None):
+        self.needs, self.status, self.dialect = needs, status, dialect
+        self.judge = StreamJudge(needs, dialect) if needs is not None and status == 200 and \
+            stream else None
+        # An answer to translate is kept whole (up to ``whole_limit``), judged or not.
+        self.whole_limit = whole_limit
         self.inflater = Inflater(inflate, max_bytes) if inflate else None
         self.body = bytearray()
         self.held = 0
@@ -364,9 +381,10 @@ class AnswerHold:
             self.body += body
             if end:
                 verdict = self._whole(bytes(self.body))
-        if verdict is None and (len(self.body) > self.max_bytes or now - self.since > self.max_s
-                                or (self.judge is not None and
-                                    len(self.judge.buf) > self.max_bytes)):
+        limit = self.max_bytes if self.whole_limit is None else self.whole_limit
+        if verdict is None and (len(self.body) > limit or (
+                self.whole_limit is None and now - self.since > self.max_s)
+                or (self.judge is not None and len(self.judge.buf) > self.max_bytes)):
             verdict = UNJUDGED  # bounded: release what is held, never fail on doubt
         return verdict
 
@@ -374,7 +392,7 @@ class AnswerHold:
         if self.needs is None:
             return UNJUDGED  # held only to be complete before the router sees it
         if self.status == 200:
-            return judge_completion(body, self.needs)
+            return judge_completion(body, self.needs, self.dialect)
         gap = capability_gap(self.status, body)
         return Verdict(False, f"{gap}: the backend's error says the model lacks it") if gap \
             else UNJUDGED

@@ -15,7 +15,14 @@ from typing import Any
 
 import orjson
 
-from ..contract import RESP_BACKEND, RESP_CONVERTED, RESP_MODEL, RESP_UNMET, RESP_VISION
+from ..contract import (
+    RESP_BACKEND,
+    RESP_CONVERTED,
+    RESP_MODEL,
+    RESP_TRANSLATED,
+    RESP_UNMET,
+    RESP_VISION,
+)
 from .routing import RouteDecision, Target
 
 
@@ -33,6 +40,9 @@ class DecisionRecord:
     # How the attempts are handled: "direct" (prepared whole by the route stage), "judged"
     # (prepared whole; the attempt stage sees responses only), "per_attempt" (adapted each).
     plan: str | None = None
+    api: str = "chat"  # the API the client called (endpoints.Api)
+    # Candidates spoken to in another API than the client's (it was translated for them).
+    translated: list[str] = field(default_factory=list)
     outcome: str = "incomplete"
     status: int | None = None
     error_code: str | None = None
@@ -76,6 +86,7 @@ class DecisionRecord:
             {"backend": t.backend, "model": t.model, "reason": f"cannot take {why}"}
             for t, why in d.dropped]
         self.unavailable = d.unavailable
+        self.translated = [f"{t.backend}/{t.model}" for t in d.candidates if t in d.translated]
 
     def rejected(self, status: int, code: str | None) -> None:
         self.status = status
@@ -110,6 +121,8 @@ def complete(record: str, status: int, headers: Mapping[str, str], attempt_count
         if i == n - 1:
             if backend:
                 entry.update(backend=backend, model=model)
+            if headers.get(RESP_TRANSLATED):
+                entry["translated"] = headers[RESP_TRANSLATED]
             entry["status"] = status
         else:
             entry["result"] = "failed, retried"

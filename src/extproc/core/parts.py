@@ -15,8 +15,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 from .audio import (
     DECODABLE,
@@ -65,6 +68,7 @@ PRESETS: dict[str, Profile] = {
                       fetches_urls=False, image_mimes=("jpeg", "png", "webp"),
                       keeps_detail=False),
 }
+PRESETS["azure"] = PRESETS["openai"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,10 +321,15 @@ def _parse_part(raw: Any, path: str, i: int, j: int, validate: bool = True
 
 
 def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None,
-                  validate: bool = True) -> PartsReport:
+                  validate: bool = True, origins: Mapping[tuple[int, int], Any] | None = None
+                  ) -> PartsReport:
     """Parse and validate every content part; raise Refusal with a 400 naming the place
     (413 for an inline part over ``max_part_bytes``). The attempt stage passes
-    ``validate=False``: the route stage already checked every payload of this body."""
+    ``validate=False``: the route stage already checked every payload of this body.
+    ``origins``: for a chat view of another API's body, where each part came from (an
+    ``endpoints.Origin``): parts and errors name the client's own fields."""
+    if origins:
+        return _inspect_view(data, max_part_bytes, validate, origins)
     report = PartsReport()
     messages = data.get("messages")
     if messages is None:
@@ -347,6 +356,45 @@ def inspect_parts(data: dict[str, Any], max_part_bytes: int | None = None,
                 report.warnings.append(warning)
     return report
 
+
+
+def _inspect_view(data: dict[str, Any], max_part_bytes: int | None, validate: bool,
+                  origins: Mapping[tuple[int, int], Any]) -> PartsReport:
+    """``inspect_parts`` for a chat view: each part and each error renamed to its origin."""
+    try:
+        report = inspect_parts(data, max_part_bytes, validate)
+    except Refusal as refused:
+        raise _renamed(refused, origins) from None
+    for part in report.parts:
+        origin = origins.get((part.msg, part.idx))
+        if origin is not None:
+            part.path = origin.path
+    report.warnings = [_rename_text(w, origins) for w in report.warnings]
+    return report
+
+
+_VIEW_PATH = re.compile(r"messages\[(\d+)\]\.content\[(\d+)\]((?:\.[a-z_]+)*)")
+
+
+def _rename_text(text: str, origins: Mapping[tuple[int, int], Any]) -> str:
+    def one(m: re.Match[str]) -> str:
+        origin = origins.get((int(m.group(1)), int(m.group(2))))
+        if origin is None:
+            return m.group(0)
+        return (origin.leaf or origin.path) if m.group(3) else origin.path
+    return _VIEW_PATH.sub(one, text)
+
+
+def _renamed(refused: Refusal, origins: Mapping[tuple[int, int], Any]) -> Refusal:
+    """The same refusal, naming the client's fields instead of the chat view's."""
+    err = orjson.loads(refused.reply.body).get("error", {})
+    for key in ("message", "param"):
+        if isinstance(err.get(key), str):
+            err[key] = _rename_text(err[key], origins)
+    status = refused.reply.status
+    return Refusal(error_reply(status, err.pop("message", ""), code=err.pop("code", None),
+                               param=err.pop("param", None), type=err.pop("type", "invalid_"
+                               "request_error"), extra=err or None))
 
 def plan(p: Profile, s: Sig) -> Action:
     """What to do with a part of signature ``s`` for a backend with profile ``p``."""

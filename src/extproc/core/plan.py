@@ -42,9 +42,11 @@ from .backends import (
     credential_headers,
     header_plan,
     pick_candidate,
-    rewrite_model,
+    set_model,
+    target_path,
 )
 from .capabilities import READABLE_ENCODINGS, Needs, Verdict, readable_accept_encoding
+from .endpoints import BY_PATH, Endpoint
 from .errors import refusal
 from .health import retry_after_seconds
 from .parts import Sig, needs_change
@@ -63,6 +65,8 @@ class BodyWork:
     model: str
     substitute: bool = False
     drop_metadata: bool = False
+    endpoint: Endpoint = BY_PATH["/v1/chat/completions"]  # whose shapes the body is in
+    translated: bool = False  # the backend lacks that API: the body goes in the API it speaks
 
 
 @dataclass(slots=True)
@@ -73,7 +77,7 @@ class RequestView:
     path: str                    # as sent, query included
     headers: dict[str, str]
     body: bytes
-    data: dict[str, Any]         # the parsed body (the plan may change it)
+    data: dict[str, Any]         # the parsed body (the plan may change it); a form's fields
     reserialise: bool = False    # its model key is not canonical (routing.model_key)
 
     @property
@@ -103,6 +107,7 @@ class AttemptPlan:
     work: BodyWork | None              # the body changes beyond its model (effects)
     needs_body: bool                   # Envoy sends the request body: it changes
     needs_response: bool               # Envoy sends the response body: judged or held
+    translated: bool = False           # spoken to in another API: request and answer change
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,7 @@ class ResponsePlan:
     unreadable: str | None = None      # an encoding the judge cannot read: not judged
     rate_limited: bool = False         # a 429: the next candidate now, this backend cools down
     retry_after_s: float | None = None  # for how long (its Retry-After)
+    translate: bool = False            # the answer goes back in the client's API
 
 
 class Planner:
@@ -142,7 +148,7 @@ class Planner:
         return [k for k in headers if k in strip or k.startswith(("x-envoy-", "x-extproc-"))]
 
     def route(self, view: RequestView, d: RouteDecision) -> RoutePlan:
-        cfg, data = self.config, view.data
+        cfg, data, e = self.config, view.data, d.endpoint
         unstored = bool(data.get("metadata")) and data.get("store") is not True
         found = self._prepared(d, unstored)
         prepared, work = found if found is not None else (None, None)
@@ -181,22 +187,25 @@ class Planner:
         model_out = d.public_model if aig else served if uniform else None
         body_model = d.requested if d.resolution != "default" else None
         if prepared is not None:
-            plan = header_plan(prepared, view.path, self.credentials, creds)
+            path = target_path(prepared, e, False, view.path, served)
+            plan = header_plan(prepared, path, self.credentials, creds, view.path)
             set_headers += plan.set
             remove += plan.remove
             if kind == "judged":
-                meta.update(HandOff(d.candidates, needs=d.needs if judged else None).encode())
+                meta.update(HandOff(d.candidates, needs=d.needs if judged else None,
+                                    endpoint=e).encode())
             else:  # no attempt stage will name the backend: Envoy's route adds these
                 meta[Meta.BACKEND], meta[Meta.MODEL] = d.candidates[0].backend, served
         else:  # each attempt sets its own backend's credentials and path from the hand-off
             remove += creds
             backends = [self.backends[t.backend] for t in d.candidates]
             forwards = any(b.forward_client_auth and b.auth_value is None for b in backends)
+            moved = any(target_path(b, e, t in d.translated, view.path, t.model) != view.path
+                        for b, t in zip(backends, d.candidates, strict=True))
             meta.update(HandOff(
                 d.candidates, model_out or body_model,
                 tuple(d.sigs), d.needs if judged else None, unstored,
-                view.path if any(b.base_path != "/v1" for b in backends) else None,
-                creds if forwards else {}).encode())
+                view.path if moved else None, creds if forwards else {}, e).encode())
         accept = view.headers.get("accept-encoding")
         if accept and judged and kind != "direct":  # judged: only encodings the judge reads
             readable = readable_accept_encoding(accept)
@@ -226,23 +235,25 @@ class Planner:
                 data["model"] = model_out
             out.body = orjson.dumps(data)
         elif model_out and work is None:
-            out.body = rewrite_model(view.body, body_model, model_out)
+            out.body = set_model(view.body, body_model, model_out,
+                                 view.headers.get("content-type", ""))
         return out
 
     def _prepared(self, d: RouteDecision, unstored: bool
                   ) -> tuple[BackendRuntime, BodyWork | None] | None:
         """The one backend plan (and body work) every candidate would get, so the route stage
         prepares the request whole and no attempt stage is needed on the request side (one to
-        three gRPC messages fewer per attempt); None when any two candidates differ."""
+        three gRPC messages fewer per attempt); None when any two candidates differ, or some
+        must be spoken to in another API (the answer is translated per attempt)."""
         cfg = self.config
-        if not cfg.envoy.direct_cluster or cfg.ai_gateway.model_header:
+        if not cfg.envoy.direct_cluster or cfg.ai_gateway.model_header or d.translated:
             return None
         common = common_backend(d.candidates, self.backends)
         if common is None:
             return None
         if not d.sigs and not unstored:  # plain text: one body for all, nothing to adapt
             return common, None
-        works = [self.body_work(t, d.sigs, unstored) for t in d.candidates]
+        works = [self.body_work(t, d.sigs, unstored, d.endpoint) for t in d.candidates]
         if all(w is None for w in works):
             return common, None
         profiles = {self.table.profiles[t.backend] for t in d.candidates}
@@ -250,15 +261,17 @@ class Planner:
                                             for w in works}) == 1
         return (common, works[0]) if alike else None
 
-    def body_work(self, t: Target, sigs: list[Sig] | tuple[Sig, ...], unstored: bool
+    def body_work(self, t: Target, sigs: list[Sig] | tuple[Sig, ...], unstored: bool,
+                  endpoint: Endpoint = BY_PATH["/v1/chat/completions"], translated: bool = False
                   ) -> BodyWork | None:
-        """The body work one backend needs: the same answer in both stages."""
+        """The body work one backend needs: the same answer in both stages. A translated body
+        is always work (it is rebuilt in the API the backend speaks)."""
         profile = self.table.profiles[t.backend]
         substitute = self.vision and any(s.kind == "image" for s in sigs) and \
             self.table.lacks(t, "vision")
         drop = unstored and profile.metadata == "with_store"
-        if substitute or drop or (sigs and needs_change(profile, list(sigs))):
-            return BodyWork(t.backend, t.model, substitute, drop)
+        if translated or substitute or drop or (sigs and needs_change(profile, list(sigs))):
+            return BodyWork(t.backend, t.model, substitute, drop, endpoint, translated)
         return None
 
     # ------------------------------------------------------------ the attempt stage
@@ -274,18 +287,27 @@ class Planner:
         index, target = picked
         last = index >= len(handoff.candidates) - 1
         backend = self.backends[target.backend]
-        client_path = handoff.path or current_path
-        plan = header_plan(backend, client_path, self.credentials, handoff.client_auth,
-                           current_path)
-        work = self.body_work(target, handoff.sigs, handoff.unstored_metadata)
+        e = handoff.endpoint
+        translated = self.translated(e, target)
+        path = target_path(backend, e, translated, handoff.path or current_path, target.model)
+        plan = header_plan(backend, path, self.credentials, handoff.client_auth, current_path)
+        if translated:  # its answer is rewritten: plain bytes
+            plan.set.append(("accept-encoding", "identity"))
+        work = self.body_work(target, handoff.sigs, handoff.unstored_metadata, e, translated)
         needs_body = has_body and (target.model != handoff.body_model or work is not None)
         return AttemptPlan(target, last, plan.set, plan.remove, handoff.body_model, work,
-                           needs_body, handoff.needs is not None or not last)
+                           needs_body, translated or handoff.needs is not None or not last,
+                           translated)
+
+    def translated(self, e: Endpoint, t: Target) -> bool:
+        """Whether ``t`` is spoken to in another API than the client's (it lacks that one)."""
+        return e.via is not None and e.api not in self.table.apis[t.backend]
 
     # ------------------------------------------------------------ answers
 
     def response(self, status: int, headers: dict[str, str], end_of_stream: bool,
-                 needs: Needs | None, last: bool, now_wall: float) -> ResponsePlan:
+                 needs: Needs | None, last: bool, now_wall: float, translated: bool = False
+                 ) -> ResponsePlan:
         """Whether to hold an answer (its headers wait for the body's verdict). While another
         candidate remains, a non-streaming answer is held until complete (a backend dying
         mid-answer is then a failed attempt Envoy retries). A stream is held, until its first
@@ -304,10 +326,12 @@ class Planner:
             else:  # a judged request never asks for it; a backend sent it anyway
                 unreadable, needs = encoding, None
         stream = "text/event-stream" in headers.get("content-type", "")
-        complete = not last and not stream and status < 300
+        # A translated answer that is not a stream is translated whole; so is an error.
+        complete = (not last or translated) and not stream and (status < 300 or translated)
         hold = not end_of_stream and (complete or (needs is not None and (
             (status == 200 and needs.judged) or status >= 400)))
-        return ResponsePlan(hold, needs, stream, inflate, unreadable, rate_limited, retry_after)
+        return ResponsePlan(hold, needs, stream, inflate, unreadable, rate_limited, retry_after,
+                            translated)
 
 
 @lru_cache(maxsize=4096)

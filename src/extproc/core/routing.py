@@ -18,6 +18,7 @@ import orjson
 
 from ..config import Config, pool_addresses
 from .capabilities import Needs, rank, request_needs
+from .endpoints import BY_PATH, PRESET_APIS, Api, Endpoint, endpoint_for
 from .errors import Refusal, Reply, json_reply, refusal
 from .health import Health
 from .hints import (
@@ -30,6 +31,7 @@ from .hints import (
 )
 from .parts import (
     Part,
+    PartsReport,
     Profile,
     Sig,
     describe,
@@ -85,6 +87,9 @@ class RouteDecision:
     # Candidates whose backend is down, with what health says (skipped while another is up).
     unavailable: list[dict[str, Any]] = field(default_factory=list)
     fallback_on: frozenset[str] = frozenset()
+    endpoint: Endpoint = BY_PATH["/v1/chat/completions"]
+    # Candidates whose backend lacks the endpoint's API: spoken to in its ``via`` API.
+    translated: frozenset[Target] = frozenset()
 
 
 class RoutingTable:
@@ -95,6 +100,10 @@ class RoutingTable:
         addresses = pool_addresses(cfg)
         self.profiles: dict[str, Profile] = {
             b.name: profile_for(b.preset, b.parts) for b in cfg.backends}
+        # The APIs each backend speaks (its preset's unless the config lists them).
+        self.apis: dict[str, frozenset[Api]] = {
+            b.name: PRESET_APIS[b.preset] if b.apis is None else frozenset(map(Api, b.apis))
+            for b in cfg.backends}
         # Declared capabilities per (backend, model); None = not declared (unknown).
         self.caps: dict[tuple[str, str], frozenset[str] | None] = {
             (b.name, m.name): None if m.capabilities is None else frozenset(m.capabilities)
@@ -150,7 +159,7 @@ class RoutingTable:
                          else len(vm.prefer))
             if members:  # listed only when at least one model backs it
                 add(vm.name, members, "llm-extproc", virtual=True)
-        self.routed_paths = frozenset(cfg.routed_paths)
+        self.routed_paths = frozenset(BY_PATH if cfg.routed_paths is None else cfg.routed_paths)
         self.created = int(time.time())
         # How long one attempt may take, per candidate: its model's, its backend's or Envoy's.
         e = cfg.envoy
@@ -225,12 +234,18 @@ def answer_get(table: RoutingTable, path: str) -> Reply:
 
 
 def check_request_line(table: RoutingTable, method: str, path: str, has_body: bool = True
-                       ) -> Reply | None:
-    """The answer to a GET from the headers alone; None means: wait for the body and route it.
-    Raises Refusal for a path we do not route, a method it does not take, no body."""
+                       ) -> Reply | tuple[Endpoint, str | None]:
+    """The answer to a GET from the headers alone, or the endpoint a POST is for (and the
+    model an Azure-style path names): wait for its body and route it. Raises Refusal for a
+    path we do not route, a method it does not take, no body."""
     if method == "GET":
         return answer_get(table, path)
-    if path not in table.routed_paths:
+    try:
+        endpoint, path_model = endpoint_for(path, table.routed_paths)
+    except KeyError:
+        endpoint = None
+    if endpoint is None or (endpoint.api is not Api.OTHER and endpoint.path not in
+                            table.routed_paths):
         raise refusal(
             404,
             f"Unknown path {path}; routed paths: {', '.join(sorted(table.routed_paths))}",
@@ -240,9 +255,10 @@ def check_request_line(table: RoutingTable, method: str, path: str, has_body: bo
         raise refusal(405, f"Method {method} is not allowed on {path}; use POST",
                       code="method_not_allowed")
     if not has_body:
-        raise refusal(400, "The request has no body; expected a JSON object",
-                      code="invalid_json")
-    return None
+        raise refusal(400, "The request has no body; expected "
+                      + ("a multipart/form-data upload" if endpoint.form else "a JSON object"),
+                      code="invalid_form" if endpoint.form else "invalid_json")
+    return endpoint, path_model
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
@@ -327,10 +343,12 @@ def _quoted_model(raw: bytes, max_quotes: int = 1024) -> tuple[int, bool] | None
 
 def route_request(table: RoutingTable, data: dict[str, Any],
                   headers: dict[str, str] | None = None, health: Health | None = None,
-                  now: float = 0.0, draw: Callable[[], float] = random.random) -> RouteDecision:
+                  now: float = 0.0, draw: Callable[[], float] = random.random,
+                  endpoint: Endpoint = BY_PATH["/v1/chat/completions"]) -> RouteDecision:
     """Pick the ordered candidates for a parsed POST body by its ``model``; raises Refusal.
     ``health``: which backends are down at ``now`` (monotonic); ``draw``: the randomness that
-    spreads a tier's load (the tests pass their own)."""
+    spreads a tier's load (the tests pass their own); ``endpoint``: what the body is (an API
+    with conversations of its own is read through its chat view)."""
     headers = headers or {}
     check_metadata(data.get("metadata"), table.header_metadata_keys)
     model = data.get("model")
@@ -351,7 +369,12 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         if found is None:
             raise _model_not_found(table, model)
         entry, resolution = found
-    report = inspect_parts(data, table.config.service.max_part_bytes)
+    view, origins = data, None
+    if endpoint.translator is not None:
+        chat_view = endpoint.translator.to_chat(data, False, "")
+        view, origins = chat_view.data, chat_view.origins
+    report = inspect_parts(view, table.config.service.max_part_bytes, origins=origins) \
+        if endpoint.dialect is not None else PartsReport()
     urls = {p.url for p in report.parts if p.url and p.sig.source in ("http", "https")}
     limit = table.config.fetch.max_urls_per_request
     if len(urls) > limit:
@@ -374,17 +397,21 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         warnings=report.warnings,
         hints=hints,
         fallback_on=entry.fallback_on,
+        endpoint=endpoint,
     )
     if entry.tiers is not None:
         decision.candidates = spread(entry.candidates, entry.tiers, draw)
     if hints.values:
         _apply_hints(table, decision, headers)
+    if endpoint.api is not Api.OTHER:
+        _filter_by_api(table, decision)
     if decision.sigs:
         _filter_by_parts(table, decision, report.parts)
         if not table.aux_vision and any(s.kind == "image" for s in decision.sigs):
             _filter_blind(table, decision)
-    decision.needs = request_needs(data, decision.sigs,
-                                   table.config.capability_routing.judge_max_schema_bytes)
+    if endpoint.dialect is not None:
+        decision.needs = request_needs(view, decision.sigs,
+                                       table.config.capability_routing.judge_max_schema_bytes)
     if entry.fallback_on:
         decision.needs.bad = set(entry.fallback_on)
     if decision.needs.needed:
@@ -399,6 +426,40 @@ def route_request(table: RoutingTable, data: dict[str, Any],
     if health is not None and health.down:
         _skip_down(decision, health, now)
     return decision
+
+
+def _filter_by_api(table: RoutingTable, d: RouteDecision) -> None:
+    """Only candidates whose backend speaks the endpoint's API, or the API it is translated
+    to; a 400 naming the models that serve it when none is left."""
+    e = d.endpoint
+
+    def speaks(t: Target) -> bool:
+        return e.api in table.apis[t.backend]
+
+    def reachable(t: Target) -> bool:
+        return speaks(t) or (e.via is not None and e.via in table.apis[t.backend])
+
+    keep = [t for t in d.candidates if reachable(t)]
+    if not keep:
+        able = table.models_where(reachable)
+        raise refusal(
+            400, f"No candidate of model '{d.public_model}' serves {e.path} ({e.api.value}). "
+            + (f"Models that do: {', '.join(able)}" if able else "No configured model does."),
+            code="unsupported_endpoint", param="model",
+            extra={"models_serving_endpoint": able})
+    d.dropped += [(t, f"the {e.api.value} API") for t in d.candidates if not reachable(t)]
+    d.candidates = tuple(keep)
+    d.translated = frozenset(t for t in keep if not speaks(t))
+    if d.translated and e.translator is not None:
+        try:  # what translation cannot carry (hosted tools, stored state): native ones only
+            e.translator.to_chat(d.body, True, "")
+        except Refusal:
+            native = tuple(t for t in d.candidates if t not in d.translated)
+            if not native:
+                raise
+            d.dropped += [(t, f"this request in {e.via} (it lacks {e.api.value})")
+                          for t in d.translated]
+            d.candidates, d.translated = native, frozenset()
 
 
 def spread(cands: tuple[Target, ...], tiers: tuple[tuple[int, float], ...],

@@ -18,6 +18,7 @@ import orjson
 
 from .. import metrics
 from ..contract import RESP_CONVERTED, RESP_VISION
+from ..core.endpoints import Origin
 from ..core.errors import Refusal, error_reply
 from ..core.parts import (
     Part,
@@ -60,7 +61,13 @@ class BodyAdapter:
         self.budget = FetchBudget(rt.config.fetch.max_bytes_per_request)
         self.tags: list[tuple[str, str]] = []
         self.body = b""  # the adapted body, once run
-        self.data: dict[str, Any] = {}
+        self.data: dict[str, Any] = {}   # the chat body the part work is done on
+        # Another API's body adapted through its chat view: the body itself, the view's parts
+        # as they were (identity tells what changed), where each came from.
+        self.native: dict[str, Any] | None = None
+        self.before: dict[tuple[int, int], Any] = {}
+        self.origins: dict[tuple[int, int], Origin] = {}
+        self.work = work
         self.report = PartsReport()
         self.fetch: list[Part] = []
         self.images: list[_Image] = []
@@ -71,6 +78,15 @@ class BodyAdapter:
         wait on the network (fetches, image descriptions not cached yet), capped at Envoy's
         longest message timeout; 0 when it will not wait, so the caller extends Envoy's message
         timeout only when needed (that answer is a gRPC message of its own)."""
+        translator = self.work.endpoint.translator
+        if translator is not None:  # read through its chat view (translated: sent as that)
+            preset = self.rt.planner.backends[self.backend].preset
+            view = translator.to_chat(data, self.work.translated, preset)
+            if not self.work.translated:
+                self.native, self.origins = data, view.origins
+                self.before = {k: view.data["messages"][k[0]]["content"][k[1]]
+                               for k in view.origins}
+            data, parts = view.data, None if self.work.translated else parts
         self.data = data
         self.report = PartsReport(parts) if parts is not None else \
             inspect_parts(data, validate=False)
@@ -123,6 +139,14 @@ class BodyAdapter:
         if converted:
             self.tags.append((RESP_CONVERTED, str(converted)))
             metrics.PART_CONVERSIONS.labels(self.backend).inc(converted)
+        if self.native is not None:  # the parts that changed, back in the client's shapes
+            translator = self.work.endpoint.translator
+            assert translator is not None
+            for (i, j), old in self.before.items():
+                new = data["messages"][i]["content"][j]
+                if new is not old:
+                    translator.write_back(self.native, self.origins[(i, j)], new)
+            data = self.native
         if self.drop_metadata:
             data.pop("metadata", None)
         data["model"] = self.model

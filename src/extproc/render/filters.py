@@ -123,7 +123,7 @@ def client_auth(cfg: Config) -> list[dict[str, Any]]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3."
                      "ApiKeyAuth",
             "credentials": [{"key": key, "client": client} for client, key in client_keys(cfg)],
-            "key_sources": [{"header": ca.header}],
+            "key_sources": [{"header": h} for h in dict.fromkeys([ca.header, *ca.also_headers])],
             # The service sees who is asking, never the key.
             "forwarding": {"header": ca.forward_header, "hide_credentials": True},
         },

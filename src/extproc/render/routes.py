@@ -117,13 +117,25 @@ def _json_error(error: dict[str, str]) -> dict[str, Any]:
     return {"json_format": {"error": error}, "content_type": "application/json"}
 
 
+def _anthropic(mapper: dict[str, Any]) -> dict[str, Any]:
+    """The same mapper for Anthropic Messages clients: their error envelope, on their paths."""
+    error = dict(mapper["body_format_override"]["json_format"]["error"])
+    error["type"] = "api_error"
+    on_path = {"header_filter": {"header": {"name": ":path", "string_match": {
+        "prefix": "/v1/messages"}}}}
+    return {**mapper, "filter": {"and_filter": {"filters": [on_path, mapper["filter"]]}},
+            "body_format_override": {"json_format": {"type": "error", "error": error},
+                                     "content_type": "application/json"}}
+
+
 def local_replies(cfg: Config) -> dict[str, Any]:
-    """Envoy's own errors as OpenAI-style JSON: upstream failures name the model; the service
-    being down, bodies over the limit and slow clients get a JSON error too (never a bare body).
-    The service's own answers (details ``llm_extproc``) and backends' answers pass untouched."""
+    """Envoy's own errors as OpenAI-style JSON (Anthropic's envelope on /v1/messages):
+    upstream failures name the model; the service being down, bodies over the limit and slow
+    clients get a JSON error too (never a bare body). The service's own answers (details
+    ``llm_extproc``) and backends' answers pass untouched."""
     ours = "response.code_details == 'llm_extproc' || response.code_details == 'via_upstream'"
     model = formatted(Meta.PUBLIC_MODEL)
-    return {"mappers": [{
+    mappers: list[dict[str, Any]] = [{
         # A non-streaming answer is held whole (whole_responses): one over the buffer limit is
         # the backend's failure to answer usably, not ours: a 502 that says so.
         "filter": cel("response.code_details == 'response_payload_too_large'"),
@@ -165,4 +177,5 @@ def local_replies(cfg: Config) -> dict[str, Any]:
             "code": "%RESPONSE_CODE_DETAILS%",
             "request_id": "%REQ(X-REQUEST-ID)%",
         }),
-    }]}
+    }]
+    return {"mappers": [*map(_anthropic, mappers), *mappers]}

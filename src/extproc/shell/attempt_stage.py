@@ -23,10 +23,12 @@ from ..contract import (
     ATTR_REQUEST_ID,
     RESP_BACKEND,
     RESP_MODEL,
+    RESP_TRANSLATED,
     HandOff,
 )
-from ..core.backends import rewrite_model
+from ..core.backends import set_model
 from ..core.capabilities import AnswerHold, Needs
+from ..core.endpoints import BY_PATH, Endpoint, StreamTranslator, in_envelope
 from ..core.errors import Refusal, error_reply, internal_error
 from ..core.plan import AttemptPlan, BodyWork, verdict_headers
 from ..effects.adapt import BodyAdapter
@@ -41,13 +43,15 @@ from .protocol import (
     headers_dict,
     immediate,
     mutation,
+    response_chunk,
 )
 
 Out = AsyncIterator[pb.ProcessingResponse]
 
 
 class AttemptStream:
-    """One attempt: which candidate it reached, its request adapted, its answer judged."""
+    """One attempt: which candidate it reached, its request adapted, its answer judged (and,
+    for a backend spoken to in another API, translated back)."""
 
     def __init__(self, rt: Runtime, log: Any):
         self.rt, self.log = rt, log
@@ -57,10 +61,19 @@ class AttemptStream:
         self.body_model: str | None = None
         self.work: BodyWork | None = None
         self.needs: Needs | None = None
+        self.endpoint: Endpoint = BY_PATH["/v1/chat/completions"]
+        self.content_type = ""
         self.attempt = 1
         self.last = True          # the final candidate: a failed check cannot be retried
         self.tags: list[tuple[str, str]] = []
         self.hold: AnswerHold | None = None
+        # Spoken to in another API: what of the request its answer repeats, the live stream
+        # translation, the translated bytes of each held chunk.
+        self.translated = False
+        self.echo: dict[str, Any] = {}
+        self.stream_tx: StreamTranslator | None = None
+        self.held_out: list[bytes] = []
+        self.status = 0
 
     async def handle(self, req: pb.ProcessingRequest) -> Out:
         kind = req.WhichOneof("request")
@@ -79,7 +92,7 @@ class AttemptStream:
                 async for out in self._on_response_body(req.response_body):
                     yield out
         except Refusal as refused:
-            yield immediate(refused.reply)
+            yield immediate(in_envelope(self.endpoint, refused.reply))
 
     def _reached(self, attrs: dict[str, object], current_path: str, has_body: bool
                  ) -> AttemptPlan:
@@ -93,17 +106,20 @@ class AttemptStream:
             raise Refusal(error_reply(
                 502, "request reached a backend without a routing decision (is the route-stage "
                 "ext_proc filter installed?)", code="no_routing_decision", type="server_error"))
+        self.endpoint = handoff.endpoint
         self.attempt = int(float(attrs.get(ATTR_ATTEMPT) or 1))
         plan = self.rt.planner.attempt(handoff, self.attempt, str(attrs.get(ATTR_ADDRESS) or ""),
                                        current_path, has_body)
         self.backend, self.model = plan.target.backend, plan.target.model
         self.last, self.needs = plan.last, handoff.needs
         self.body_model, self.work = plan.body_model, plan.work
+        self.translated = plan.translated
         return plan
 
     def _on_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         h = headers_dict(req.request_headers)
         self.request_id = h.get("x-request-id", "-")
+        self.content_type = h.get("content-type", "")
         plan = self._reached(attribute_values(req), h.get(":path", ""),
                              not req.request_headers.end_of_stream)
         return pb.ProcessingResponse(
@@ -114,12 +130,16 @@ class AttemptStream:
     async def _on_body(self, msg: pb.HttpBody) -> Out:
         assert self.model is not None
         if self.work is None:
-            new = rewrite_model(msg.body, self.body_model, self.model)
+            new = set_model(msg.body, self.body_model, self.model, self.content_type)
             yield body_answer([("content-length", str(len(new)))], [], new) if new is not None \
                 else pb.ProcessingResponse(request_body=pb.BodyResponse())
             return
+        data = orjson.loads(msg.body)
+        translator = self.endpoint.translator
+        if self.translated and translator is not None:
+            self.echo = translator.echo(data)
         adapter = BodyAdapter(self.rt, self.work, self.request_id)
-        async for extension in adapt(adapter, orjson.loads(msg.body)):
+        async for extension in adapt(adapter, data):
             yield extension
         self.tags += adapter.tags
         yield body_answer([("content-length", str(len(adapter.body)))], [], adapter.body)
@@ -130,8 +150,12 @@ class AttemptStream:
                         ) -> pb.ProcessingResponse:
         tags = [(RESP_BACKEND, self.backend or ""), (RESP_MODEL, self.model or ""), *self.tags,
                 *(extra or [])]
+        remove = []
+        if self.translated:  # the body changes: its length is not the backend's
+            remove.append("content-length")
+            tags.append((RESP_TRANSLATED, f"{self.endpoint.api.value}<-{self.endpoint.via}"))
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=mutation(tags))))
+            response=pb.CommonResponse(header_mutation=mutation(tags, remove))))
 
     async def _on_response_headers(self, msg: pb.HttpHeaders) -> Out:
         h = headers_dict(msg)
@@ -139,29 +163,40 @@ class AttemptStream:
             status = int(h.get(":status", "0"))
         except ValueError:
             status = 0
+        self.status = status
         plan = self.rt.planner.response(status, h, msg.end_of_stream, self.needs, self.last,
-                                        time.time())
+                                        time.time(), self.translated)
         if plan.rate_limited:
             self._rate_limited(plan.retry_after_s)
         if plan.unreadable:
             log_event(self.log, {"event": "capability.unjudged", "request_id": self.request_id,
                                  "backend": self.backend,
                                  "why": f"content-encoding {plan.unreadable[:40]!r}"})
+        translator = self.endpoint.translator if plan.translate else None
+        if translator is not None and plan.stream and status < 400:
+            self.stream_tx = translator.stream(self.echo)
         if not plan.hold:
             out = self._headers_answer()
-            out.mode_override.CopyFrom(attempt_mode(False, False))  # no body messages
+            if self.stream_tx is None:
+                out.mode_override.CopyFrom(attempt_mode(False, False))  # no body messages
             yield out
             return
         cfg = self.rt.config.capability_routing
+        whole = self.rt.config.envoy.max_body_bytes if plan.translate and not plan.stream \
+            else None
         self.hold = AnswerHold(plan.needs, status, plan.stream, plan.inflate,
-                               cfg.hold_max_bytes, cfg.hold_max_s, time.monotonic())
+                               cfg.hold_max_bytes, cfg.hold_max_s, time.monotonic(),
+                               "chat" if self.translated else self.endpoint.dialect or "chat",
+                               whole)
         yield extend_timeout(cfg.hold_max_s)
 
     async def _on_response_body(self, msg: pb.HttpBody) -> Out:
         hold = self.hold
         if hold is None:
-            yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+            yield response_chunk(self._translated(msg.body, msg.end_of_stream))
             return
+        if self.stream_tx is not None:
+            self.held_out.append(self.stream_tx.feed(msg.body, msg.end_of_stream))
         verdict = hold.feed(msg.body, msg.end_of_stream, time.monotonic())
         if verdict is None:
             return
@@ -171,8 +206,35 @@ class AttemptStream:
         if verdict.ok is False:
             self._note(verdict.reason)
         yield self._headers_answer(verdict_headers(verdict, self.last))
-        for _ in range(hold.held):
-            yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if self.held_out:  # a translated stream: each held chunk as translated
+            for out in self.held_out:
+                yield response_chunk(out)
+            self.held_out = []
+        elif self.translated and msg.end_of_stream:  # a whole answer, translated whole
+            for _ in range(hold.held - 1):
+                yield response_chunk(b"")
+            yield response_chunk(self._whole(bytes(hold.body)))
+        else:
+            for _ in range(hold.held):
+                yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+    def _translated(self, chunk: bytes, end: bool) -> bytes | None:
+        """A chunk of a live translated stream (None: passed as it is)."""
+        return None if self.stream_tx is None else self.stream_tx.feed(chunk, end)
+
+    def _whole(self, body: bytes) -> bytes:
+        """A whole answer in the client's API: a completion translated, an error in its
+        envelope; what cannot be read passes as it came."""
+        translator = self.endpoint.translator
+        assert translator is not None
+        if self.status >= 400:
+            return translator.error(self.status, body)
+        try:
+            chat = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        return orjson.dumps(translator.answer(chat, self.echo)) if isinstance(chat, dict) \
+            else body
 
     def _rate_limited(self, seconds: float | None) -> None:
         """A 429: Envoy tries the next candidate now (a retriable status); this backend cools
@@ -196,4 +258,4 @@ class AttemptStream:
                              "model": self.model, "reason": reason})
 
     def fail(self) -> pb.ProcessingResponse:
-        return immediate(internal_error(self.request_id))
+        return immediate(in_envelope(self.endpoint, internal_error(self.request_id)))

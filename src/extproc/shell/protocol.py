@@ -81,6 +81,18 @@ def body_answer(set_: list[tuple[str, str]], remove: list[str], body: bytes | No
     return out
 
 
+def response_chunk(body: bytes | None) -> pb.ProcessingResponse:
+    """The answer to one response body chunk: passed as it is (None), or replaced."""
+    out = pb.ProcessingResponse()
+    if body is None:
+        out.response_body.SetInParent()
+    elif body:
+        out.response_body.response.body_mutation.body = body
+    else:
+        out.response_body.response.body_mutation.clear_body = True
+    return out
+
+
 def immediate(reply: Reply) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(

@@ -17,7 +17,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ..contract import HEALTH_PATH, META_NS, TAG_META, Meta, header_safe
 from ..core.decision import DecisionRecord
+from ..core.endpoints import BY_PATH, Endpoint, in_envelope
 from ..core.errors import Refusal, Reply, internal_error, json_reply
+from ..core.form import parse_form, set_text
 from ..core.parts import Part
 from ..core.plan import RequestView, RoutePlan
 from ..core.routing import check_request_line, model_key, parse_json_body, route_request
@@ -37,6 +39,8 @@ class RouteStream:
         self.path = self.raw_path = self.method = ""
         self.headers: dict[str, str] = {}
         self.record = DecisionRecord(request_id="-", decided_by=os.getpid())
+        self.endpoint: Endpoint = BY_PATH["/v1/chat/completions"]
+        self.path_model: str | None = None  # the model an Azure-style path names
 
     @property
     def request_id(self) -> str:
@@ -56,8 +60,9 @@ class RouteStream:
         return None
 
     def _answer(self, reply: Reply) -> pb.ProcessingResponse:
-        """Answer the client ourselves; the record travels to the access log all the same."""
-        out = immediate(reply)
+        """Answer the client ourselves, in its API's envelope; the record travels to the access
+        log all the same."""
+        out = immediate(in_envelope(self.endpoint, reply))
         out.dynamic_metadata.CopyFrom(struct({META_NS: {Meta.RECORD: self.record.to_json()}}))
         return out
 
@@ -76,8 +81,10 @@ class RouteStream:
             return self._answered(json_reply(200, self.rt.health.snapshot(time.monotonic())))
         early = check_request_line(self.rt.table, self.method, self.path,
                                    not msg.end_of_stream)
-        if early is not None:
+        if isinstance(early, Reply):
             return self._answered(early)
+        self.endpoint, self.path_model = early
+        self.record.api = self.endpoint.api.value
         stripped = self.rt.planner.stripped(h)
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(remove=stripped)) if stripped
@@ -88,16 +95,30 @@ class RouteStream:
         return self._answer(reply)
 
     def _on_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse | Out:
-        data = parse_json_body(msg.body)
-        reserialise = model_key(msg.body, data)
+        body, reserialise, renamed = msg.body, False, False
+        if self.endpoint.form:  # an upload: its small fields, the file left as it is
+            ctype = self.headers.get("content-type", "")
+            form = parse_form(body, ctype)
+            if self.path_model is not None:
+                body, renamed = set_text(body, form, "model", self.path_model), True
+                form = parse_form(body, ctype)
+            data: dict[str, Any] = {"model": form.text(body, "model") or None,
+                                    "stream": form.text(body, "stream") == "true"}
+        else:
+            data = parse_json_body(body)
+            reserialise = model_key(body, data)
+            if self.path_model is not None:  # Azure-style: the path names the model
+                data["model"], reserialise = self.path_model, True
         model = data.get("model")
         self.record.model_requested = model if isinstance(model, str) else None
         decision = route_request(self.rt.table, data, self.headers, self.rt.health,
-                                 time.monotonic())
+                                 time.monotonic(), endpoint=self.endpoint)
         self.record.routed(decision)
         plan = self.rt.planner.route(
-            RequestView(self.method, self.raw_path, self.headers, msg.body, data, reserialise),
+            RequestView(self.method, self.raw_path, self.headers, body, data, reserialise),
             decision)
+        if plan.body is None and plan.work is None and renamed:
+            plan.body = body  # an Azure-style upload now names its model
         self.record.plan = plan.kind
         if plan.work is not None or plan.url_checks:
             return self._completed(plan, data, decision.parts)
