@@ -1,10 +1,11 @@
 """`extproc replay`: send request fixtures through a running Envoy and check what happened.
 
 A fixture is a YAML or JSON file: a request (method, path, headers, body / body_file /
-body_text) and expectations (status, error code, which backend and model served it, response
-fields, and, with ``--config`` naming emulated backends, what the backend received). Strings
-``@data-url:<file>`` in a body become data URLs of that file (relative to the fixture), so media
-stays readable. ``--record DIR`` writes each fixture back with the expectations observed.
+body_text, or ``form`` for a multipart upload) and expectations (status, error code, which
+backend and model served it, response fields, and, with ``--config`` naming emulated backends,
+what the backend received). Strings ``@data-url:<file>`` in a body become data URLs of that file
+and ``@file:<file>`` in a form an uploaded file (relative to the fixture), so media stays
+readable. ``--record DIR`` writes each fixture back with the expectations observed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class FixtureRequest(_M):
     body: Any = None
     body_file: str | None = None
     body_text: str | None = None
+    form: dict[str, str] | None = Field(default=None, description="a multipart/form-data "
+                                        "upload: text fields, and @file:<path> for files")
 
 
 class BackendExpect(_M):
@@ -45,6 +48,8 @@ class BackendExpect(_M):
     keys: dict[str, Any] = {}
     headers: dict[str, str] = {}
     absent_headers: list[str] = []
+    record: dict[str, Any] = Field(default={}, description="dotted paths in the emulator's "
+                                   "record of the request: path, api, file.size, file.sha256")
 
 
 class Expect(_M):
@@ -112,6 +117,17 @@ def request_body(fx: Fixture, base: Path) -> bytes | None:
     if r.body is not None:
         return orjson.dumps(_expand(r.body, base))
     return None
+
+
+def send(client: httpx.Client, fx: Fixture, base: Path) -> httpx.Response:
+    r = fx.request
+    if r.form is not None:  # multipart: httpx writes the boundary and content type
+        files = {k: (Path(v[6:]).name, (base / v[6:]).read_bytes())
+                 for k, v in r.form.items() if v.startswith("@file:")}
+        data = {k: v for k, v in r.form.items() if k not in files}
+        return client.request(r.method, r.path, headers=r.headers, data=data, files=files)
+    headers = {"content-type": "application/json", **r.headers}
+    return client.request(r.method, r.path, headers=headers, content=request_body(fx, base))
 
 
 class Backends:
@@ -193,6 +209,11 @@ def check(fx: Fixture, resp: httpx.Response, got: dict[str, Any] | None) -> list
                 cmp(f"backend_received.{path}", value, lookup(data, path))
             except KeyError as exc:
                 diffs.append(f"backend_received.{path}: missing (no {exc.args[0]!r})")
+        for path, value in be.record.items():
+            try:
+                cmp(f"backend_received.record.{path}", value, lookup(got, path))
+            except KeyError as exc:
+                diffs.append(f"backend_received.record.{path}: missing (no {exc.args[0]!r})")
         headers = got.get("headers") or {}
         for name, value in be.headers.items():
             cmp(f"backend_received.headers.{name}", value, headers.get(name))
@@ -240,10 +261,8 @@ def run(paths: list[str], envoy: str, config: str | None, record: str | None,
             except (ValidationError, yaml.YAMLError, orjson.JSONDecodeError, OSError) as exc:
                 rows.append((f.name, "ERROR", ["not a fixture: " + " ".join(str(exc).split())[:300]]))
                 continue
-            headers = {"content-type": "application/json", **fx.request.headers}
             try:
-                resp = client.request(fx.request.method, fx.request.path, headers=headers,
-                                      content=request_body(fx, f.parent))
+                resp = send(client, fx, f.parent)
             except httpx.HTTPError as exc:
                 rows.append((fx.name, "ERROR", [f"request failed: {exc!r}"]))
                 continue

@@ -17,10 +17,10 @@ import httpx
 import openai
 import pytest
 
-from extproc_dev.stack import Stack
+from extproc_dev.stack import Stack, free_port
 
 from ..media import b64, png, text_image
-from .conftest import received, reset, stack_config, start_stack
+from .conftest import BACKEND_KEY, received, reset, stack_config, start_stack, wait_line
 
 TOOL = {"name": "get_weather", "description": "weather for a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -72,6 +72,9 @@ def api_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {"name": "ocr", "preset": "openai",
              "models": [{"name": "ocr", "capabilities": ["vision"]}]},
             {"name": "cloud", "preset": "openai", "models": ["m-cloud"]},
+            {"name": "az", "preset": "azure", "url": f"http://127.0.0.1:{free_port()}/openai",
+             "api_key_env": "E2E_BACKEND_KEY", "api_version": "2025-04-01-preview",
+             "models": ["gpt4o-deploy"]},
         ],
         models=[
             {"name": "native", "candidates": [{"backend": "native", "model": "m-native"}]},
@@ -84,6 +87,7 @@ def api_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {"name": "ollama", "candidates": [{"backend": "ollama", "model": "m-ollama"}]},
             {"name": "blind", "candidates": [{"backend": "text", "model": "m-text"}]},
             {"name": "cloud", "candidates": [{"backend": "cloud", "model": "m-cloud"}]},
+            {"name": "azure", "candidates": [{"backend": "az", "model": "gpt4o-deploy"}]},
         ],
         vision={"backend": "ocr", "model": "ocr"},
         fetch={"allow_private": True, "allow_http": True},
@@ -405,3 +409,54 @@ def test_azure_style_paths_name_the_model(api_stack: Stack) -> None:
     assert r.choices[0].message.content == "Hello from native serving m-native."
     got = only(api_stack, "native")
     assert got["path"] == "/v1/chat/completions" and got["json"]["model"] == "m-native"
+
+
+def test_azure_backends_get_deployment_paths_and_their_key_header(api_stack: Stack) -> None:
+    reset(api_stack, "az")
+    c = oai(api_stack)
+    r = c.chat.completions.create(model="azure", messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "Hello from az serving gpt4o-deploy."
+    assert c.responses.create(model="azure", input="hi").output_text == \
+        "Hello from az serving gpt4o-deploy."
+    c.audio.speech.create(model="azure", voice="alloy", input="hello")
+    chat, responses, speech = received(api_stack, "az")
+    assert chat["path"] == "/openai/deployments/gpt4o-deploy/chat/completions"
+    assert responses["path"] == "/openai/responses"
+    assert speech["path"] == "/openai/deployments/gpt4o-deploy/audio/speech"
+    assert chat["headers"]["api-key"] == BACKEND_KEY and "authorization" not in chat["headers"]
+
+
+def test_speech_and_translation_route_by_model(api_stack: Stack) -> None:
+    for b in ("cloud", "native"):
+        reset(api_stack, b)
+    audio = oai(api_stack).audio.speech.create(model="cloud", voice="alloy", input="hello")
+    assert audio.content.startswith(b"RIFF")
+    t = oai(api_stack).audio.translations.create(model="native",
+                                                 file=("x.mp3", b"ID3" + b"\x00" * 50))
+    assert t.text == "native heard 53 bytes with m-native"
+    assert only(api_stack, "cloud")["path"] == "/v1/audio/speech"
+    assert only(api_stack, "native")["path"] == "/v1/audio/translations"
+
+
+def test_decision_record_names_the_api_and_translation(api_stack: Stack) -> None:
+    raw = claude(api_stack).messages.with_raw_response.create(
+        model="chat-only", max_tokens=8, messages=MSG)
+    rid = raw.headers["x-request-id"]
+    rec = wait_line(api_stack, "service", rid, "routing.decision")
+    assert rec["api"] == "messages" and rec["translated"] == ["chatonly/m-chat"]
+    assert rec["attempts"][-1]["translated"] == "messages<-chat"
+
+
+@pytest.mark.parametrize("model", ["native", "chat-only"])
+def test_forced_json_on_responses_is_judged(api_stack: Stack, model: str) -> None:
+    """JSON output forced through text.format: an answer in prose on the only candidate is
+    left as it is but named unmet (judged in the Responses answer natively, in the chat
+    answer when translated)."""
+    backend = "native" if model == "native" else "chatonly"
+    reset(api_stack, backend)
+    httpx.post(api_stack.backend_url(backend) + "/_emulator/behaviour",
+               json={"prose_json": True})
+    raw = oai(api_stack).responses.with_raw_response.create(
+        model=model, input="give json", text={"format": {"type": "json_object"}})
+    assert raw.headers["x-extproc-unmet-capability"].startswith("json")
+    reset(api_stack, backend)

@@ -203,3 +203,97 @@ def test_fast_base64_check_agrees_with_strict_decoding(text: str) -> None:
     assert strict or not _strict_base64(text)
     canonical = base64.b64encode(text.encode()).decode()
     assert _strict_base64(canonical)
+
+
+# ---------------------------------------------------------------- the other APIs
+
+anthropic_block = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=8),
+                                                                     json_value)}),
+    st.fixed_dictionaries({"type": st.just("image"), "source": st.one_of(
+        st.just({"type": "base64", "media_type": "image/png", "data": B64}),
+        st.just({"type": "url", "url": "https://example.com/i.png"}), json_value)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["tool_use", "tool_result", "document",
+                                                    "thinking", "nope"])},
+                          optional={"id": json_value, "name": json_value, "input": json_value,
+                                    "tool_use_id": json_value, "content": json_value,
+                                    "source": json_value}),
+    json_value)
+messages_body = st.fixed_dictionaries(
+    {"model": st.one_of(st.sampled_from(["pub", "nope"]), json_value)},
+    optional={"messages": st.one_of(st.lists(st.fixed_dictionaries({
+        "role": st.one_of(st.sampled_from(["user", "assistant"]), json_value),
+        "content": st.one_of(st.text(max_size=8), st.lists(anthropic_block, max_size=4),
+                             json_value)}), max_size=3), json_value),
+              "system": json_value, "tools": json_value, "tool_choice": json_value,
+              "output_format": json_value, "thinking": json_value, "max_tokens": json_value})
+responses_body = st.fixed_dictionaries(
+    {"model": st.one_of(st.sampled_from(["pub", "nope"]), json_value)},
+    optional={"input": st.one_of(st.text(max_size=8), st.lists(st.one_of(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "developer"]),
+                               "content": st.one_of(st.text(max_size=8), st.lists(
+                                   st.dictionaries(st.sampled_from(
+                                       ["type", "text", "image_url", "input_audio",
+                                        "file_data"]), json_value, max_size=3), max_size=3))}),
+        st.dictionaries(st.sampled_from(["type", "call_id", "name", "arguments", "output"]),
+                        json_value, max_size=4), json_value), max_size=4), json_value),
+              "instructions": json_value, "tools": json_value, "tool_choice": json_value,
+              "text": json_value, "previous_response_id": json_value})
+
+
+def check_api(body: dict, path: str) -> None:
+    """Any body on another API routes or gets a 4xx naming the problem; its translation for
+    a chat-only backend either works or is a 4xx; nothing else ever escapes."""
+    from extproc.core.endpoints import BY_PATH
+    from extproc.core.routing import route_request
+
+    endpoint = BY_PATH[path]
+    translator = endpoint.translator
+    assert translator is not None
+    try:
+        orjson.loads(dumps(body))
+    except orjson.JSONDecodeError:
+        return  # not JSON as the route stage reads it (NaN, Infinity): a 400 there
+    for call in (lambda: route_request(TABLE, orjson.loads(dumps(body)), endpoint=endpoint),
+                 lambda: translator.to_chat(orjson.loads(dumps(body)), True, "vllm")):
+        try:
+            call()
+        except Refusal as exc:
+            assert 400 <= exc.reply.status < 500, exc.reply
+            assert orjson.loads(exc.reply.body)["error"]["message"]
+
+
+@CFG
+@given(messages_body)
+def test_messages_requests_never_raise(body: dict) -> None:
+    check_api(body, "/v1/messages")
+
+
+@CFG
+@given(responses_body)
+def test_responses_requests_never_raise(body: dict) -> None:
+    check_api(body, "/v1/responses")
+
+
+@CFG
+@given(st.lists(st.one_of(st.binary(max_size=40), json_value.map(
+    lambda v: b"data: " + dumps(v) + b"\n\n"), json_value.map(
+    lambda v: b"data: " + dumps({"choices": [{"delta": v, "finish_reason": "stop"}]}) +
+    b"\n\n")), max_size=6), json_value)
+def test_answer_translation_never_raises(chunks: list[bytes], value: object) -> None:
+    """Whatever a chat-only backend sends (streamed or whole), translating it never raises."""
+    from extproc.core.endpoints.messages import TRANSLATOR as messages
+    from extproc.core.endpoints.responses import TRANSLATOR as responses
+
+    for translator in (messages, responses):
+        stream = translator.stream({"model": "m"})
+        for i, chunk in enumerate(chunks):
+            stream.feed(chunk, i == len(chunks) - 1)
+        stream.feed(b"", True)
+        if isinstance(value, dict):
+            translator.answer(value, {})
+            translator.answer({"choices": [{"message": value, "finish_reason": value}]}, {})
+        translator.error(500, dumps(value))
+        judge_completion(dumps({"content": value, "output": value}), __import__(
+            "extproc.core.capabilities", fromlist=["Needs"]).Needs({"tools"}, {"tools"}),
+            "messages")
