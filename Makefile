@@ -34,7 +34,7 @@ test: install tools
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
 
-## make fuzz: the property tests at 20,000 examples each (over 100,000 in all)
+## make fuzz: the property tests at 20,000 examples each (200,000 in all)
 fuzz: install
 	HYPOTHESIS_EXAMPLES=20000 $(PY) -m pytest -q tests/unit/test_properties.py
 

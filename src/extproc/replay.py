@@ -162,6 +162,14 @@ def check(fx: Fixture, resp: httpx.Response, got: dict[str, Any] | None) -> list
         if not _matches(expected, actual):
             diffs.append(f"{where}: expected {expected!r}, got {actual!r}")
 
+    def at(where: str, source: Any, expected: dict[str, Any]) -> None:
+        """Each dotted path of ``source`` against its expected value."""
+        for path, value in expected.items():
+            try:
+                cmp(f"{where}{path}", value, lookup(source, path))
+            except KeyError as exc:
+                diffs.append(f"{where}{path}: missing (no {exc.args[0]!r})")
+
     if e.status is not None:
         cmp("status", e.status, resp.status_code)
     try:
@@ -180,11 +188,7 @@ def check(fx: Fixture, resp: httpx.Response, got: dict[str, Any] | None) -> list
         cmp("model", e.model, resp.headers.get("x-extproc-model"))
     for name, value in e.headers.items():
         cmp(f"headers.{name}", value, resp.headers.get(name))
-    for path, value in e.response.items():
-        try:
-            cmp(f"response.{path}", value, lookup(body, path))
-        except KeyError as exc:
-            diffs.append(f"response.{path}: missing (no {exc.args[0]!r})")
+    at("response.", body, e.response)
     if e.backend_received is not None:
         be = e.backend_received
         if got is None:
@@ -204,16 +208,8 @@ def check(fx: Fixture, resp: httpx.Response, got: dict[str, Any] | None) -> list
                 diffs.append(f"backend_received.{key}: expected absent, but it is there")
             except KeyError:
                 pass
-        for path, value in be.keys.items():
-            try:
-                cmp(f"backend_received.{path}", value, lookup(data, path))
-            except KeyError as exc:
-                diffs.append(f"backend_received.{path}: missing (no {exc.args[0]!r})")
-        for path, value in be.record.items():
-            try:
-                cmp(f"backend_received.record.{path}", value, lookup(got, path))
-            except KeyError as exc:
-                diffs.append(f"backend_received.record.{path}: missing (no {exc.args[0]!r})")
+        at("backend_received.", data, be.keys)
+        at("backend_received.record.", got, be.record)
         headers = got.get("headers") or {}
         for name, value in be.headers.items():
             cmp(f"backend_received.headers.{name}", value, headers.get(name))

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 
+import anthropic
 import httpx
 import openai
 
@@ -29,6 +30,51 @@ CASES: list[tuple[str, str | None, str]] = [
     ("force-cloud", "assistant", "metadata route_intent=force-cloud: only cloud-tagged models"),
     ("auto:vision", "auto:vision", "a virtual model: every model declaring vision"),
 ]
+
+
+# Other APIs: (label, API, model, why).
+API_CASES: list[tuple[str, str, str, str]] = [
+    ("messages", "messages", "coder", "Anthropic Messages: vLLM speaks it, passed through"),
+    ("messages->chat", "messages", "cloud", "OpenAI has no Messages API: translated both ways"),
+    ("responses", "responses", "coder-big", "Responses: llama.cpp speaks it, passed through"),
+    ("responses->chat", "responses", "omni", "an older llama.cpp (chat only): translated"),
+    ("responses stream", "responses-stream", "omni", "the chat stream as Responses events"),
+    ("transcription", "transcription", "gemma-4-e4b", "a multipart upload: routed by its form's "
+     "model, the file byte for byte"),
+    ("rerank", "rerank", "coder", "rerank routed by model to a server that serves it"),
+]
+
+
+def _other_api(stack: Stack, api: str, model: str) -> tuple[int, httpx.Headers, str]:
+    """One request on another API with the official client for it: (status, headers, answer)."""
+    base = stack.envoy_url
+    if api == "messages":
+        raw = anthropic.Anthropic(base_url=base, api_key="client-key", max_retries=0) \
+            .messages.with_raw_response.create(model=model, max_tokens=64, messages=[
+                {"role": "user", "content": "hi"}])
+        return raw.status_code, raw.headers, raw.parse().content[0].text  # type: ignore[union-attr]
+    c = openai.OpenAI(base_url=base + "/v1", api_key="client-key", max_retries=0)
+    if api == "responses":
+        rr = c.responses.with_raw_response.create(model=model, input="hi")
+        return rr.status_code, rr.headers, rr.parse().output_text
+    if api == "responses-stream":
+        with c.responses.with_streaming_response.create(model=model, input="hi",
+                                                        stream=True) as sr:
+            text = "".join(e.delta for e in sr.parse() if e.type == "response.output_text.delta")
+            return sr.status_code, sr.headers, text
+    if api == "transcription":
+        tr = c.audio.transcriptions.with_raw_response.create(
+            model=model, file=("tone.wav", _wav_bytes(), "audio/wav"))
+        return tr.status_code, tr.headers, tr.parse().text
+    r = httpx.post(base + "/v1/rerank", json={"model": model, "query": "gateway",
+                                              "documents": ["envoy", "nginx"]})
+    return r.status_code, r.headers, f"results: {r.json().get('results')}"
+
+
+def _wav_bytes() -> bytes:
+    import base64
+
+    return base64.b64decode(_wav_data_url().split(",", 1)[1])
 
 
 def _wav_data_url() -> str:
@@ -118,8 +164,25 @@ def main(argv: list[str] | None = None) -> int:
         print("\nwhy:")
         for label, model, why in CASES:
             print(f"  {label:16} {model or '(none)':16} {why}")
+        print("\nother APIs (the anthropic and openai SDKs):")
+        widths = [16, 12, 7, 19, 15, 44]
+        print(_row(["case", "model asked", "status", "backend", "translated", "answer"],
+                   widths))
+        print(_row(["-" * w for w in widths], widths))
+        for label, api, model, _why in API_CASES:
+            try:
+                status, hdrs, answer = _other_api(stack, api, model)
+            except (openai.APIStatusError, anthropic.APIStatusError) as exc:
+                status, hdrs, answer = exc.status_code, exc.response.headers, str(exc.body)
+            failures += status != 200
+            print(_row([label, model, str(status), hdrs.get("x-extproc-backend", "-"),
+                        hdrs.get("x-extproc-translated", "-"), answer], widths))
+        print("\nwhy:")
+        for label, _api, model, why in API_CASES:
+            print(f"  {label:16} {model:12} {why}")
         blind = httpx.get(stack.backend_url("local-llamacpp") + "/_emulator/requests").json()
-        last = [r for r in blind["requests"] if r["method"] == "POST"][-1]["json"]["messages"][0]
+        last = [r for r in blind["requests"] if r["method"] == "POST"
+                and r["path"].endswith("/chat/completions")][-1]["json"]["messages"][0]
         print("\nwhat the text-only llama.cpp backend received for the image:")
         for part in last["content"]:
             print(f"  {part['type']}: {part.get('text', '')[:400]}")

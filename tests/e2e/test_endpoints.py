@@ -149,13 +149,19 @@ def test_messages_translated_for_a_chat_only_backend(api_stack: Stack) -> None:
 
 @pytest.mark.parametrize("model", ["native", "chat-only"])
 def test_messages_stream_text_equals_the_backends(api_stack: Stack, model: str) -> None:
+    backend = "native" if model == "native" else "chatonly"
+    served = "m-native" if model == "native" else "m-chat"
+    reset(api_stack, backend)
     with claude(api_stack).messages.stream(model=model, max_tokens=64, messages=MSG) as s:
         text = "".join(s.text_stream)
         final = s.get_final_message()
-    backend = "native" if model == "native" else "chatonly"
-    served = "m-native" if model == "native" else "m-chat"
     assert text == f"Hello from {backend} serving {served}."
     assert final.content[0].text == text and final.stop_reason == "end_turn"
+    sent = only(api_stack, backend)["json"]
+    if model == "native":  # as sent, the model renamed
+        assert sent == {"model": served, "max_tokens": 64, "messages": MSG, "stream": True}
+    else:
+        assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("model", ["native", "chat-only"])
@@ -297,9 +303,13 @@ def test_responses_translated_for_a_chat_only_backend(api_stack: Stack) -> None:
 
 @pytest.mark.parametrize("model", ["native", "chat-only"])
 def test_responses_stream_text_equals_the_backends(api_stack: Stack, model: str) -> None:
+    backend, served = ("native", "m-native") if model == "native" else ("chatonly", "m-chat")
+    reset(api_stack, backend)
     events = list(oai(api_stack).responses.create(model=model, input="hello", stream=True))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-    backend, served = ("native", "m-native") if model == "native" else ("chatonly", "m-chat")
+    if model == "native":
+        assert only(api_stack, backend)["json"] == {"model": served, "input": "hello",
+                                                    "stream": True}
     assert text == f"Hello from {backend} serving {served}."
     assert events[-1].type == "response.completed"
     assert events[-1].response.output_text == text
@@ -431,9 +441,9 @@ def test_speech_and_translation_route_by_model(api_stack: Stack) -> None:
         reset(api_stack, b)
     audio = oai(api_stack).audio.speech.create(model="cloud", voice="alloy", input="hello")
     assert audio.content.startswith(b"RIFF")
-    t = oai(api_stack).audio.translations.create(model="native",
-                                                 file=("x.mp3", b"ID3" + b"\x00" * 50))
-    assert t.text == "native heard 53 bytes with m-native"
+    t = httpx.post(api_stack.envoy_url + "/v1/audio/translations", data={"model": "native"},
+                   files={"file": ("x.mp3", b"ID3" + b"\x00" * 50)})  # (the SDK deprecates it)
+    assert t.json()["text"] == "native heard 53 bytes with m-native"
     assert only(api_stack, "cloud")["path"] == "/v1/audio/speech"
     assert only(api_stack, "native")["path"] == "/v1/audio/translations"
 

@@ -130,9 +130,21 @@ def test_messages_write_back_keeps_the_blocks_shape() -> None:
     ({"messages": [], "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
     ({"messages": [{"role": "user", "content": [{"type": "server_tool_use"}]}]},
      "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {
+        "type": "url", "url": "http://10.0.0.1/a.pdf"}}]}]}, "messages[0].content[0].source"),
 ])
 def test_messages_that_cannot_be_translated_name_the_field(body: dict, param: str) -> None:
     assert refused(MESSAGES.to_chat, body, True, "vllm")["param"] == param
+
+
+def test_documents_and_files_by_url_are_refused_even_for_native_backends() -> None:
+    """Whoever read them would fetch them outside the fetch policy."""
+    doc = {"messages": [{"role": "user", "content": [{"type": "document", "source": {
+        "type": "url", "url": "http://169.254.169.254/x.pdf"}}]}]}
+    assert refused(MESSAGES.to_chat, doc, False, "")["code"] == "unsupported_content"
+    file = {"input": [{"role": "user", "content": [{"type": "input_file",
+                                                    "file_url": "http://10.0.0.1/a.pdf"}]}]}
+    assert refused(RESPONSES.to_chat, file, False, "")["param"] == "input[0].content[0].file_url"
 
 
 def test_messages_answer_from_chat_parses_as_the_sdks_message() -> None:

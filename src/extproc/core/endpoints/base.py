@@ -10,10 +10,14 @@ the API is spoken to in Chat Completions: the request is translated, and so is t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
+
+import orjson
+
+from ..errors import refusal
 
 
 class Api(StrEnum):
@@ -113,6 +117,52 @@ def walk_text(blocks: Any) -> Iterator[str]:
             yield b["text"]
 
 
+def bad_type(param: str, expected: str) -> Exception:
+    return refusal(400, f"Invalid type for '{param}': expected {expected}", code="invalid_type",
+                   param=param)
+
+
+def untranslatable(param: str, what: str, api: str) -> Exception:
+    """A field a chat-only backend cannot be given: only a backend that speaks ``api`` can."""
+    return refusal(400, f"{param}: {what} needs a backend that speaks the {api} API (this "
+                   "one is spoken to in Chat Completions)", code="unsupported_for_backend",
+                   param=param)
+
+
+def carry(data: dict[str, Any], chat: dict[str, Any], names: tuple[tuple[str, str], ...]
+          ) -> None:
+    """Parameters chat takes as they are, under its own names; a stream, with its usage (the
+    translated answer reports it)."""
+    for ours, theirs in names:
+        if data.get(ours) is not None:
+            chat[theirs] = data[ours]
+    if data.get("stream") is True:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+
+
+def function_tools(tools: Any, strict: bool, api: str,
+                   convert: Callable[[int, dict[str, Any]], dict[str, Any] | None]
+                   ) -> list[dict[str, Any]]:
+    """Chat's function tools from another API's; ``convert`` gives a tool's function, or None
+    for one only a backend of ``api`` runs (refused when translating, else skipped)."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise bad_type("tools", "an array")
+    out = []
+    for k, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise bad_type(f"tools[{k}]", "an object")
+        fn = convert(k, tool)
+        if fn is None:
+            if strict:
+                raise untranslatable(f"tools[{k}]", f"the tool {tool.get('type')!r}", api)
+            continue
+        out.append({"type": "function", "function": fn})
+    return out
+
+
 class SseReader:
     """Splits an event stream into events across chunk boundaries; bounded: an event longer
     than ``limit`` bytes is dropped, never buffered without end."""
@@ -161,3 +211,127 @@ def _event(raw: bytes) -> tuple[str, bytes]:
 def sse(name: str, payload: bytes) -> bytes:
     """One server-sent event with a name (Anthropic and Responses streams name each)."""
     return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+def chat_calls(msg: dict[str, Any]) -> list[tuple[str | None, str, str]]:
+    """(id, name, arguments) of each tool call in a chat message, legacy function_call too."""
+    out = []
+    for tc in msg.get("tool_calls") if isinstance(msg.get("tool_calls"), list) else ():
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if isinstance(fn, dict):
+            out.append((tc.get("id"), str(fn.get("name") or ""), str(fn.get("arguments") or "")))
+    fc = msg.get("function_call")
+    if isinstance(fc, dict):
+        out.append((None, str(fc.get("name") or ""), str(fc.get("arguments") or "")))
+    return out
+
+
+def answer_id(prefix: str, chat_id: Any) -> str:
+    tail = str(chat_id or "gateway").split("-", 1)[-1]
+    return prefix + "".join(c for c in tail if c.isalnum())[:48]
+
+
+def error_message(body: bytes, status: int) -> str:
+    """The message of a backend's error body, whatever its shape (OpenAI's, Ollama's, a
+    framework's ``detail``, plain text)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return text[:2000] or f"the backend answered {status}"
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        for value in (err, data.get("message"), data.get("detail")):
+            if isinstance(value, str):
+                return value
+    return f"the backend answered {status}"
+
+
+class ChatStream:
+    """What translating a chat-completions event stream takes, whatever it becomes: events
+    split across chunks, ``[DONE]``, unreadable chunks skipped, each chunk's reasoning, text,
+    tool-call and finish deltas handed to the hooks a subclass writes its events in. Never
+    raises; after an error event or the end, nothing more is written."""
+
+    def __init__(self, echo: dict[str, Any]):
+        self.echo = echo
+        self.reader = SseReader()
+        self.started = self.stopped = False
+        self.usage: dict[str, Any] = {}
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        out = []
+        for _, data in self.reader.feed(chunk, end):
+            if data.strip() == b"[DONE]":
+                out.append(self.finish())
+                continue
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and not self.stopped:
+                out.append(self._chunk(event))
+        if end:
+            out.append(self.finish())
+        return b"".join(out)
+
+    def _chunk(self, event: dict[str, Any]) -> bytes:
+        if "error" in event:
+            self.stopped = True
+            return self.on_error(event, error_message(orjson.dumps(event), 500))
+        out = self.start(event)
+        if isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
+        choices = event.get("choices") if isinstance(event.get("choices"), list) else []
+        for choice in choices[:1]:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                out += self.on_reasoning(reasoning)
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                out += self.on_text(text)
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, dict):
+                    fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+                    args = fn.get("arguments")
+                    out += self.on_tool(f"tool:{call.get('index', 0)}", call.get("id"),
+                                        str(fn.get("name") or ""),
+                                        args if isinstance(args, str) else "")
+            if choice.get("finish_reason") is not None:
+                self.on_finish(choice)
+        return out
+
+    def finish(self) -> bytes:
+        """The stream's end (``[DONE]``, or the body's end without it)."""
+        if self.stopped:
+            return b""
+        self.stopped = True
+        return self.start({}) + self.end()
+
+    # The hooks: each returns the bytes it writes.
+    def start(self, event: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def on_error(self, event: dict[str, Any], message: str) -> bytes:
+        raise NotImplementedError
+
+    def on_reasoning(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def on_text(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def on_tool(self, key: str, call_id: Any, name: str, arguments: str) -> bytes:
+        raise NotImplementedError
+
+    def on_finish(self, choice: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def end(self) -> bytes:
+        raise NotImplementedError

@@ -16,24 +16,28 @@ from typing import Any
 import orjson
 
 from ..errors import refusal
-from .base import Api, ChatView, Endpoint, Origin, SseReader, sse, walk_text
+from .base import (
+    Api,
+    ChatStream,
+    ChatView,
+    Endpoint,
+    Origin,
+    answer_id,
+    bad_type,
+    carry,
+    chat_calls,
+    error_message,
+    function_tools,
+    sse,
+    untranslatable,
+    walk_text,
+)
 
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
          "function_call": "tool_use", "content_filter": "refusal"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
-
-
-def _bad(param: str, expected: str) -> Exception:
-    return refusal(400, f"Invalid type for '{param}': expected {expected}", code="invalid_type",
-                   param=param)
-
-
-def _untranslatable(param: str, what: str) -> Exception:
-    return refusal(400, f"{param}: {what} cannot be carried to a backend without the Messages "
-                   "API (it is spoken to in Chat Completions)", code="unsupported_for_backend",
-                   param=param)
 
 
 def error_type(status: int) -> str:
@@ -58,18 +62,18 @@ class MessagesTranslator:
         if isinstance(system, list):
             for k, block in enumerate(system):
                 if not isinstance(block, dict) or block.get("type") != "text":
-                    raise _bad(f"system[{k}]", "a text block")
+                    raise bad_type(f"system[{k}]", "a text block")
             system = "\n\n".join(walk_text(system))
         elif system is not None and not isinstance(system, str):
-            raise _bad("system", "a string or an array of text blocks")
+            raise bad_type("system", "a string or an array of text blocks")
         if system:
             out.append({"role": "system", "content": system})
         messages = data.get("messages")
         if not isinstance(messages, list):
-            raise _bad("messages", "an array of messages")
+            raise bad_type("messages", "an array of messages")
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict):
-                raise _bad(f"messages[{i}]", "an object")
+                raise bad_type(f"messages[{i}]", "an object")
             role = msg.get("role")
             if role not in ("user", "assistant"):
                 raise refusal(400, f"messages[{i}].role: must be 'user' or 'assistant'",
@@ -78,7 +82,7 @@ class MessagesTranslator:
             if isinstance(content, str):
                 out.append({"role": role, "content": content})
             elif not isinstance(content, list):
-                raise _bad(f"messages[{i}].content", "a string or an array of content blocks")
+                raise bad_type(f"messages[{i}].content", "a string or an array of content blocks")
             elif role == "assistant":
                 out.append(self._assistant(content, i, strict, view))
             else:
@@ -100,14 +104,14 @@ class MessagesTranslator:
                 assert isinstance(block, dict)
                 name, args = block.get("name"), block.get("input", {})
                 if not isinstance(name, str):
-                    raise _bad(f"{where}.name", "a string")
+                    raise bad_type(f"{where}.name", "a string")
                 calls.append({"id": str(block.get("id") or f"toolu_{i}_{b}"), "type": "function",
                               "function": {"name": name,
                                            "arguments": orjson.dumps(args).decode()}})
             elif kind in ("thinking", "redacted_thinking"):
                 view.left_out.append(f"{where}: {kind} (not part of a chat history)")
             elif strict:
-                raise _untranslatable(where, f"a {kind!r} block")
+                raise untranslatable(where, f"a {kind!r} block", "Messages")
         msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
         if calls:
             msg["tool_calls"] = calls
@@ -139,7 +143,7 @@ class MessagesTranslator:
                         else:
                             parts.append(part)
                 elif inner is not None:
-                    raise _bad(f"{where}.content", "a string or an array of blocks")
+                    raise bad_type(f"{where}.content", "a string or an array of blocks")
                 body = "\n".join(text)
                 if block.get("is_error"):
                     body = "Error: " + body
@@ -158,34 +162,34 @@ class MessagesTranslator:
     def _part(self, block: Any, where: str, keys: tuple[str | int, ...], strict: bool
               ) -> tuple[dict[str, Any], Origin] | None:
         if not isinstance(block, dict):
-            raise _bad(where, "a content block (an object)")
+            raise bad_type(where, "a content block (an object)")
         kind = block.get("type")
         origin = Origin(keys, where)
         if kind == "text":
             if not isinstance(block.get("text"), str):
-                raise _bad(f"{where}.text", "a string")
+                raise bad_type(f"{where}.text", "a string")
             return {"type": "text", "text": block["text"]}, origin
         if kind == "image":
             src = block.get("source")
             if not isinstance(src, dict):
-                raise _bad(f"{where}.source", "an object")
+                raise bad_type(f"{where}.source", "an object")
             if src.get("type") == "base64":
                 mime, data = src.get("media_type"), src.get("data")
                 if not isinstance(mime, str) or not isinstance(data, str):
-                    raise _bad(f"{where}.source", "media_type and data strings")
+                    raise bad_type(f"{where}.source", "media_type and data strings")
                 return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}
                         }, Origin(keys, where, f"{where}.source.data")
             if src.get("type") == "url" and isinstance(src.get("url"), str):
                 return {"type": "image_url", "image_url": {"url": src["url"]}}, \
                     Origin(keys, where, f"{where}.source.url")
             if strict:
-                raise _untranslatable(f"{where}.source", f"an image source of type "
-                                      f"{src.get('type')!r}")
+                raise untranslatable(f"{where}.source", f"an image source of type "
+                                      f"{src.get('type')!r}", "Messages")
             return None
         if kind == "document":
             src = block.get("source")
             if not isinstance(src, dict):
-                raise _bad(f"{where}.source", "an object")
+                raise bad_type(f"{where}.source", "an object")
             if src.get("type") == "text" and isinstance(src.get("data"), str):
                 return {"type": "text", "text": src["data"]}, origin
             if src.get("type") == "content":
@@ -196,49 +200,41 @@ class MessagesTranslator:
                 return {"type": "file", "file": {
                     "file_data": f"data:{mime};base64,{src['data']}",
                     "filename": str(block.get("title") or "document.pdf")}}, origin
-            if strict:
-                raise _untranslatable(f"{where}.source", f"a document source of type "
-                                      f"{src.get('type')!r}")
-            return None
+            # A document by URL would be fetched by whoever reads it, outside the fetch
+            # policy (the gateway fetches images and audio, not documents); by file id, from
+            # a store no backend here has.
+            raise refusal(400, f"{where}.source: a document of source type "
+                          f"{src.get('type')!r} is not taken here; send it as base64 or text",
+                          code="unsupported_content", param=f"{where}.source")
         if strict:
-            raise _untranslatable(where, f"a {kind!r} block")
+            raise untranslatable(where, f"a {kind!r} block", "Messages")
         return None
 
     def _params(self, data: dict[str, Any], chat: dict[str, Any], strict: bool, preset: str,
                 view: ChatView) -> None:
-        for ours, theirs in (("max_tokens", "max_tokens"), ("temperature", "temperature"),
-                             ("top_p", "top_p"), ("stop_sequences", "stop")):
-            if data.get(ours) is not None:
-                chat[theirs] = data[ours]
+        carry(data, chat, (("max_tokens", "max_tokens"), ("temperature", "temperature"),
+                           ("top_p", "top_p"), ("stop_sequences", "stop")))
         if data.get("top_k") is not None and preset not in ("openai", "azure"):
             chat["top_k"] = data["top_k"]  # OpenAI refuses it; the local servers take it
-        if data.get("stream") is True:
-            chat["stream"] = True
-            chat["stream_options"] = {"include_usage": True}
-        tools = data.get("tools")
-        if tools is not None:
-            if not isinstance(tools, list):
-                raise _bad("tools", "an array")
-            functions = []
-            for k, tool in enumerate(tools):
-                if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-                    raise _bad(f"tools[{k}]", "an object with a name")
-                if tool.get("type") not in (None, "custom"):  # a server tool (web search...)
-                    if strict:
-                        raise _untranslatable(f"tools[{k}]", f"the server tool "
-                                              f"{tool.get('type')!r}")
-                    continue
-                fn: dict[str, Any] = {"name": tool["name"],
-                                      "parameters": tool.get("input_schema") or {"type": "object"}}
-                if isinstance(tool.get("description"), str):
-                    fn["description"] = tool["description"]
-                functions.append({"type": "function", "function": fn})
-            if functions:
-                chat["tools"] = functions
+
+        def function(k: int, tool: dict[str, Any]) -> dict[str, Any] | None:
+            if not isinstance(tool.get("name"), str):
+                raise bad_type(f"tools[{k}].name", "a string")
+            if tool.get("type") not in (None, "custom"):  # a server tool (web search...)
+                return None
+            fn = {"name": tool["name"],
+                  "parameters": tool.get("input_schema") or {"type": "object"}}
+            if isinstance(tool.get("description"), str):
+                fn["description"] = tool["description"]
+            return fn
+
+        tools = function_tools(data.get("tools"), strict, "Messages", function)
+        if tools:
+            chat["tools"] = tools
         choice = data.get("tool_choice")
         if choice is not None:
             if not isinstance(choice, dict):
-                raise _bad("tool_choice", "an object")
+                raise bad_type("tool_choice", "an object")
             kind = choice.get("type")
             if kind == "auto":
                 chat["tool_choice"] = "auto"
@@ -261,7 +257,7 @@ class MessagesTranslator:
             chat["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "output", "schema": fmt.get("schema") or {}, "strict": True}}
         elif fmt is not None:
-            raise _bad("output_format", "an object of type json_schema")
+            raise bad_type("output_format", "an object of type json_schema")
         thinking = data.get("thinking")
         if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
             budget = thinking.get("budget_tokens")
@@ -312,12 +308,12 @@ class MessagesTranslator:
             text = "".join(walk_text(text))
         if isinstance(text, str) and text:
             content.append({"type": "text", "text": text})
-        for n, call in enumerate(_calls(msg)):
+        for n, call in enumerate(chat_calls(msg)):
             content.append({"type": "tool_use", "id": call[0] or f"toolu_{n}", "name": call[1],
                             "input": tool_input(call[2])})
         stop_reason, stop_sequence = _stop(choice)
         usage = chat.get("usage") if isinstance(chat.get("usage"), dict) else {}
-        return {"id": _id("msg_", chat.get("id")), "type": "message", "role": "assistant",
+        return {"id": answer_id("msg_", chat.get("id")), "type": "message", "role": "assistant",
                 "model": chat.get("model") or echo.get("model") or "",
                 "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
                 "usage": _usage(usage)}
@@ -373,19 +369,6 @@ class MessagesTranslator:
         return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
-def _calls(msg: dict[str, Any]) -> list[tuple[str | None, str, str]]:
-    """(id, name, arguments) of each tool call in a chat message, legacy function_call too."""
-    out = []
-    for tc in msg.get("tool_calls") if isinstance(msg.get("tool_calls"), list) else ():
-        fn = tc.get("function") if isinstance(tc, dict) else None
-        if isinstance(fn, dict):
-            out.append((tc.get("id"), str(fn.get("name") or ""), str(fn.get("arguments") or "")))
-    fc = msg.get("function_call")
-    if isinstance(fc, dict):
-        out.append((None, str(fc.get("name") or ""), str(fc.get("arguments") or "")))
-    return out
-
-
 def tool_input(arguments: str) -> dict[str, Any]:
     """A tool call's arguments as the object Messages carries. Arguments that are not a JSON
     object are kept whole under ``_unparsed_arguments`` rather than lost."""
@@ -415,74 +398,35 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _id(prefix: str, chat_id: Any) -> str:
-    tail = str(chat_id or "gateway").split("-", 1)[-1]
-    return prefix + "".join(c for c in tail if c.isalnum())[:48]
-
-
-def error_message(body: bytes, status: int) -> str:
-    """The message of a backend's error body, whatever its shape (OpenAI's, Ollama's, a
-    framework's ``detail``, plain text)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace").strip()
-        return text[:2000] or f"the backend answered {status}"
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"]
-        for value in (err, data.get("message"), data.get("detail")):
-            if isinstance(value, str):
-                return value
-    return f"the backend answered {status}"
-
-
-class MessagesStream:
+class MessagesStream(ChatStream):
     """Chat chunks in, Anthropic events out: message_start, one content block per text run,
     thinking run or tool call (with input_json_delta), message_delta with the stop reason and
-    usage, message_stop. Never raises: a chunk it cannot read is skipped."""
+    usage, message_stop."""
 
     def __init__(self, echo: dict[str, Any]):
-        self.echo = echo
-        self.reader = SseReader()
-        self.started = self.stopped = False
+        super().__init__(echo)
         self.index = -1
         self.open: str | None = None      # "text", "thinking" or "tool:<n>"
         self.stop_reason: str | None = None
         self.stop_sequence: str | None = None
-        self.usage: dict[str, Any] = {}
-
-    def feed(self, chunk: bytes, end: bool) -> bytes:
-        out = []
-        for _, data in self.reader.feed(chunk, end):
-            if data.strip() == b"[DONE]":
-                out.append(self._finish())
-                continue
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                out.append(self._event(event))
-        if end:
-            out.append(self._finish())
-        return b"".join(out)
 
     def _emit(self, name: str, payload: dict[str, Any]) -> bytes:
         return sse(name, orjson.dumps({"type": name, **payload}))
 
-    def _start(self, event: dict[str, Any]) -> bytes:
+    def start(self, event: dict[str, Any]) -> bytes:
         if self.started:
             return b""
         self.started = True
         return self._emit("message_start", {"message": {
-            "id": _id("msg_", event.get("id")), "type": "message", "role": "assistant",
+            "id": answer_id("msg_", event.get("id")), "type": "message", "role": "assistant",
             "model": event.get("model") or self.echo.get("model") or "", "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0}}})
 
     def _block(self, kind: str, block: dict[str, Any]) -> bytes:
+        """Open a content block of ``kind`` unless it is the open one."""
+        if self.open == kind:
+            return b""
         out = self._close()
         self.index += 1
         self.open = kind
@@ -498,55 +442,29 @@ class MessagesStream:
     def _delta(self, delta: dict[str, Any]) -> bytes:
         return self._emit("content_block_delta", {"index": self.index, "delta": delta})
 
-    def _event(self, event: dict[str, Any]) -> bytes:
-        if self.stopped:
-            return b""
-        if "error" in event:
-            self.stopped = True
-            return self._emit("error", {"error": {"type": "api_error", "message":
-                                                  error_message(orjson.dumps(event), 500)}})
-        out = self._start(event)
-        if isinstance(event.get("usage"), dict):
-            self.usage = event["usage"]
-        choices = event.get("choices") if isinstance(event.get("choices"), list) else []
-        for choice in choices[:1]:
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                if self.open != "thinking":
-                    out += self._block("thinking", {"type": "thinking", "thinking": "",
-                                                    "signature": ""})
-                out += self._delta({"type": "thinking_delta", "thinking": reasoning})
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                if self.open != "text":
-                    out += self._block("text", {"type": "text", "text": ""})
-                out += self._delta({"type": "text_delta", "text": text})
-            for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) \
-                    else ():
-                if not isinstance(call, dict):
-                    continue
-                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-                key = f"tool:{call.get('index', 0)}"
-                if self.open != key:
-                    out += self._block(key, {"type": "tool_use", "id": str(
-                        call.get("id") or f"toolu_{self.index + 1}"), "name": str(
-                        fn.get("name") or ""), "input": {}})
-                args = fn.get("arguments")
-                if isinstance(args, str) and args:
-                    out += self._delta({"type": "input_json_delta", "partial_json": args})
-            if choice.get("finish_reason") is not None:
-                self.stop_reason, self.stop_sequence = _stop(choice)
+    def on_error(self, event: dict[str, Any], message: str) -> bytes:
+        return self._emit("error", {"error": {"type": "api_error", "message": message}})
+
+    def on_reasoning(self, text: str) -> bytes:
+        return self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""}) \
+            + self._delta({"type": "thinking_delta", "thinking": text})
+
+    def on_text(self, text: str) -> bytes:
+        return self._block("text", {"type": "text", "text": ""}) + \
+            self._delta({"type": "text_delta", "text": text})
+
+    def on_tool(self, key: str, call_id: Any, name: str, arguments: str) -> bytes:
+        out = self._block(key, {"type": "tool_use", "id": str(
+            call_id or f"toolu_{self.index + 1}"), "name": name, "input": {}})
+        if arguments:
+            out += self._delta({"type": "input_json_delta", "partial_json": arguments})
         return out
 
-    def _finish(self) -> bytes:
-        if self.stopped:
-            return b""
-        self.stopped = True
-        out = self._start({}) + self._close()
-        return out + self._emit("message_delta", {
+    def on_finish(self, choice: dict[str, Any]) -> None:
+        self.stop_reason, self.stop_sequence = _stop(choice)
+
+    def end(self) -> bytes:
+        return self._close() + self._emit("message_delta", {
             "delta": {"stop_reason": self.stop_reason or "end_turn",
                       "stop_sequence": self.stop_sequence},
             "usage": _usage(self.usage)}) + self._emit("message_stop", {})

@@ -17,23 +17,25 @@ from typing import Any
 import orjson
 
 from ..errors import refusal
-from .base import Api, ChatView, Endpoint, Origin, SseReader, sse, walk_text
-from .messages import _calls, _id, error_message
+from .base import (
+    Api,
+    ChatStream,
+    ChatView,
+    Endpoint,
+    Origin,
+    answer_id,
+    bad_type,
+    carry,
+    chat_calls,
+    function_tools,
+    sse,
+    untranslatable,
+    walk_text,
+)
 
 _STATEFUL = ("previous_response_id", "conversation", "prompt")
 _ECHOED = ("instructions", "max_output_tokens", "parallel_tool_calls", "reasoning",
            "temperature", "text", "tool_choice", "tools", "top_p", "metadata")
-
-
-def _bad(param: str, expected: str) -> Exception:
-    return refusal(400, f"Invalid type for '{param}': expected {expected}", code="invalid_type",
-                   param=param)
-
-
-def _untranslatable(param: str, what: str) -> Exception:
-    return refusal(400, f"{param}: {what} needs a backend that speaks the Responses API (this "
-                   "one is spoken to in Chat Completions)", code="unsupported_for_backend",
-                   param=param)
 
 
 class ResponsesTranslator:
@@ -46,13 +48,13 @@ class ResponsesTranslator:
         if strict:
             for key in _STATEFUL:
                 if data.get(key) is not None:
-                    raise _untranslatable(key, f"'{key}'")
+                    raise untranslatable(key, f"'{key}'", "Responses")
         out: list[dict[str, Any]] = []
         instructions = data.get("instructions")
         if isinstance(instructions, str) and instructions:
             out.append({"role": "system", "content": instructions})
         elif instructions is not None and not isinstance(instructions, str):
-            raise _bad("instructions", "a string")
+            raise bad_type("instructions", "a string")
         items = data.get("input")
         if isinstance(items, str):
             out.append({"role": "user", "content": items})
@@ -60,7 +62,7 @@ class ResponsesTranslator:
             for i, item in enumerate(items):
                 self._item(item, i, strict, view, out)
         elif items is not None:
-            raise _bad("input", "a string or an array of input items")
+            raise bad_type("input", "a string or an array of input items")
         chat: dict[str, Any] = {"model": data.get("model"), "messages": out}
         self._params(data, chat, strict)
         view.data = chat
@@ -70,7 +72,7 @@ class ResponsesTranslator:
               out: list[dict[str, Any]]) -> None:
         where = f"input[{i}]"
         if not isinstance(item, dict):
-            raise _bad(where, "an input item (an object)")
+            raise bad_type(where, "an input item (an object)")
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
             role = item.get("role")
@@ -83,7 +85,7 @@ class ResponsesTranslator:
                 out.append({"role": role, "content": content})
                 return
             if not isinstance(content, list):
-                raise _bad(f"{where}.content", "a string or an array of content parts")
+                raise bad_type(f"{where}.content", "a string or an array of content parts")
             if role != "user":
                 out.append({"role": role, "content": "".join(
                     str(p.get("text") if p.get("type") in ("output_text", "input_text")
@@ -100,7 +102,7 @@ class ResponsesTranslator:
         elif kind == "function_call":
             name = item.get("name")
             if not isinstance(name, str):
-                raise _bad(f"{where}.name", "a string")
+                raise bad_type(f"{where}.name", "a string")
             call = {"id": str(item.get("call_id") or item.get("id") or f"call_{i}"),
                     "type": "function", "function": {"name": name, "arguments": str(
                         item.get("arguments") or "{}")}}
@@ -119,16 +121,16 @@ class ResponsesTranslator:
         elif kind == "reasoning":
             view.left_out.append(f"{where}: reasoning (not part of a chat history)")
         elif strict:
-            raise _untranslatable(where, f"an input item of type {kind!r}")
+            raise untranslatable(where, f"an input item of type {kind!r}", "Responses")
 
     def _part(self, raw: Any, where: str, keys: tuple[str | int, ...], strict: bool
               ) -> tuple[dict[str, Any], Origin] | None:
         if not isinstance(raw, dict):
-            raise _bad(where, "a content part (an object)")
+            raise bad_type(where, "a content part (an object)")
         kind = raw.get("type")
         if kind in ("input_text", "output_text", "text"):
             if not isinstance(raw.get("text"), str):
-                raise _bad(f"{where}.text", "a string")
+                raise bad_type(f"{where}.text", "a string")
             return {"type": "text", "text": raw["text"]}, Origin(keys, where)
         if kind == "input_image":
             url = raw.get("image_url")
@@ -139,12 +141,12 @@ class ResponsesTranslator:
                 return {"type": "image_url", "image_url": image}, \
                     Origin(keys, where, f"{where}.image_url")
             if strict:
-                raise _untranslatable(where, "an image by file_id")
+                raise untranslatable(where, "an image by file_id", "Responses")
             return None
         if kind == "input_audio":
             audio = raw.get("input_audio")
             if not isinstance(audio, dict):
-                raise _bad(f"{where}.input_audio", "an object")
+                raise bad_type(f"{where}.input_audio", "an object")
             return {"type": "input_audio", "input_audio": audio}, \
                 Origin(keys, where, f"{where}.input_audio.data")
         if kind == "input_file":
@@ -154,45 +156,37 @@ class ResponsesTranslator:
                     data = f"data:application/pdf;base64,{data}"
                 return {"type": "file", "file": {"file_data": data, "filename": str(
                     raw.get("filename") or "file.pdf")}}, Origin(keys, where)
+            if raw.get("file_url") is not None:  # fetched by whoever reads it: not here
+                raise refusal(400, f"{where}.file_url: files by URL are not taken here (they "
+                              "would be fetched outside the fetch policy); send file_data",
+                              code="unsupported_content", param=f"{where}.file_url")
             if strict:
-                raise _untranslatable(where, "a file by file_id or file_url")
+                raise untranslatable(where, "a file by file_id", "Responses")
             return None
         if strict:
-            raise _untranslatable(where, f"a content part of type {kind!r}")
+            raise untranslatable(where, f"a content part of type {kind!r}", "Responses")
         return None
 
     def _params(self, data: dict[str, Any], chat: dict[str, Any], strict: bool) -> None:
-        for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
-                             ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
-                             ("user", "user"), ("metadata", "metadata")):
-            if data.get(ours) is not None:
-                chat[theirs] = data[ours]
-        if data.get("stream") is True:
-            chat["stream"] = True
-            chat["stream_options"] = {"include_usage": True}
-        tools = data.get("tools")
-        if tools is not None:
-            if not isinstance(tools, list):
-                raise _bad("tools", "an array")
-            functions = []
-            for k, tool in enumerate(tools):
-                if not isinstance(tool, dict):
-                    raise _bad(f"tools[{k}]", "an object")
-                if tool.get("type") != "function":
-                    if strict:
-                        raise _untranslatable(f"tools[{k}]", f"the hosted tool "
-                                              f"{tool.get('type')!r}")
-                    continue
-                if not isinstance(tool.get("name"), str):
-                    raise _bad(f"tools[{k}].name", "a string")
-                fn: dict[str, Any] = {"name": tool["name"], "parameters":
-                                      tool.get("parameters") or {"type": "object"}}
-                for key in ("description", "strict"):
-                    if tool.get(key) is not None:
-                        fn[key] = tool[key]
-                functions.append({"type": "function", "function": fn})
-            if functions:
-                chat["tools"] = functions
+        carry(data, chat, (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
+                           ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
+                           ("user", "user"), ("metadata", "metadata")))
+
+        def function(k: int, tool: dict[str, Any]) -> dict[str, Any] | None:
+            if tool.get("type") != "function":  # hosted (web_search, file_search...)
+                return None
+            if not isinstance(tool.get("name"), str):
+                raise bad_type(f"tools[{k}].name", "a string")
+            fn = {"name": tool["name"], "parameters": tool.get("parameters") or
+                  {"type": "object"}}
+            for key in ("description", "strict"):
+                if tool.get(key) is not None:
+                    fn[key] = tool[key]
+            return fn
+
+        tools = function_tools(data.get("tools"), strict, "Responses", function)
+        if tools:
+            chat["tools"] = tools
         choice = data.get("tool_choice")
         if isinstance(choice, str):
             chat["tool_choice"] = choice
@@ -205,10 +199,10 @@ class ResponsesTranslator:
                         {"type": "function", "function": {"name": t.get("name")}}
                         for t in choice.get("tools") or () if isinstance(t, dict)]}}
             elif strict:
-                raise _untranslatable("tool_choice", f"a tool choice of type "
-                                      f"{choice.get('type')!r}")
+                raise untranslatable("tool_choice", f"a tool choice of type "
+                                      f"{choice.get('type')!r}", "Responses")
         elif choice is not None:
-            raise _bad("tool_choice", "a string or an object")
+            raise bad_type("tool_choice", "a string or an object")
         text = data.get("text")
         fmt = text.get("format") if isinstance(text, dict) else None
         if isinstance(fmt, dict):
@@ -251,7 +245,7 @@ class ResponsesTranslator:
         choices = chat.get("choices") if isinstance(chat.get("choices"), list) else []
         choice = choices[0] if choices and isinstance(choices[0], dict) else {}
         msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        rid = _id("resp_", chat.get("id"))
+        rid = answer_id("resp_", chat.get("id"))
         output: list[dict[str, Any]] = []
         reasoning = msg.get("reasoning_content") or msg.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
@@ -261,7 +255,7 @@ class ResponsesTranslator:
             text = "".join(walk_text(text))
         if isinstance(text, str) and text:
             output.append(_message_item(rid, text, "completed"))
-        for n, (call_id, name, args) in enumerate(_calls(msg)):
+        for n, (call_id, name, args) in enumerate(chat_calls(msg)):
             output.append(_call_item(rid, n, call_id, name, args, "completed"))
         usage = chat.get("usage") if isinstance(chat.get("usage"), dict) else {}
         return _response(rid, chat.get("created"), chat.get("model"), echo, output,
@@ -370,41 +364,22 @@ def _response(rid: str, created: Any, model: Any, echo: dict[str, Any],
     }
 
 
-class ResponsesStream:
+class ResponsesStream(ChatStream):
     """Chat chunks in, Responses events out: response.created and .in_progress, one output
     item per text run, reasoning run or function call (added, deltas, done), then
-    response.completed (or .incomplete) with the whole response. Never raises."""
+    response.completed (or .incomplete) with the whole response."""
 
     def __init__(self, echo: dict[str, Any]):
-        self.echo = echo
-        self.reader = SseReader()
+        super().__init__(echo)
         self.seq = 0
         self.rid = ""
         self.created: Any = 0
         self.model: Any = None
-        self.started = self.stopped = False
         self.items: list[dict[str, Any]] = []     # finished output items
         self.open: dict[str, Any] | None = None   # the item being streamed
         self.open_key: str | None = None
         self.acc = ""                             # the open item's text so far
-        self.finish: Any = None
-        self.usage: dict[str, Any] = {}
-
-    def feed(self, chunk: bytes, end: bool) -> bytes:
-        out = []
-        for _, data in self.reader.feed(chunk, end):
-            if data.strip() == b"[DONE]":
-                out.append(self._finish())
-                continue
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                out.append(self._event(event))
-        if end:
-            out.append(self._finish())
-        return b"".join(out)
+        self.finish_reason: Any = None
 
     def _emit(self, name: str, payload: dict[str, Any]) -> bytes:
         self.seq += 1
@@ -413,19 +388,23 @@ class ResponsesStream:
 
     def _snapshot(self, status: str) -> dict[str, Any]:
         return _response(self.rid, self.created, self.model, self.echo, list(self.items),
-                         self.finish, self.usage if status != "in_progress" else {}, status)
+                         self.finish_reason, self.usage if status != "in_progress" else {},
+                         status)
 
-    def _start(self, event: dict[str, Any]) -> bytes:
+    def start(self, event: dict[str, Any]) -> bytes:
         if self.started:
             return b""
         self.started = True
-        self.rid = _id("resp_", event.get("id"))
+        self.rid = answer_id("resp_", event.get("id"))
         self.created, self.model = event.get("created"), event.get("model")
         snap = self._snapshot("in_progress")
         return self._emit("response.created", {"response": snap}) + \
             self._emit("response.in_progress", {"response": snap})
 
-    def _open_item(self, key: str, item: dict[str, Any]) -> bytes:
+    def _item(self, key: str, item: dict[str, Any]) -> bytes:
+        """Open an output item for ``key`` unless it is the open one."""
+        if self.open_key == key:
+            return b""
         out = self._close()
         self.open, self.open_key, self.acc = item, key, ""
         out += self._emit("response.output_item.added", {"output_index": len(self.items),
@@ -441,95 +420,68 @@ class ResponsesStream:
         if item is None:
             return b""
         self.open = self.open_key = None
-        index = len(self.items)
+        index, text = len(self.items), self.acc
+        where = {"item_id": item["id"], "output_index": index}
         out = b""
-        text = self.acc
         if item["type"] == "message":
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            out += self._emit("response.output_text.done", {
-                "item_id": item["id"], "output_index": index, "content_index": 0, "text": text,
-                "logprobs": []})
-            out += self._emit("response.content_part.done", {
-                "item_id": item["id"], "output_index": index, "content_index": 0, "part": part})
+            out += self._emit("response.output_text.done", {**where, "content_index": 0,
+                                                            "text": text, "logprobs": []})
+            out += self._emit("response.content_part.done", {**where, "content_index": 0,
+                                                             "part": part})
             item["content"] = [part]
         elif item["type"] == "function_call":
             out += self._emit("response.function_call_arguments.done", {
-                "item_id": item["id"], "output_index": index, "name": item["name"],
-                "arguments": item["arguments"]})
-        elif item["type"] == "reasoning":
-            out += self._emit("response.reasoning_text.done", {
-                "item_id": item["id"], "output_index": index, "content_index": 0, "text": text})
+                **where, "name": item["name"], "arguments": item["arguments"]})
+        else:  # reasoning
+            out += self._emit("response.reasoning_text.done", {**where, "content_index": 0,
+                                                               "text": text})
             item["content"] = [{"type": "reasoning_text", "text": text}]
         item["status"] = "completed"
         self.items.append(item)
         return out + self._emit("response.output_item.done", {"output_index": index,
                                                               "item": item})
 
-    def _event(self, event: dict[str, Any]) -> bytes:
-        if self.stopped:
-            return b""
-        if "error" in event:
-            self.stopped = True
-            return self._start(event) + self._emit("error", {
-                "code": "backend_error", "param": None,
-                "message": error_message(orjson.dumps(event), 500)})
-        out = self._start(event)
-        if isinstance(event.get("usage"), dict):
-            self.usage = event["usage"]
-        choices = event.get("choices") if isinstance(event.get("choices"), list) else []
-        for choice in choices[:1]:
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-            index = len(self.items)
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                if self.open_key != "reasoning":
-                    out += self._open_item("reasoning", _reasoning_item(
-                        f"{self.rid}_{index}", "", "in_progress"))
-                    index = len(self.items)
-                assert self.open is not None
-                self.acc += reasoning
-                out += self._emit("response.reasoning_text.delta", {
-                    "item_id": self.open["id"], "output_index": index, "content_index": 0,
-                    "delta": reasoning})
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                if self.open_key != "text":
-                    out += self._open_item("text", _message_item(
-                        f"{self.rid}_{len(self.items)}", "", "in_progress"))
-                assert self.open is not None
-                self.acc += text
-                out += self._emit("response.output_text.delta", {
-                    "item_id": self.open["id"], "output_index": len(self.items),
-                    "content_index": 0, "delta": text, "logprobs": []})
-            for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) \
-                    else ():
-                if not isinstance(call, dict):
-                    continue
-                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-                key = f"tool:{call.get('index', 0)}"
-                if self.open_key != key:
-                    out += self._open_item(key, _call_item(
-                        self.rid, len(self.items), call.get("id"), str(fn.get("name") or ""),
-                        "", "in_progress"))
-                args = fn.get("arguments")
-                if isinstance(args, str) and args:
-                    assert self.open is not None
-                    self.open["arguments"] += args
-                    out += self._emit("response.function_call_arguments.delta", {
-                        "item_id": self.open["id"], "output_index": len(self.items),
-                        "delta": args})
-            if choice.get("finish_reason") is not None:
-                self.finish = choice["finish_reason"]
+    def on_error(self, event: dict[str, Any], message: str) -> bytes:
+        return self.start(event) + self._emit("error", {"code": "backend_error",
+                                                         "param": None, "message": message})
+
+    def _text_delta(self, key: str, item: dict[str, Any], name: str, text: str) -> bytes:
+        out = self._item(key, item)
+        assert self.open is not None
+        self.acc += text
+        return out + self._emit(name, {"item_id": self.open["id"],
+                                       "output_index": len(self.items), "content_index": 0,
+                                       "delta": text,
+                                       **({"logprobs": []} if key == "text" else {})})
+
+    def on_reasoning(self, text: str) -> bytes:
+        return self._text_delta("reasoning", _reasoning_item(
+            f"{self.rid}_{len(self.items)}", "", "in_progress"),
+            "response.reasoning_text.delta", text)
+
+    def on_text(self, text: str) -> bytes:
+        return self._text_delta("text", _message_item(
+            f"{self.rid}_{len(self.items)}", "", "in_progress"),
+            "response.output_text.delta", text)
+
+    def on_tool(self, key: str, call_id: Any, name: str, arguments: str) -> bytes:
+        out = self._item(key, _call_item(self.rid, len(self.items), call_id, name, "",
+                                         "in_progress"))
+        if arguments:
+            assert self.open is not None
+            self.open["arguments"] += arguments
+            out += self._emit("response.function_call_arguments.delta", {
+                "item_id": self.open["id"], "output_index": len(self.items),
+                "delta": arguments})
         return out
 
-    def _finish(self) -> bytes:
-        if self.stopped:
-            return b""
-        self.stopped = True
-        out = self._start({}) + self._close()
-        snap = self._snapshot("incomplete" if self.finish in ("length", "content_filter")
+    def on_finish(self, choice: dict[str, Any]) -> None:
+        self.finish_reason = choice["finish_reason"]
+
+    def end(self) -> bytes:
+        out = self._close()
+        snap = self._snapshot("incomplete" if self.finish_reason in ("length", "content_filter")
                               else "completed")
         name = "response.incomplete" if snap["status"] == "incomplete" else "response.completed"
         return out + self._emit(name, {"response": snap})
