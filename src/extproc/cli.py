@@ -1,4 +1,5 @@
-"""Command line: check a config, render Envoy's config, serve, run the local stack."""
+"""Command line: check a config, render Envoy's config, serve, show the models, write a
+starter config, replay fixtures."""
 
 from __future__ import annotations
 
@@ -84,6 +85,45 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """Each public model and where it goes: what ``GET /v1/models`` says, after asking the
+    backends once (discovery and health), as a table."""
+    import time
+
+    from .core.backends import MissingCredential
+    from .runtime import Runtime
+    from .shell.server import survey
+
+    cfg = _load(args.config)
+    try:
+        rt = asyncio.run(survey(Runtime.build(cfg)))
+    except (MissingCredential, ConfigError) as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    rows = [("model", "backend", "served as", "capabilities", "context", "health")]
+    for item in rt.table.models_list(rt.health, time.monotonic())["data"]:
+        for c in item.get("candidates", ()):
+            caps = f"{','.join(c['capabilities']) or '-'} ({c['capabilities_from']})"
+            rows.append((item["id"], c["backend"], c["model"], caps,
+                         str(c.get("context_length", "-")), c.get("health", "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .starter import starter_config
+
+    text = asyncio.run(starter_config(args.backend, args.timeout))
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}; check it with `extproc check {args.out}`", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import run
 
@@ -115,6 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service", default="envoy.service.ext_proc.v3.ExternalProcessor")
     p.add_argument("--timeout", type=float, default=3.0)
     p.set_defaults(func=cmd_health)
+    p = sub.add_parser("models", help="each public model, where it goes, what it can do "
+                       "(asking the backends once)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("init", help="write a starter config from live backends")
+    p.add_argument("--backend", action="append", required=True, metavar="URL",
+                   help="a backend's URL (repeat for several)")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_init)
     p = sub.add_parser("replay", help="send request fixtures through Envoy and check them")
     p.add_argument("fixtures", nargs="+", help="fixture files or directories")
     p.add_argument("--envoy", required=True, help="Envoy's URL, e.g. http://127.0.0.1:10000")

@@ -68,6 +68,30 @@ class BackendModel(AttemptLimits):
         default=None, description="what the model can do (tools, vision, audio, json, "
         "reasoning, or a name from extra_capabilities); unset means unknown")
     tags: list[str] = Field(default=[], description="free-form tags (local, cloud, free...)")
+    context_length: int | None = Field(default=None, gt=0, description="tokens of context "
+                                       "(unset: what discovery finds, else unknown)")
+
+
+class BackendDiscovery(_Strict):
+    """Polling a backend's model list (and, where it reports them, capabilities and context):
+    models it lists become routable without a config edit, and stop being routed there when
+    it stops listing them."""
+
+    enabled: bool | None = Field(default=None, description="poll this backend (unset: on for "
+                                 "vllm, sglang, llamacpp and ollama, off for openai and azure)")
+    include: list[str] = Field(default=[], description="globs on the backend's model names: "
+                               "only these are exposed (empty: all)")
+    exclude: list[str] = Field(default=[], description="globs of names never exposed")
+    prefix: str = Field(default="", description="put before a discovered model's name to make "
+                        "its public name (e.g. 'ollama/')")
+
+
+class DiscoverySettings(_Strict):
+    interval_s: float = Field(default=30.0, gt=0, le=3600, description="how often each backend "
+                              "is asked for its models")
+    timeout_s: float = Field(default=5.0, gt=0, le=60, description="one discovery request")
+    max_backoff_s: float = Field(default=300.0, gt=0, description="a failing backend is asked "
+                                 "less often, doubling up to this")
 
 
 class BackendHealth(_Strict):
@@ -154,7 +178,16 @@ class Backend(AttemptLimits):
                                     "of the egress listener for a backend by host name or over "
                                     "TLS (default: envoy.egress_base_port + its index)")
     health: BackendHealth = BackendHealth()
-    models: list[BackendModel] = Field(min_length=1)
+    discovery: BackendDiscovery = BackendDiscovery()
+    models: list[BackendModel] = Field(default=[], description="the models it serves (with "
+                                       "discovery, those it lists are added)")
+
+    @property
+    def discovers(self) -> bool:
+        """Whether the service polls its model list (see ``discovery.enabled``)."""
+        if self.discovery.enabled is not None:
+            return self.discovery.enabled
+        return self.preset in ("vllm", "sglang", "llamacpp", "ollama")
 
     @field_validator("name")
     @classmethod
@@ -456,6 +489,7 @@ class Config(_Strict):
     virtual_models: list[VirtualModel] = []
     capability_routing: CapabilityRouting = CapabilityRouting()
     health: HealthSettings = HealthSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
     hints: HintSettings = HintSettings()
     ai_gateway: AIGatewaySettings = AIGatewaySettings()
     client_auth: ClientAuth | None = None
@@ -553,6 +587,8 @@ def _cross_check(cfg: Config) -> list[str]:
                 "list both models under one backend instead"
             )
         addresses[ep.address] = b.name
+        if not b.models and not b.discovers:
+            problems.append(f"backends[{i}].models: no models, and discovery is off for it")
         seen: set[str] = set()
         for j, m in enumerate(b.models):
             if m.name in seen:
@@ -574,7 +610,7 @@ def _cross_check(cfg: Config) -> list[str]:
                     f"models[{i}].candidates[{j}].backend: unknown backend {c.backend!r} "
                     f"(known: {', '.join(backends) or 'none'})"
                 )
-            elif c.model not in {m.name for m in b.models}:
+            elif c.model not in {m.name for m in b.models} and not b.discovers:
                 problems.append(
                     f"models[{i}].candidates[{j}].model: backend {c.backend!r} has no model "
                     f"{c.model!r} (it has: {', '.join(m.name for m in b.models)})"
@@ -635,7 +671,7 @@ def _cross_check(cfg: Config) -> list[str]:
             b = backends.get(v.backend)
             if b is None:
                 problems.append(f"vision.backend: unknown backend {v.backend!r}")
-            elif v.model not in {m.name for m in b.models}:
+            elif v.model not in {m.name for m in b.models} and not b.discovers:
                 problems.append(f"vision.model: backend {v.backend!r} has no model {v.model!r}")
         elif v.url is not None and urlsplit(v.url).scheme not in ("http", "https"):
             problems.append("vision.url: must be an http:// or https:// URL")

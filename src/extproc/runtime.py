@@ -9,6 +9,7 @@ from typing import Any
 
 from .config import Config, ConfigError, backend_endpoint
 from .core.backends import BackendRuntime, MissingCredential, backend_runtimes
+from .core.discovery import NOTHING, Catalog
 from .core.health import Health
 from .core.plan import Planner
 from .core.routing import RoutingTable
@@ -42,8 +43,9 @@ class Runtime:
 
     @classmethod
     def build(cls, cfg: Config, env: dict[str, str] | None = None,
-              previous: Runtime | None = None) -> Runtime:
-        """Compile a config; on reload, keep the caches whose settings did not change."""
+              previous: Runtime | None = None, catalog: Catalog | None = None) -> Runtime:
+        """Compile a config (and what discovery found: ``catalog``, else the previous
+        runtime's); on reload, keep the caches whose settings did not change."""
         env = dict(os.environ) if env is None else env
         f = cfg.fetch
         policy = FetchPolicy(f.timeout_s, f.max_bytes, f.allow_private, frozenset(f.allow_hosts),
@@ -82,7 +84,9 @@ class Runtime:
         names = [b.name for b in cfg.backends]
         health = previous.health if previous else Health(cfg.health, names)
         health.reconfigure(cfg.health, names)  # what is known of a backend outlives reloads
-        table = RoutingTable(cfg)
+        if catalog is None:
+            catalog = previous.table.catalog if previous else NOTHING
+        table = RoutingTable(cfg, catalog)
         return cls(cfg, table, Planner(cfg, table, backends), backends, fetcher, vision, judge,
                    FairLimiter(cfg.service.transcode_concurrency), health,
                    previous.notes if previous else OrderedDict())

@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 
 import anthropic
 import httpx
@@ -108,6 +110,42 @@ def _row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w)[:w] for c, w in zip(cells, widths, strict=True))
 
 
+def _discovery(stack: Stack) -> int:
+    """A model pulled into Ollama mid-run becomes routable by name with what it reported it
+    can do; dropped, it is a 404. Returns the number of steps that went wrong."""
+    ollama = stack.backend_url("local-ollama") + "/_emulator/models"
+    declared = ["llama3.2:3b", "qwen3-coder:25b"]
+
+    def listed() -> set[str]:
+        return {m["id"] for m in httpx.get(stack.envoy_url + "/v1/models").json()["data"]}
+
+    def until(check: Callable[[], bool]) -> float:
+        t0 = time.monotonic()
+        while not check() and time.monotonic() - t0 < 60:
+            time.sleep(0.25)
+        return time.monotonic() - t0
+
+    print("\ndiscovery (no config edit, no restart):")
+    httpx.post(ollama, json={"models": [*declared, "llava:7b"],
+                             "cards": {"llava:7b": {"capabilities": ["completion", "vision"]}}})
+    took = until(lambda: "llava:7b" in listed())
+    image = [{"type": "text", "text": "What is the invoice number?"},
+             {"type": "image_url", "image_url": {"url": _png_data_url()}}]
+    r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
+        "model": "llava:7b", "messages": [{"role": "user", "content": image}]})
+    print(f"  `ollama pull llava:7b` (it reports vision): listed after {took:.1f} s; an image "
+          f"to it -> {r.status_code} from {r.headers.get('x-extproc-backend', '-')}, "
+          f"aux vision: {r.headers.get('x-extproc-vision', 'not used (it sees images)')}")
+    bad = r.status_code != 200 or "x-extproc-vision" in r.headers
+    httpx.post(ollama, json={"models": declared})
+    took = until(lambda: "llava:7b" not in listed())
+    r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
+        "model": "llava:7b", "messages": [{"role": "user", "content": "hi"}]})
+    print(f"  `ollama rm llava:7b`: gone after {took:.1f} s; a request for it -> "
+          f"{r.status_code} {r.json().get('error', {}).get('code')}")
+    return bad + (r.status_code != 404)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="config/demo.yaml")
@@ -180,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nwhy:")
         for label, _api, model, why in API_CASES:
             print(f"  {label:16} {model:12} {why}")
+        failures += _discovery(stack)
         blind = httpx.get(stack.backend_url("local-llamacpp") + "/_emulator/requests").json()
         last = [r for r in blind["requests"] if r["method"] == "POST"
                 and r["path"].endswith("/chat/completions")][-1]["json"]["messages"][0]

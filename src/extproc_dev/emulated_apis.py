@@ -218,3 +218,67 @@ def other_answer(api: str, name: str, model: str, data: dict[str, Any]
 def _fake_object(schema: Any) -> dict[str, Any]:
     props = schema.get("properties") if isinstance(schema, dict) else None
     return {k: "x" for k in props} if isinstance(props, dict) else {}
+
+
+# ---------------------------------------------------------------- what a server says it serves
+
+CATALOG_PATHS = ("/v1/models", "/models", "/api/tags", "/api/show", "/props", "/version")
+# What a model can do, in Ollama's words, when a test has not said (a capable model, like the
+# emulators' answers).
+CAPABLE = ("completion", "tools", "vision", "audio", "thinking")
+
+
+def catalog_answer(flavour: str, name: str, method: str, path: str, body: bytes,
+                   models: list[str], cards: dict[str, dict[str, Any]]
+                   ) -> tuple[int, Any] | None:
+    """The model list and model cards in the shapes each server uses (None: not one of those
+    paths, or not this server's). ``cards``: per model, Ollama-style ``capabilities`` and a
+    ``context`` length."""
+    def caps(m: str) -> list[str]:
+        return list(cards.get(m, {}).get("capabilities", CAPABLE))
+
+    def context(m: str) -> int:
+        return int(cards.get(m, {}).get("context", 32768))
+
+    if method == "GET" and path in ("/v1/models", "/models"):
+        if flavour == "vllm":  # vLLM: max_model_len, root, parent (LoRA adapters)
+            data = [{"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "vllm",
+                     "root": m, "parent": None, "max_model_len": context(m),
+                     "permission": []} for m in models]
+        elif flavour == "llamacpp":  # llama.cpp: meta with the training context
+            data = [{"id": m, "object": "model", "created": 1_700_000_000,
+                     "owned_by": "llamacpp", "meta": {"n_ctx_train": context(m),
+                                                      "n_params": 7_000_000_000}}
+                    for m in models]
+        else:
+            data = [{"id": m, "object": "model", "created": 1_700_000_000,
+                     "owned_by": "library" if flavour == "ollama" else name} for m in models]
+        return 200, {"object": "list", "data": data}
+    if flavour == "ollama" and method == "GET" and path == "/api/tags":
+        return 200, {"models": [{"name": m, "model": m, "modified_at": "2026-11-30T10:00:00Z",
+                                 "size": 2_000_000_000, "digest": f"sha256:{abs(hash(m)):x}",
+                                 "details": {"format": "gguf", "family": "llama"}}
+                                for m in models]}
+    if flavour == "ollama" and method == "POST" and path == "/api/show":
+        try:
+            wanted = orjson.loads(body or b"{}").get("model")
+        except (orjson.JSONDecodeError, AttributeError):
+            wanted = None
+        if wanted not in models:
+            return 404, {"error": f"model '{wanted}' not found"}
+        return 200, {"modelfile": "# Modelfile", "parameters": "", "template": "{{ .Prompt }}",
+                     "details": {"format": "gguf", "family": "llama"},
+                     "model_info": {"general.architecture": "llama",
+                                    "llama.context_length": context(wanted)},
+                     "capabilities": caps(wanted)}
+    if flavour == "llamacpp" and method == "GET" and path == "/props":
+        first = models[0] if models else ""
+        return 200, {"default_generation_settings": {"n_ctx": context(first)},
+                     "total_slots": 1, "model_path": f"/models/{first}.gguf",
+                     "modalities": {"vision": "vision" in caps(first),
+                                    "audio": "audio" in caps(first)},
+                     "chat_template_caps": {"supports_tools": "tools" in caps(first)},
+                     "build_info": "b7000-emulated"}
+    if flavour == "vllm" and method == "GET" and path == "/version":
+        return 200, {"version": "0.11.0"}
+    return None

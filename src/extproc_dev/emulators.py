@@ -33,8 +33,10 @@ from typing import Any
 import orjson
 
 from .emulated_apis import (
+    CATALOG_PATHS,
     FLAVOUR_APIS,
     api_of,
+    catalog_answer,
     message_object,
     messages_answer,
     messages_events,
@@ -114,6 +116,7 @@ class Behaviour:
     finish_reason: str | None = None   # e.g. content_filter
     no_choices: bool = False      # "choices": []
     tool_arguments: str | None = None  # tool-call arguments as given (e.g. not JSON)
+    catalog: str | None = None    # the model list: "garbage" (not JSON), "stall" (no answer)
 
 
 @dataclass
@@ -132,6 +135,8 @@ class Emulator:
     record_bodies: bool = True
     stream_sent: list[float] = field(default_factory=list)
     apis: frozenset[str] | None = None  # the APIs served (default: the flavour's)
+    # Per model: what it reports it can do (Ollama's words) and its context.
+    cards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.apis is None:
@@ -154,9 +159,16 @@ class Emulator:
             if self.api_key is not None and headers.get(self.api_key_header) != expected:
                 raise _error(self.flavour, 401, "Incorrect API key provided",
                              code="invalid_api_key")
-            if method == "GET" and path.rstrip("/") in ("/v1/models", "/models"):
-                return 200, {"object": "list", "data": [
-                    {"id": m, "object": "model", "owned_by": self.name} for m in self.models]}, ""
+            if path in CATALOG_PATHS:
+                with self.lock:
+                    models, cards, mode = list(self.models), dict(self.cards), \
+                        self.behaviour.catalog
+                if mode == "garbage":
+                    return 200, b"<html>not a model list</html>", "text/html"
+                answer = catalog_answer(self.flavour, self.name, method, path, body, models,
+                                        cards)
+                if answer is not None:
+                    return answer[0], answer[1], ""
             deployment = None
             if self.flavour == "azure":  # /openai/deployments/{model}/...?api-version=
                 m = re.match(r"^/openai/deployments/([^/]+)(/.+)$", path)
@@ -220,6 +232,12 @@ class Emulator:
             with self.lock:
                 self.requests.clear()
                 self.behaviour = Behaviour()
+            return 200, {"ok": True}, ""
+        if path == "/_emulator/models" and method == "POST":  # models loaded or removed
+            change = orjson.loads(body or b"{}")
+            with self.lock:
+                self.models = list(change.get("models", self.models))
+                self.cards = dict(change.get("cards", self.cards))
             return 200, {"ok": True}, ""
         if path == "/_emulator/behaviour" and method == "POST":
             with self.lock:
@@ -530,6 +548,9 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             status, payload, ctype = await asyncio.get_running_loop().run_in_executor(
                 None, emu.handle, method, target, headers, body)
             inference = method == "POST" and not target.startswith("/_emulator/")
+            if emu.behaviour.catalog == "stall" and target.split("?")[0] in CATALOG_PATHS:
+                await reader.read()  # a model list that never comes
+                return
             if inference and (emu.behaviour.stall or (
                     emu.behaviour.stall_after_headers and isinstance(payload, list))):
                 if emu.behaviour.stall_after_headers:
@@ -613,7 +634,8 @@ def main(argv: list[str] | None = None) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(a.tls_cert, a.tls_key)
     record = not (a.no_record_bodies or os.environ.get("EMULATOR_NO_RECORD_BODIES"))
-    emu = Emulator(a.name, a.flavour, a.models.split(","), a.api_key, a.api_key_header.lower(),
+    emu = Emulator(a.name, a.flavour, [m for m in a.models.split(",") if m], a.api_key,
+                   a.api_key_header.lower(),
                    a.api_key_scheme, record_bodies=record,
                    apis=frozenset(a.apis.split(",")) if a.apis else None)
 

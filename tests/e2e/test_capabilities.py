@@ -38,7 +38,9 @@ def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                         {"name": "mirror-8b", "capabilities": ["tools"]}]},
             {"name": "eye", "preset": "vllm",
              "models": [{"name": "eye-vl", "capabilities": ["vision"]}]},
-            {"name": "llama", "preset": "llamacpp", "models": [{"name": "llama-vl"}]},
+            # Its capabilities stay unknown (not asked): these tests are about declared ones.
+            {"name": "llama", "preset": "llamacpp", "models": [{"name": "llama-vl"}],
+             "discovery": {"enabled": False}},
         ],
         models=[
             {"name": "agent", "candidates": [{"backend": "lazy", "model": "lazy-7b"},

@@ -84,7 +84,10 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MediaServer]:
 def parts_stack(tmp_path_factory: pytest.TempPathFactory, media: MediaServer) -> Iterator[Stack]:
     presets = ["vllm", "sglang", "llamacpp", "ollama", "openai"]
     cfg = stack_config(
-        backends=[{"name": p, "preset": p, "models": [f"{p}-model"]} for p in presets],
+        # vLLM reports no capabilities (declared here); llama.cpp reports audio itself.
+        backends=[{"name": p, "preset": p, "models": [
+            {"name": f"{p}-model", "capabilities": ["audio", "vision"]} if p == "vllm"
+            else f"{p}-model"]} for p in presets],
         models=[*({"name": f"m-{p}", "candidates": [{"backend": p, "model": f"{p}-model"}]}
                   for p in presets),
                 # candidates that take different parts: adapted per attempt

@@ -7,6 +7,8 @@ import pytest
 
 from extproc.core.capabilities import (
     PASS,
+    UNKNOWN,
+    Caps,
     Inflater,
     Needs,
     StreamJudge,
@@ -50,12 +52,21 @@ def test_parts_add_vision_and_audio_needs() -> None:
     assert n.needed == {"vision", "audio"} and n.forced == set()
 
 
+def declared(*caps: str) -> Caps:
+    return Caps(frozenset(caps), None)
+
+
 def test_rank() -> None:
-    assert rank(frozenset({"tools"}), {"tools"}, set()) == 0
-    assert rank(None, {"tools"}, set()) == 1
-    assert rank(frozenset(), {"vision"}, {"vision"}) == 1
-    assert rank(frozenset({"json"}), {"tools", "json"}, set()) == 2
-    assert rank(frozenset(), set(), set()) == 0
+    assert rank(declared("tools"), {"tools"}, set()) == 0
+    assert rank(UNKNOWN, {"tools"}, set()) == 1
+    assert rank(declared(), {"vision"}, {"vision"}) == 1
+    assert rank(declared("json"), {"tools", "json"}, set()) == 2
+    assert rank(declared(), set(), set()) == 0
+    # A backend that reports only its modalities: tools stay unknown, a missing image is known.
+    reported = Caps(frozenset({"audio"}), frozenset({"vision", "audio"}), detected=True)
+    assert rank(reported, {"tools", "audio"}, set()) == 1
+    assert rank(reported, {"vision"}, set()) == 2 and reported.lacks("vision")
+    assert not reported.lacks("tools")
 
 
 def completion(message: dict, finish: str = "stop") -> bytes:

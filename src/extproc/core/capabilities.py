@@ -121,16 +121,34 @@ def request_needs(data: dict[str, Any], sigs: list[Sig], max_schema_bytes: int =
     return n
 
 
-def rank(caps: frozenset[str] | None, needed: set[str], substitutable: set[str]) -> int:
-    """0: every need declared; 1: some unknown or substitutable; 2: some need declared absent."""
-    if not needed:
-        return 0
-    if caps is None:
-        return 1
-    missing = needed - caps
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """What a model can do. ``present``: what it has; ``known``: the capabilities whose
+    presence is known (None: every one, as when the config lists them; a backend reports only
+    some, e.g. llama.cpp its modalities); ``detected``: reported by the backend, not declared."""
+
+    present: frozenset[str] = frozenset()
+    known: frozenset[str] | None = frozenset()
+    detected: bool = False
+
+    def has(self, capability: str) -> bool:
+        return capability in self.present
+
+    def lacks(self, capability: str) -> bool:
+        """Known to be absent (never merely unknown)."""
+        return capability not in self.present and (self.known is None or
+                                                   capability in self.known)
+
+
+UNKNOWN = Caps()
+
+
+def rank(caps: Caps, needed: set[str], substitutable: set[str]) -> int:
+    """0: every need present; 1: some unknown or substitutable; 2: some need known absent."""
+    missing = needed - caps.present
     if not missing:
         return 0
-    return 1 if missing <= substitutable else 2
+    return 2 if any(caps.lacks(c) for c in missing - substitutable) else 1
 
 
 # ---------------------------------------------------------------- response judging

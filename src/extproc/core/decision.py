@@ -43,6 +43,10 @@ class DecisionRecord:
     api: str = "chat"  # the API the client called (endpoints.Api)
     # Candidates spoken to in another API than the client's (it was translated for them).
     translated: list[str] = field(default_factory=list)
+    # Capabilities backends reported for the candidates (not declared in the config).
+    detected_capabilities: dict[str, list[str]] = field(default_factory=dict)
+    # The request's estimated tokens, and the candidates too small for it (ordered last).
+    context: dict[str, Any] = field(default_factory=dict)
     outcome: str = "incomplete"
     status: int | None = None
     error_code: str | None = None
@@ -87,6 +91,8 @@ class DecisionRecord:
             for t, why in d.dropped]
         self.unavailable = d.unavailable
         self.translated = [f"{t.backend}/{t.model}" for t in d.candidates if t in d.translated]
+        self.detected_capabilities = d.detected
+        self.context = d.context
 
     def rejected(self, status: int, code: str | None) -> None:
         self.status = status

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import orjson
 
 from ..config import Config, pool_addresses
-from .capabilities import Needs, rank, request_needs
+from .capabilities import UNKNOWN, Caps, Needs, rank, request_needs
+from .discovery import NOTHING, Catalog, exposed
 from .endpoints import BY_PATH, PRESET_APIS, Api, Endpoint, endpoint_for
 from .errors import Refusal, Reply, json_reply, refusal
 from .health import Health
@@ -90,13 +91,19 @@ class RouteDecision:
     endpoint: Endpoint = BY_PATH["/v1/chat/completions"]
     # Candidates whose backend lacks the endpoint's API: spoken to in its ``via`` API.
     translated: frozenset[Target] = frozenset()
+    # Capabilities the backends reported (not declared), per candidate "backend/model".
+    detected: dict[str, list[str]] = field(default_factory=dict)
+    # The request's estimated size in tokens, and the candidates whose context is smaller.
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 class RoutingTable:
-    """Public names (exact and alias) to ordered candidates, compiled from the config."""
+    """Public names (exact and alias) to ordered candidates, compiled from the config and what
+    discovery found (``catalog``): the models each backend lists are added to those the config
+    declares, and a model a backend stopped listing is no longer routed there."""
 
-    def __init__(self, cfg: Config):
-        self.config = cfg
+    def __init__(self, cfg: Config, catalog: Catalog = NOTHING):
+        self.config, self.catalog = cfg, catalog
         addresses = pool_addresses(cfg)
         self.profiles: dict[str, Profile] = {
             b.name: profile_for(b.preset, b.parts) for b in cfg.backends}
@@ -104,10 +111,41 @@ class RoutingTable:
         self.apis: dict[str, frozenset[Api]] = {
             b.name: PRESET_APIS[b.preset] if b.apis is None else frozenset(map(Api, b.apis))
             for b in cfg.backends}
-        # Declared capabilities per (backend, model); None = not declared (unknown).
-        self.caps: dict[tuple[str, str], frozenset[str] | None] = {
-            (b.name, m.name): None if m.capabilities is None else frozenset(m.capabilities)
-            for b in cfg.backends for m in b.models}
+        # Every model each backend serves now, with what it can do (the config's word wins
+        # over what the backend reported), its context, tags and attempt limits.
+        self.served: dict[str, list[str]] = {}
+        self.caps: dict[tuple[str, str], Caps] = {}
+        self.context: dict[tuple[str, str], int] = {}
+        self.tags: dict[tuple[str, str], frozenset[str]] = {}
+        self.discovered: set[tuple[str, str]] = set()  # listed, not declared
+        e = cfg.envoy
+        self.limits: dict[tuple[str, str], tuple[float | None, float]] = {}
+        for b in cfg.backends:
+            declared = {m.name: m for m in b.models}
+            listed = catalog.listed.get(b.name) if b.discovers else None
+            found = {f.name: f for f in listed or ()}
+            names = list(declared) + [n for n in found if n not in declared]
+            self.served[b.name] = []
+            for name in names:
+                key = (b.name, name)
+                if key in catalog.gone or (listed is not None and name not in found
+                                           and name not in declared):
+                    continue
+                self.served[b.name].append(name)
+                m, f = declared.get(name), found.get(name)
+                if m is None:
+                    self.discovered.add(key)
+                self.caps[key] = Caps(frozenset(m.capabilities), None) \
+                    if m is not None and m.capabilities is not None else \
+                    (f.caps if f is not None and f.caps is not None else UNKNOWN)
+                context = (m.context_length if m else None) or (f.context if f else None)
+                if context:
+                    self.context[key] = context
+                self.tags[key] = frozenset(m.tags) if m else frozenset()
+                self.limits[key] = (
+                    (m.attempt_timeout_s if m else None) or b.attempt_timeout_s or
+                    e.per_try_timeout_s,
+                    (m.stream_idle_s if m else None) or b.stream_idle_s or e.stream_idle_s)
         self.aux_vision = cfg.vision is not None
         self.hint_sources = hint_sources(cfg.hints)
         self.header_metadata_keys = frozenset(cfg.hints.propagate.values())
@@ -126,60 +164,61 @@ class RoutingTable:
                 fallback)
 
         for pm in cfg.models:
-            cands = [Target(c.backend, c.model, addresses[c.backend]) for c in pm.candidates]
-            add(pm.name, cands, pm.owned_by,
-                tiers=[(i if c.tier is None else c.tier, c.weight)
-                       for i, c in enumerate(pm.candidates)],
+            kept = [(i, c) for i, c in enumerate(pm.candidates) if (c.backend, c.model) in
+                    self.caps]  # a candidate whose backend no longer lists it is left out
+            if not kept:
+                continue
+            add(pm.name, [Target(c.backend, c.model, addresses[c.backend]) for _, c in kept],
+                pm.owned_by,
+                tiers=[(i if c.tier is None else c.tier, c.weight) for i, c in kept],
                 fallback=default_fallback if pm.fallback_on is None
                 else frozenset(pm.fallback_on))
             for alias in pm.aliases:
                 self.aliases[alias] = pm.name
+        aux = cfg.vision.backend if cfg.vision else None
         if cfg.expose_backend_models:
             by_model: dict[str, list[Target]] = {}
-            aux = cfg.vision.backend if cfg.vision else None
             for b in cfg.backends:
                 if b.name == aux:
                     continue  # the aux vision model describes images; it is not a chat model
-                for m in b.models:
-                    if m.name in self.entries or m.name in self.aliases:
-                        continue  # the name is taken by a public model or alias
-                    by_model.setdefault(m.name, []).append(
-                        Target(b.name, m.name, addresses[b.name])
-                    )
+                d = b.discovery
+                for name in self.served[b.name]:
+                    public = exposed(name, d.include, d.exclude, d.prefix) \
+                        if (b.name, name) in self.discovered else name
+                    if public is None or public in self.entries or public in self.aliases:
+                        continue  # not exposed, or the name is taken by a public model or alias
+                    by_model.setdefault(public, []).append(
+                        Target(b.name, name, addresses[b.name]))
             for name, cands in by_model.items():  # in backend order (tiers: a public model)
                 add(name, cands, cands[0].backend)
-        self.tags = {(b.name, m.name): frozenset(m.tags) for b in cfg.backends for m in b.models}
         for vm in cfg.virtual_models:
-            members = [Target(b.name, m.name, addresses[b.name]) for b in cfg.backends
-                       for m in b.models
-                       if set(vm.requires) <= set(m.capabilities or ())
-                       and set(vm.tags) <= set(m.tags)
-                       and not (cfg.vision is not None and cfg.vision.backend == b.name)]
+            members = [Target(b.name, name, addresses[b.name]) for b in cfg.backends
+                       if b.name != aux for name in self.served[b.name]
+                       if set(vm.requires) <= self.caps[(b.name, name)].present
+                       and set(vm.tags) <= self.tags[(b.name, name)]]
             members.sort(key=lambda t: vm.prefer.index(t.backend) if t.backend in vm.prefer
                          else len(vm.prefer))
             if members:  # listed only when at least one model backs it
                 add(vm.name, members, "llm-extproc", virtual=True)
         self.routed_paths = frozenset(BY_PATH if cfg.routed_paths is None else cfg.routed_paths)
         self.created = int(time.time())
-        # How long one attempt may take, per candidate: its model's, its backend's or Envoy's.
-        e = cfg.envoy
-        self.limits: dict[tuple[str, str], tuple[float | None, float]] = {
-            (b.name, m.name): (m.attempt_timeout_s or b.attempt_timeout_s or e.per_try_timeout_s,
-                               m.stream_idle_s or b.stream_idle_s or e.stream_idle_s)
-            for b in cfg.backends for m in b.models}
 
     def has(self, t: Target, capability: str) -> bool:
-        """True only when the model declares the capability."""
-        return capability in (self.caps.get((t.backend, t.model)) or ())
+        """True only when the model is known to have the capability."""
+        return self.caps.get((t.backend, t.model), UNKNOWN).has(capability)
 
     def models_where(self, ok: Callable[[Target], bool]) -> list[str]:
         """Public names (sorted) with at least one candidate for which ``ok`` holds."""
         return sorted(n for n, e in self.entries.items() if any(ok(c) for c in e.candidates))
 
     def lacks(self, t: Target, capability: str) -> bool:
-        """True only when the model's capabilities are declared and do not include it."""
-        caps = self.caps.get((t.backend, t.model))
-        return caps is not None and capability not in caps
+        """True only when the model is known not to have the capability."""
+        return self.caps.get((t.backend, t.model), UNKNOWN).lacks(capability)
+
+    def routes(self) -> set[str]:
+        """Every public name with each backend model it goes to (what discovery changes)."""
+        return {f"{name}: {t.backend}/{t.model}" for name, e in self.entries.items()
+                for t in e.candidates}
 
     def public_names(self) -> list[str]:
         return sorted(self.entries)
@@ -193,11 +232,15 @@ class RoutingTable:
             return self.entries[target], "alias"
         return None
 
-    def models_list(self) -> dict[str, Any]:
+    def models_list(self, health: Health | None = None, now: float = 0.0) -> dict[str, Any]:
+        """``GET /v1/models``: each public model with, in fields OpenAI-compatible clients
+        ignore, where it goes: each candidate's backend and model, what it can do (declared,
+        or detected by discovery), its context length and its backend's health."""
         data = [
             {"id": n, "object": "model", "created": self.created, "owned_by": e.owned_by,
              **({"virtual": True, "members": [f"{t.backend}/{t.model}" for t in e.candidates]}
-                if e.virtual else {})}
+                if e.virtual else {}),
+             "candidates": [self.describe(t, health, now) for t in e.candidates]}
             for n, e in sorted(self.entries.items())
         ]
         data += [
@@ -206,6 +249,23 @@ class RoutingTable:
             for a, t in sorted(self.aliases.items())
         ]
         return {"object": "list", "data": data}
+
+    def describe(self, t: Target, health: Health | None = None, now: float = 0.0
+                 ) -> dict[str, Any]:
+        caps = self.caps.get((t.backend, t.model), UNKNOWN)
+        out: dict[str, Any] = {
+            "backend": t.backend, "model": t.model, "capabilities": sorted(caps.present),
+            "capabilities_from": "detected" if caps.detected else
+            "config" if caps.known is None else "unknown"}
+        if caps.detected and caps.known is not None:  # what the backend's report covers
+            out["capabilities_reported"] = sorted(caps.known)
+        if (t.backend, t.model) in self.discovered:
+            out["discovered"] = True
+        if (t.backend, t.model) in self.context:
+            out["context_length"] = self.context[(t.backend, t.model)]
+        if health is not None:
+            out["health"] = health.state(t.backend, now)["state"]
+        return out
 
 
 def _model_not_found(table: RoutingTable, model: str) -> Refusal:
@@ -219,27 +279,29 @@ def _model_not_found(table: RoutingTable, model: str) -> Refusal:
     )
 
 
-def answer_get(table: RoutingTable, path: str) -> Reply:
+def answer_get(table: RoutingTable, path: str, health: Health | None = None, now: float = 0.0
+               ) -> Reply:
     """GET requests the gateway answers itself from the config (raises Refusal: 404)."""
     if path in ("/v1/models", "/models"):
-        return json_reply(200, table.models_list())
+        return json_reply(200, table.models_list(health, now))
     prefix = "/v1/models/" if path.startswith("/v1/models/") else "/models/"
     if path.startswith(prefix):
         name = path[len(prefix):]
-        for item in table.models_list()["data"]:
+        for item in table.models_list(health, now)["data"]:
             if item["id"] == name:
                 return json_reply(200, item)
         raise _model_not_found(table, name)
     raise refusal(404, f"Unknown path {path}", code="unknown_path", param=None)
 
 
-def check_request_line(table: RoutingTable, method: str, path: str, has_body: bool = True
+def check_request_line(table: RoutingTable, method: str, path: str, has_body: bool = True,
+                       health: Health | None = None, now: float = 0.0
                        ) -> Reply | tuple[Endpoint, str | None]:
     """The answer to a GET from the headers alone, or the endpoint a POST is for (and the
     model an Azure-style path names): wait for its body and route it. Raises Refusal for a
     path we do not route, a method it does not take, no body."""
     if method == "GET":
-        return answer_get(table, path)
+        return answer_get(table, path, health, now)
     try:
         endpoint, path_model = endpoint_for(path, table.routed_paths)
     except KeyError:
@@ -421,11 +483,49 @@ def route_request(table: RoutingTable, data: dict[str, Any],
         prefer = [b.strip() for b in order.split(",")]
         decision.candidates = tuple(sorted(decision.candidates, key=lambda t: (
             prefer.index(t.backend) if t.backend in prefer else len(prefer))))
+    if table.context and endpoint.dialect is not None:
+        _order_by_context(table, decision, view)
     if decision.sigs:
         decision.url_checks = _url_checks(table, decision)
     if health is not None and health.down:
         _skip_down(decision, health, now)
+    if table.discovered:
+        decision.detected = {f"{t.backend}/{t.model}": sorted(c.present) for t in
+                             decision.candidates if (c := table.caps.get(
+                                 (t.backend, t.model), UNKNOWN)).detected}
     return decision
+
+
+def estimate_tokens(chat: dict[str, Any]) -> int:
+    """A request's size in tokens, roughly: its text (message contents, text parts, tool
+    definitions) at four characters a token, plus the output it asks room for
+    (``max_tokens``/``max_completion_tokens``). Media are not counted."""
+    chars = 0
+    for msg in chat.get("messages") if isinstance(chat.get("messages"), list) else ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p["text"]) for p in content if isinstance(p, dict)
+                         and isinstance(p.get("text"), str))
+    if chat.get("tools"):
+        chars += len(orjson.dumps(chat["tools"]))
+    out = chat.get("max_completion_tokens") or chat.get("max_tokens")
+    return chars // 4 + (out if isinstance(out, int) and out > 0 else 0)
+
+
+def _order_by_context(table: RoutingTable, d: RouteDecision, chat: dict[str, Any]) -> None:
+    """Candidates whose context is known to be too small for the request go after the others
+    (never dropped: the estimate is rough, and a backend may still take it)."""
+    known = [t for t in d.candidates if (t.backend, t.model) in table.context]
+    if not known:
+        return
+    tokens = estimate_tokens(chat)
+    small = [t for t in known if table.context[(t.backend, t.model)] < tokens]
+    d.context = {"estimated_tokens": tokens,
+                 **({"too_small": [f"{t.backend}/{t.model}" for t in small]} if small else {})}
+    if small:
+        d.candidates = tuple([t for t in d.candidates if t not in small] + small)
 
 
 def _filter_by_api(table: RoutingTable, d: RouteDecision) -> None:
@@ -599,11 +699,12 @@ def _order_by_needs(table: RoutingTable, d: RouteDecision) -> None:
                 code="unsupported_capability", param=_CAP_PARAM.get(cap),
                 extra={"capability": cap, "models_with_capability": able})
     ranked = sorted(enumerate(d.candidates), key=lambda it: (
-        rank(table.caps.get((it[1].backend, it[1].model)), needs.needed, substitutable), it[0]))
+        rank(table.caps.get((it[1].backend, it[1].model), UNKNOWN), needs.needed,
+             substitutable), it[0]))
     keep = [t for _, t in ranked]
     if table.config.capability_routing.incapable == "drop":
-        able = [t for t in keep if rank(table.caps.get((t.backend, t.model)), needs.needed,
-                                        substitutable) < 2]
+        able = [t for t in keep if rank(table.caps.get((t.backend, t.model), UNKNOWN),
+                                        needs.needed, substitutable) < 2]
         if able:  # never silently drop every candidate
             d.dropped += [(t, "a needed capability") for t in keep if t not in able]
             keep = able

@@ -37,7 +37,9 @@ def stream_idle_limits(cfg: Config) -> list[int]:
     model's own. The route stage picks the largest of a request's candidates: one of these."""
     e = cfg.envoy
     return sorted({int(1000 * (m.stream_idle_s or b.stream_idle_s or e.stream_idle_s))
-                   for b in cfg.backends for m in b.models} | {int(1000 * e.stream_idle_s)})
+                   for b in cfg.backends for m in b.models} |
+                  {int(1000 * (b.stream_idle_s or e.stream_idle_s)) for b in cfg.backends} |
+                  {int(1000 * e.stream_idle_s)})  # (discovered models: their backend's)
 
 
 def retry_policy(cfg: Config) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class RouteStream:
         if self.method == "GET" and self.path == HEALTH_PATH:  # which backends are up, why not
             return self._answered(json_reply(200, self.rt.health.snapshot(time.monotonic())))
         early = check_request_line(self.rt.table, self.method, self.path,
-                                   not msg.end_of_stream)
+                                   not msg.end_of_stream, self.rt.health, time.monotonic())
         if isinstance(early, Reply):
             return self._answered(early)
         self.endpoint, self.path_model = early

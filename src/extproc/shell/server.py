@@ -28,6 +28,7 @@ from ..config import ConfigError, backend_endpoint, load_config
 from ..contract import STAGE_KEY
 from ..core.backends import MissingCredential
 from ..core.health import probe_path
+from ..effects.discovery import Discoverer
 from ..logs import log_event
 from ..render import render
 from ..runtime import Runtime
@@ -172,13 +173,12 @@ async def _trim_every(trim: Callable[[], None], interval: float) -> None:
         trim()
 
 
-async def probe_backends(runtime: Callable[[], Runtime]) -> None:
-    """Probe every backend that has a probe, every ``health.interval_s``, off any request's
-    path; transitions are logged as ``backend.health`` lines. The service reaches backends
-    directly (Envoy's own health checks could not drive our per-request order)."""
-    clients: dict[str, httpx.AsyncClient] = {}
+async def probe_round(rt: Runtime, clients: dict[str, httpx.AsyncClient]) -> None:
+    """Probe every backend that has a probe once; transitions are logged as
+    ``backend.health`` lines. The service reaches backends directly (Envoy's own health checks
+    could not drive our per-request order)."""
 
-    async def one(rt: Runtime, name: str, url: str, ca: str | None) -> None:
+    async def one(name: str, url: str, ca: str | None) -> None:
         client = clients.get(ca or "")
         if client is None:
             client = clients[ca or ""] = httpx.AsyncClient(
@@ -194,24 +194,72 @@ async def probe_backends(runtime: Callable[[], Runtime]) -> None:
             log_event(log, {"event": "backend.health", **rt.health.state(name, mono),
                             "became": moved}, logging.INFO if ok else logging.WARNING)
 
+    cfg = rt.config
+    probes = []
+    for b in cfg.backends:
+        path = probe_path(cfg, b.name)
+        if path is None:
+            continue
+        ep = backend_endpoint(b.url)
+        url = f"{ep.scheme}://{ep.hostname or ep.host}:{ep.port}{path}"
+        ca = (b.tls_ca_file or cfg.envoy.ca_bundle) if ep.scheme == "https" else None
+        probes.append(one(b.name, url, ca))
+    await asyncio.gather(*probes)
+
+
+async def probe_backends(runtime: Callable[[], Runtime]) -> None:
+    """Probe every ``health.interval_s``, off any request's path."""
+    clients: dict[str, httpx.AsyncClient] = {}
     try:
         while True:
             rt = runtime()
-            cfg = rt.config
-            probes = []
-            for b in cfg.backends:
-                path = probe_path(cfg, b.name)
-                if path is None:
-                    continue
-                ep = backend_endpoint(b.url)
-                url = f"{ep.scheme}://{ep.hostname or ep.host}:{ep.port}{path}"
-                ca = (b.tls_ca_file or cfg.envoy.ca_bundle) if ep.scheme == "https" else None
-                probes.append(one(rt, b.name, url, ca))
-            await asyncio.gather(*probes)
-            await asyncio.sleep(cfg.health.interval_s)
+            await probe_round(rt, clients)
+            await asyncio.sleep(rt.config.health.interval_s)
     finally:
         for client in clients.values():
             await client.aclose()
+
+
+async def survey(rt: Runtime) -> Runtime:
+    """One discovery poll and one probe round, for a command that shows what the service
+    would see (``extproc models``): the runtime rebuilt with what was found."""
+    discoverer, clients = Discoverer(), {}
+    try:
+        catalog = await discoverer.poll(rt, time.monotonic())
+        rt = Runtime.build(rt.config, previous=rt, catalog=catalog)
+        await probe_round(rt, clients)
+        return rt
+    finally:
+        await discoverer.close()
+        for client in clients.values():
+            await client.aclose()
+
+
+async def discover_models(processor: Processor) -> None:
+    """Poll backends for their models and rebuild the routing table when what they serve
+    changes (the config as it is, the catalog as found); requests in flight finish on the
+    table they started with."""
+    discoverer = Discoverer()
+    discoverer.catalog = processor.rt.table.catalog
+    try:
+        while True:
+            rt = processor.rt
+            catalog = await discoverer.poll(rt, time.monotonic())
+            if catalog != rt.table.catalog and processor.rt is rt:  # (not reloaded meanwhile)
+                try:
+                    new = Runtime.build(rt.config, previous=rt, catalog=catalog)
+                except Exception:  # the table in place keeps serving
+                    log.exception("discovery rebuild", extra={"fields": {
+                        "event": "discovery.rebuild_failed"}})
+                else:
+                    before, after = rt.table.routes(), new.table.routes()
+                    processor.rt = new
+                    log_event(log, {"event": "discovery.changed",
+                                    "added": sorted(after - before),
+                                    "removed": sorted(before - after)})
+            await asyncio.sleep(discoverer.wait(rt, time.monotonic()))
+    finally:
+        await discoverer.close()
 
 
 async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
@@ -250,13 +298,14 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     trimmer = asyncio.create_task(_trim_every(trim, 5.0)) if trim else None
     warming = asyncio.create_task(rt.schema_judge.warm())  # not on a request's path
     prober = asyncio.create_task(probe_backends(lambda: processor.rt))
+    discoverer = asyncio.create_task(discover_models(processor))
     if config_path:
         reloader = Reloader(config_path, processor)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         if cfg.reload_watch_s:
             watcher = asyncio.create_task(reloader.watch(cfg.reload_watch_s))
     await stop.wait()
-    for task in (watcher, trimmer, prober):
+    for task in (watcher, trimmer, prober, discoverer):
         if task:
             task.cancel()
     log_event(log, {"event": "service.stopping", "grace_s": cfg.shutdown_grace_s})
