@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export DEMO_OPENAI_KEY ?= sk-demo-local-not-a-secret
 
-.PHONY: install tools run demo test fuzz lint bench soak envoy-config clean
+.PHONY: install tools run demo test conformance fuzz lint bench soak envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,15 +31,20 @@ demo: install
 
 ## make test: lint + the whole suite (tests/unit: no Envoy, no process; tests/e2e: real Envoy)
 test: install tools
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench conformance
 	$(PY) -m pytest -q
+
+## make conformance: a real vLLM (CPU, a tiny random model; installed once into a cached venv
+## under ~/.cache/llm-extproc) against our vLLM emulator and behind the gateway
+conformance: install
+	$(PY) -m pytest -q -p no:cacheprovider conformance
 
 ## make fuzz: the property tests at 20,000 examples each (200,000 in all)
 fuzz: install
 	HYPOTHESIS_EXAMPLES=20000 $(PY) -m pytest -q tests/unit/test_properties.py
 
 lint: install
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench conformance
 
 ## make bench: bare Envoy vs Envoy + llm-extproc, side by side (not part of make test)
 bench: install tools

@@ -15,6 +15,9 @@ from typing import Any
 
 import orjson
 
+from .emulated_vllm import VERSION as VLLM_VERSION
+from .emulated_vllm import model_entry
+
 # Which APIs each flavour serves (as the servers do in December 2026).
 FLAVOUR_APIS: dict[str, frozenset[str]] = {
     "vllm": frozenset({"chat", "completions", "embeddings", "responses", "messages",
@@ -242,9 +245,7 @@ def catalog_answer(flavour: str, name: str, method: str, path: str, body: bytes,
 
     if method == "GET" and path in ("/v1/models", "/models"):
         if flavour == "vllm":  # vLLM: max_model_len, root, parent (LoRA adapters)
-            data = [{"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "vllm",
-                     "root": m, "parent": None, "max_model_len": context(m),
-                     "permission": []} for m in models]
+            data = [model_entry(m, context(m)) for m in models]
         elif flavour == "llamacpp":  # llama.cpp: meta with the training context
             data = [{"id": m, "object": "model", "created": 1_700_000_000,
                      "owned_by": "llamacpp", "meta": {"n_ctx_train": context(m),
@@ -280,5 +281,5 @@ def catalog_answer(flavour: str, name: str, method: str, path: str, body: bytes,
                      "chat_template_caps": {"supports_tools": "tools" in caps(first)},
                      "build_info": "b7000-emulated"}
     if flavour == "vllm" and method == "GET" and path == "/version":
-        return 200, {"version": "0.11.0"}
+        return 200, {"version": VLLM_VERSION}
     return None

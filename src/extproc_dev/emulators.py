@@ -32,7 +32,9 @@ from typing import Any
 
 import orjson
 
+from . import emulated_vllm as vllm
 from .emulated_apis import (
+    CAPABLE,
     CATALOG_PATHS,
     FLAVOUR_APIS,
     api_of,
@@ -53,8 +55,9 @@ FLAVOURS = ("vllm", "llamacpp", "ollama", "openai", "azure", "sglang", "ocr")
 # {"type":"image_url","image_url":"<str>"} form; "untyped_image_url" is {"image_url":...} alone.
 ACCEPTED_PARTS: dict[str, frozenset[str]] = {
     "openai": frozenset({"text", "image_url", "input_audio", "file"}),
-    "vllm": frozenset({"text", "image_url", "input_audio", "audio_url", "video_url",
-                       "input_text", "input_image", "untyped_image_url"}),
+    # vLLM: the types it takes in any position of a message (more in some positions:
+    # emulated_vllm.check_part; all checked against a real vLLM by make conformance).
+    "vllm": frozenset({"text", "image_url", "input_audio", "audio_url", "video_url"}),
     "sglang": frozenset({"text", "image_url", "input_audio", "audio_url", "video_url"}),
     "llamacpp": frozenset({"text", "image_url", "input_audio"}),
     "ollama": frozenset({"text", "image_url", "image_url_string"}),
@@ -77,9 +80,7 @@ class EmulatorError(Exception):
 def _error(flavour: str, status: int, message: str, param: str | None = None,
            code: str | None = None) -> EmulatorError:
     if flavour == "vllm":
-        kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-        return EmulatorError(status, {"error": {"message": message, "type": kind,
-                                                "param": param, "code": status}})
+        return EmulatorError(status, vllm.error(status, message, param))
     if flavour == "llamacpp":
         kind = "invalid_request_error" if status < 500 else "server_error"
         return EmulatorError(status, {"error": {"code": status, "message": message,
@@ -151,6 +152,8 @@ class Emulator:
         if method == "GET" and path in HEALTH_PATHS.get(self.flavour, ()):  # no key needed
             if self.behaviour.unhealthy:
                 return 503, {"error": {"code": 503, "message": "Loading model"}}, ""
+            if self.flavour == "vllm":
+                return 200, b"", ""  # an empty body, no content type
             return 200, {"version": "0.12.0"} if self.flavour == "ollama" else {}, ""
         rec: dict[str, Any] = {"method": method, "path": path, "headers": headers,
                                "ts": time.time()}
@@ -177,6 +180,10 @@ class Emulator:
                     raise _error(self.flavour, 404, "Resource not found")
                 deployment = m.group(1) if m else None
             api = api_of(path)
+            if self.flavour == "vllm" and (api is None or api not in (self.apis or ())):
+                return 404, {"detail": "Not Found"}, ""  # FastAPI's own
+            if self.flavour == "vllm" and method != "POST":
+                return 405, {"detail": "Method Not Allowed"}, ""
             if method != "POST" or api is None or api not in (self.apis or ()):
                 raise _error(self.flavour, 404, f"no route {method} {path}")
             rec["api"] = api
@@ -192,6 +199,11 @@ class Emulator:
                 rec["file"] = {"filename": upload["filename"], "size": len(upload["bytes"]),
                                "sha256": hashlib.sha256(upload["bytes"]).hexdigest()}
                 rec["body_sha256"] = hashlib.sha256(body).hexdigest()
+            elif self.flavour == "vllm":
+                try:
+                    data = vllm.parse_body(body, headers.get("content-type", ""))
+                except ValueError as exc:
+                    raise EmulatorError(400, exc.args[0]) from None
             else:
                 try:
                     data = orjson.loads(body)
@@ -199,7 +211,8 @@ class Emulator:
                     raise _error(self.flavour, 400, f"JSON decode error: {exc}") from None
             if deployment is not None:
                 data["model"] = deployment  # Azure serves the deployment the path names
-            shown = {k: v for k, v in data.items() if k != "file"}
+            shown = {k: v for k, v in data.items() if k != "file"} \
+                if isinstance(data, dict) else {"body": data}
             rec["json"] = shown if self.record_bodies else {"model": data.get("model")}
             rec["body_bytes"] = len(body)
             if self.record_bodies and len(body) <= 65536 and api not in (
@@ -247,39 +260,55 @@ class Emulator:
 
     def _check_model(self, data: dict[str, Any]) -> str:
         model = data.get("model")
+        if self.flavour in ("llamacpp", "vllm") and model is None and self.models:
+            return self.models[0]  # they serve what they loaded when no model is named
         if self.flavour == "llamacpp":
-            return str(model or self.models[0])  # llama.cpp serves what it loaded
+            return str(model)  # llama.cpp serves what it loaded, whatever the name
         if model not in self.models:
             if self.flavour == "vllm":
-                raise _error("vllm", 404, f"The model `{model}` does not exist.")
+                raise _error("vllm", 404, f"The model `{model}` does not exist. Valid aliases: "
+                             f"{', '.join(self.models)}.", param="model")
             if self.flavour == "ollama":
                 raise _error("ollama", 404, f'model "{model}" not found, try pulling it first')
             raise _error(self.flavour, 404, f"The model `{model}` does not exist or you do not "
                          "have access to it.", code="model_not_found")
         return str(model)
 
-    def _check_parts(self, messages: Any) -> None:
+    def _card(self, model: str) -> tuple[frozenset[str], int]:
+        """What a model reports it can do (Ollama's words), and its context."""
+        card = self.cards.get(model, {})
+        return frozenset(card.get("capabilities", CAPABLE)), int(card.get("context", 32768))
+
+    def _check_parts(self, messages: Any, model: str) -> None:
         """Refuse parts the way the real server does (docs/content-parts.md)."""
         if not isinstance(messages, list):
             raise _error(self.flavour, 400, "'messages' must be a list", param="messages")
         accepted = ACCEPTED_PARTS[self.flavour]
+        caps = self._card(model)[0]
+        text_only = not caps & {"vision", "audio"}
         for i, msg in enumerate(messages):
             content = msg.get("content") if isinstance(msg, dict) else None
             if not isinstance(content, list):
                 continue
             for j, part in enumerate(content):
-                self._check_part(part, f"messages[{i}].content[{j}]", accepted)
+                self._check_part(part, f"messages[{i}].content[{j}]", accepted, model,
+                                 text_only)
 
-    def _check_part(self, part: Any, where: str, accepted: frozenset[str]) -> None:
+    def _check_part(self, part: Any, where: str, accepted: frozenset[str], model: str,
+                    text_only: bool) -> None:
         f = self.flavour
         kind = part.get("type") if isinstance(part, dict) else None
         if kind is None and isinstance(part, dict) and "image_url" in part:
             kind = "untyped_image_url"
         elif kind == "image_url" and isinstance(part.get("image_url"), str):
             kind = "image_url_string"
-        if kind not in accepted:
-            if f == "vllm":
-                raise _error("vllm", 400, f"Unsupported chat content part type: {kind}")
+        if f == "vllm":
+            try:
+                vllm.check_part(kind, part if isinstance(part, dict) else {}, model, text_only,
+                                where.endswith("content[0]"), accepted)
+            except ValueError as exc:
+                raise EmulatorError(400, exc.args[0]) from None
+        elif kind not in accepted:
             if f == "openai":
                 if kind == "image_url_string":
                     raise _error("openai", 400, f"Invalid type for '{where}.image_url': expected "
@@ -312,9 +341,15 @@ class Emulator:
 
     def _complete(self, path: str, data: dict[str, Any], quirks: Behaviour
                   ) -> tuple[int, Any, str]:
-        model = self._check_model(data)
         created = 1_700_000_000
         api = api_of(path)
+        if self.flavour == "vllm" and api == "chat":
+            try:
+                model = vllm.check_request(data, self.models, lambda m: self._card(m)[1])
+            except ValueError as exc:
+                raise EmulatorError(exc.args[0]["error"]["code"], exc.args[0]) from None
+        else:
+            model = self._check_model(data)
         if api == "messages":
             return self._messages(model, data, quirks)
         if api == "count_tokens":
@@ -329,10 +364,12 @@ class Emulator:
                 {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                 "usage": {"prompt_tokens": 1, "total_tokens": 1}}, ""
         if path.endswith("/completions") and not path.endswith("/chat/completions"):
-            return 200, {"id": "cmpl-emu", "object": "text_completion", "created": created,
-                         "model": model, "choices": [{"index": 0, "text": f"[{self.name}]",
-                                                      "finish_reason": "stop"}]}, ""
-        self._check_parts(data.get("messages"))
+            legacy = {"id": "cmpl-emu", "object": "text_completion", "created": created,
+                      "model": model, "choices": [{"index": 0, "text": f"[{self.name}]",
+                                                   "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}
+            return 200, vllm.completion_body(legacy) if self.flavour == "vllm" else legacy, ""
+        self._check_parts(data.get("messages"), model)
         if quirks.reject_images and _has_image(data.get("messages")):
             raise {"vllm": _error("vllm", 400, f"{model} is not a multimodal model"),
                    "llamacpp": _error("llamacpp", 500, "image input is not supported - hint: if "
@@ -341,17 +378,20 @@ class Emulator:
                    }.get(self.flavour, _error(self.flavour, 400, "image input is not supported"))
         message, finish = self._answer(model, data, quirks)
         if data.get("stream"):
-            events = self._sse(model, message, finish)
+            options = data.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            events = self._sse(model, message, finish, usage)
             if quirks.stream_cut:  # the role delta, then the end: no content ever came
                 events = [events[0], events[-1]]
             return 200, events, "text/event-stream"
-        return 200, {
+        body = {
             "id": "chatcmpl-emu", "object": "chat.completion", "created": created,
             "model": model,
             "choices": [] if quirks.no_choices else
             [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
-        }, ""
+        }
+        return 200, vllm.chat_body(body) if self.flavour == "vllm" else body, ""
 
     def _text(self, model: str, json_schema: Any, q: Behaviour) -> str:
         """The text a capable model answers (JSON when structured output is asked for)."""
@@ -465,7 +505,8 @@ class Emulator:
             raise _error("openai", 400, "no image to describe", param="messages")
         return "\n".join(out)
 
-    def _sse(self, model: str, message: dict[str, Any], finish: str) -> list[bytes]:
+    def _sse(self, model: str, message: dict[str, Any], finish: str, usage: bool = False
+             ) -> list[bytes]:
         base = {"id": "chatcmpl-emu", "object": "chat.completion.chunk", "created": 1_700_000_000,
                 "model": model}
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
@@ -483,6 +524,12 @@ class Emulator:
         chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
                   for d in deltas]
         chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        if usage:  # stream_options.include_usage: a last chunk without choices
+            chunks.append({**base, "choices": [], "usage": {
+                "prompt_tokens": 10, "total_tokens": 10 + len(deltas),
+                "completion_tokens": len(deltas)}})
+        if self.flavour == "vllm":
+            chunks = vllm.chunks(chunks)
         return [b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
@@ -591,7 +638,8 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
             if squeeze and not target.startswith("/_emulator/"):
                 data = gzip.compress(data)
                 extra += "content-encoding: gzip\r\n"
-            head = (f"HTTP/1.1 {status} X\r\ncontent-type: {ctype or 'application/json'}\r\n"
+            kind = "" if payload == b"" else f"content-type: {ctype or 'application/json'}\r\n"
+            head = (f"HTTP/1.1 {status} X\r\n{kind}"
                     f"{extra}content-length: {len(data)}\r\n\r\n").encode()
             if emu.behaviour.reset and not target.startswith("/_emulator/"):
                 writer.write(head + data[: len(data) // 2])
@@ -624,6 +672,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key-scheme", default="Bearer")
     ap.add_argument("--no-record-bodies", action="store_true")
     ap.add_argument("--apis", help="comma-separated APIs served (default: the flavour's)")
+    ap.add_argument("--cards", default="{}", help='JSON: per model, what it reports it can do '
+                    'and its context, e.g. {"m": {"capabilities": ["completion"], '
+                    '"context": 1024}} (a vLLM model without vision or audio is text-only)')
     ap.add_argument("--tls-cert", help="serve HTTPS with this certificate (and --tls-key)")
     ap.add_argument("--tls-key")
     a = ap.parse_args(argv)
@@ -637,7 +688,8 @@ def main(argv: list[str] | None = None) -> None:
     emu = Emulator(a.name, a.flavour, [m for m in a.models.split(",") if m], a.api_key,
                    a.api_key_header.lower(),
                    a.api_key_scheme, record_bodies=record,
-                   apis=frozenset(a.apis.split(",")) if a.apis else None)
+                   apis=frozenset(a.apis.split(",")) if a.apis else None,
+                   cards=orjson.loads(a.cards))
 
     if a.flavour == "ocr":
         from .aux_vision import warm_up

@@ -7,6 +7,7 @@ body that none of them needs changed."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
@@ -79,7 +80,9 @@ def test_parts_every_candidate_takes_are_one_body() -> None:
 
 
 def test_parts_only_some_candidates_take_are_adapted_per_attempt() -> None:
-    p, d = plan("vllm-sglang", [{"type": "input_text", "text": "hi"}])
+    flac = {"type": "input_audio", "input_audio": {"data": base64.b64encode(
+        clip("flac")).decode(), "format": "flac"}}  # vLLM takes FLAC, SGLang wav or mp3
+    p, d = plan("vllm-sglang", [flac])
     assert (p.kind, p.cluster.value) == ("per_attempt", "llm_backends")
     h = handoff(p)
     assert h.sigs == tuple(d.sigs) and h.body_model == "same"

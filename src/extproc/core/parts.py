@@ -58,8 +58,9 @@ class Profile:
 PRESETS: dict[str, Profile] = {
     "openai": Profile(frozenset({"text", "image_url", "input_audio", "file"}), ("wav", "mp3"),
                       metadata="with_store"),
-    "vllm": Profile(frozenset({"text", "image_url", "input_audio", "audio_url", "video_url",
-                               "input_text", "input_image", "untyped_image_url"}),
+    # (vLLM 0.32 refuses input_text and parts without a type as a message's first part and
+    # input_image without "detail": we send it those as text and image_url.)
+    "vllm": Profile(frozenset({"text", "image_url", "input_audio", "audio_url", "video_url"}),
                     ("wav", "mp3", "flac", "ogg"), keeps_detail=False),
     "sglang": Profile(frozenset({"text", "image_url", "input_audio", "audio_url", "video_url"}),
                       ("wav", "mp3")),
