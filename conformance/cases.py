@@ -3,7 +3,8 @@
 An answer is reduced to what a client or the gateway relies on: the status, the content type,
 for JSON the *shape* (every key, with its value's kind: string, number, bool, null, object,
 list of the first element's shape) and for errors the error's ``type``; for a stream, the shape
-of its first and last events and whether it ends with ``[DONE]``. Text the random model writes,
+of its first and last events (their deltas left out: what a delta holds is the model's doing)
+and whether it ends with ``[DONE]``. Text the random model writes,
 ids and timings are not compared. Two answers differ where their reductions do; every
 difference must be fixed in the emulator or listed, with its reason, in
 ``vllm_differences.yaml``.
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from .real_vllm import SERVED_NAME
+from .servers import SERVED_NAME
 
 
 def _wav() -> str:
@@ -186,10 +187,15 @@ def ask(client: httpx.Client, base: str, case: Case) -> Answer:
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
         parsed = [orjson.loads(e) for e in events if e != "[DONE]"]
         answer.events = parsed
-        last = dict(parsed[-1]) if parsed else {}
-        if last.get("choices"):  # its delta is the model's (a last token, or nothing)
-            last["choices"] = [{k: v for k, v in last["choices"][0].items() if k != "delta"}]
-        answer.shape = {"first": kind(parsed[0]) if parsed else None, "last": kind(last),
+        def undelta(event: Any) -> Any:  # a delta is the model's: a token, a role, nothing
+            event = dict(event)
+            if event.get("choices"):
+                event["choices"] = [{k: v for k, v in event["choices"][0].items()
+                                     if k != "delta"}]
+            return kind(event)
+
+        answer.shape = {"first": undelta(parsed[0]) if parsed else None,
+                        "last": undelta(parsed[-1]) if parsed else None,
                         "done": bool(events) and events[-1] == "[DONE]"}
         return answer
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from .emulated_llamacpp import model_list as llamacpp_models
 from .emulated_vllm import VERSION as VLLM_VERSION
 from .emulated_vllm import model_entry
 
@@ -246,11 +247,8 @@ def catalog_answer(flavour: str, name: str, method: str, path: str, body: bytes,
     if method == "GET" and path in ("/v1/models", "/models"):
         if flavour == "vllm":  # vLLM: max_model_len, root, parent (LoRA adapters)
             data = [model_entry(m, context(m)) for m in models]
-        elif flavour == "llamacpp":  # llama.cpp: meta with the training context
-            data = [{"id": m, "object": "model", "created": 1_700_000_000,
-                     "owned_by": "llamacpp", "meta": {"n_ctx_train": context(m),
-                                                      "n_params": 7_000_000_000}}
-                    for m in models]
+        elif flavour == "llamacpp":  # llama.cpp: meta with the context, an Ollama-style list
+            return 200, llamacpp_models(models, context(models[0]) if models else 4096)
         else:
             data = [{"id": m, "object": "model", "created": 1_700_000_000,
                      "owned_by": "library" if flavour == "ollama" else name} for m in models]

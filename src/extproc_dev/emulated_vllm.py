@@ -1,6 +1,6 @@
 """TEST TOOL: what makes the vLLM emulator answer as vLLM 0.32 does, field for field.
 
-Checked against a real vLLM CPU server by ``make conformance`` (conformance/vllm-table.md):
+Checked against a real vLLM CPU server by ``make conformance`` (conformance/table.md):
 the extra fields vLLM puts in every answer, its FastAPI validation errors ("Bad Request", the
 field in ``param``), its part-type and text-only-model refusals, and what its request model
 refuses: a message's first part is validated strictly (``input_text`` or a part without

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from . import emulated_llamacpp as llamacpp
 from . import emulated_vllm as vllm
 from .emulated_apis import (
     CAPABLE,
@@ -82,9 +83,7 @@ def _error(flavour: str, status: int, message: str, param: str | None = None,
     if flavour == "vllm":
         return EmulatorError(status, vllm.error(status, message, param))
     if flavour == "llamacpp":
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return EmulatorError(status, {"error": {"code": status, "message": message,
-                                                "type": kind}})
+        return EmulatorError(status, llamacpp.error(status, message))
     if flavour == "ollama":
         return EmulatorError(status, {"error": {"message": message, "type": "api_error"
                                                 if status >= 500 else "invalid_request_error",
@@ -154,6 +153,8 @@ class Emulator:
                 return 503, {"error": {"code": 503, "message": "Loading model"}}, ""
             if self.flavour == "vllm":
                 return 200, b"", ""  # an empty body, no content type
+            if self.flavour == "llamacpp":
+                return 200, {"status": "ok"}, ""
             return 200, {"version": "0.12.0"} if self.flavour == "ollama" else {}, ""
         rec: dict[str, Any] = {"method": method, "path": path, "headers": headers,
                                "ts": time.time()}
@@ -184,6 +185,8 @@ class Emulator:
                 return 404, {"detail": "Not Found"}, ""  # FastAPI's own
             if self.flavour == "vllm" and method != "POST":
                 return 405, {"detail": "Method Not Allowed"}, ""
+            if self.flavour == "llamacpp" and (method != "POST" or api not in (self.apis or ())):
+                return 404, llamacpp.NOT_FOUND, ""
             if method != "POST" or api is None or api not in (self.apis or ()):
                 raise _error(self.flavour, 404, f"no route {method} {path}")
             rec["api"] = api
@@ -199,11 +202,12 @@ class Emulator:
                 rec["file"] = {"filename": upload["filename"], "size": len(upload["bytes"]),
                                "sha256": hashlib.sha256(upload["bytes"]).hexdigest()}
                 rec["body_sha256"] = hashlib.sha256(body).hexdigest()
-            elif self.flavour == "vllm":
+            elif self.flavour in ("vllm", "llamacpp"):
                 try:
-                    data = vllm.parse_body(body, headers.get("content-type", ""))
+                    data = vllm.parse_body(body, headers.get("content-type", "")) \
+                        if self.flavour == "vllm" else llamacpp.parse_body(body)
                 except ValueError as exc:
-                    raise EmulatorError(400, exc.args[0]) from None
+                    raise EmulatorError(exc.args[0]["error"]["code"], exc.args[0]) from None
             else:
                 try:
                     data = orjson.loads(body)
@@ -302,12 +306,16 @@ class Emulator:
             kind = "untyped_image_url"
         elif kind == "image_url" and isinstance(part.get("image_url"), str):
             kind = "image_url_string"
-        if f == "vllm":
+        if f in ("vllm", "llamacpp"):
             try:
-                vllm.check_part(kind, part if isinstance(part, dict) else {}, model, text_only,
-                                where.endswith("content[0]"), accepted)
+                if f == "vllm":
+                    vllm.check_part(kind, part if isinstance(part, dict) else {}, model,
+                                    text_only, where.endswith("content[0]"), accepted)
+                else:
+                    llamacpp.check_part(kind, part if isinstance(part, dict) else {},
+                                        self._card(model)[0], accepted)
             except ValueError as exc:
-                raise EmulatorError(400, exc.args[0]) from None
+                raise EmulatorError(exc.args[0]["error"]["code"], exc.args[0]) from None
         elif kind not in accepted:
             if f == "openai":
                 if kind == "image_url_string":
@@ -343,13 +351,15 @@ class Emulator:
                   ) -> tuple[int, Any, str]:
         created = 1_700_000_000
         api = api_of(path)
-        if self.flavour == "vllm" and api == "chat":
-            try:
+        try:
+            if self.flavour == "vllm" and api == "chat":
                 model = vllm.check_request(data, self.models, lambda m: self._card(m)[1])
-            except ValueError as exc:
-                raise EmulatorError(exc.args[0]["error"]["code"], exc.args[0]) from None
-        else:
-            model = self._check_model(data)
+            else:
+                if self.flavour == "llamacpp" and api == "chat":
+                    llamacpp.check_request(data)
+                model = self._check_model(data)
+        except ValueError as exc:
+            raise EmulatorError(exc.args[0]["error"]["code"], exc.args[0]) from None
         if api == "messages":
             return self._messages(model, data, quirks)
         if api == "count_tokens":
@@ -368,7 +378,8 @@ class Emulator:
                       "model": model, "choices": [{"index": 0, "text": f"[{self.name}]",
                                                    "finish_reason": "stop"}],
                       "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}
-            return 200, vllm.completion_body(legacy) if self.flavour == "vllm" else legacy, ""
+            return 200, vllm.completion_body(legacy) if self.flavour == "vllm" else \
+                llamacpp.answer_body(legacy) if self.flavour == "llamacpp" else legacy, ""
         self._check_parts(data.get("messages"), model)
         if quirks.reject_images and _has_image(data.get("messages")):
             raise {"vllm": _error("vllm", 400, f"{model} is not a multimodal model"),
@@ -391,7 +402,8 @@ class Emulator:
             [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
         }
-        return 200, vllm.chat_body(body) if self.flavour == "vllm" else body, ""
+        return 200, vllm.chat_body(body) if self.flavour == "vllm" else \
+            llamacpp.answer_body(body) if self.flavour == "llamacpp" else body, ""
 
     def _text(self, model: str, json_schema: Any, q: Behaviour) -> str:
         """The text a capable model answers (JSON when structured output is asked for)."""
@@ -530,6 +542,8 @@ class Emulator:
                 "completion_tokens": len(deltas)}})
         if self.flavour == "vllm":
             chunks = vllm.chunks(chunks)
+        elif self.flavour == "llamacpp":
+            chunks = llamacpp.chunks(chunks)
         return [b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
