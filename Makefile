@@ -21,9 +21,14 @@ tools:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
 	  || { echo "could not install wrk (needs root or sudo): apt-get install wrk"; exit 1; }
 
-## make run: Envoy + the service + demo backends in the foreground (Ctrl-C stops all)
+## make run: Envoy + the service + demo backends in the foreground (Ctrl-C stops all);
+## make run CONFIG=my.yaml: Envoy + the service against that config's own backends
 run: install
+ifdef CONFIG
+	$(PY) -m extproc.cli up --config $(CONFIG)
+else
 	$(PY) -m extproc_dev.stack --config config/demo.yaml
+endif
 
 ## make demo: start the stack, send real requests with the openai SDK, print a table, stop
 demo: install

@@ -1,5 +1,5 @@
-"""Command line: check a config, render Envoy's config, serve, show the models, write a
-starter config, replay fixtures."""
+"""Command line: check a config, render Envoy's config, serve, run Envoy and the service
+together (up), show the models, write a starter config, replay fixtures."""
 
 from __future__ import annotations
 
@@ -124,6 +124,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """Envoy and the service against the config's own backends, in the foreground."""
+    from .launcher import Launcher, run_foreground
+
+    _load(args.config)  # problems are reported (exit 2) before anything starts
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return run_foreground(Launcher(args.config, workdir=str(workdir), log_dir=str(workdir)))
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import run
 
@@ -165,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write to this file instead of stdout")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_init)
+    p = sub.add_parser("up", help="run Envoy and the service against the config's backends "
+                       "(foreground; Ctrl-C stops both)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", default=".run", help="where Envoy's rendered config and the "
+                   "logs go (default: .run)")
+    p.set_defaults(func=cmd_up)
     p = sub.add_parser("replay", help="send request fixtures through Envoy and check them")
     p.add_argument("fixtures", nargs="+", help="fixture files or directories")
     p.add_argument("--envoy", required=True, help="Envoy's URL, e.g. http://127.0.0.1:10000")

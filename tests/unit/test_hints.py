@@ -52,8 +52,21 @@ def test_headers_can_be_disabled() -> None:
 
 
 def test_routing_keys_collected_for_removal() -> None:
-    d = route(table(), {"route_anything": "x", "keep": "y"})
+    d = route(table(on_unknown="ignore"), {"route_anything": "x", "keep": "y"})
     assert d.hints.routing_keys == ["route_anything"]
+
+
+def test_an_unknown_key_under_the_prefix_follows_on_unknown() -> None:
+    err = refused(route, table(), {"route_intnet": "force-cloud"})  # a typo is not ignored
+    assert (err["status"], err["code"], err["param"]) == (400, "unknown_hint",
+                                                          "metadata.route_intnet")
+    assert "route_intent" in err["message"]
+    d = route(table(on_unknown="ignore"), {"route_intnet": "force-cloud", "other": "kept"})
+    assert d.hints.ignored == ["metadata.route_intnet: not a routing key"]
+    # A kind the config does not enable is no routing key either.
+    t = table(metadata_keys={"intent": "intent"})
+    assert refused(route, t, {"route_backend": "c"})["param"] == "metadata.route_backend"
+    assert route(t, {"route_intent": "cheap"}).hints.policy == "cheap"
 
 
 def test_metadata_limit_message_names_the_key() -> None:

@@ -24,6 +24,7 @@ class Hints:
     values: dict[str, str] = field(default_factory=dict)   # kind -> value
     sources: dict[str, str] = field(default_factory=dict)  # kind -> "metadata:key" / "header:x"
     routing_keys: list[str] = field(default_factory=list)  # metadata keys to strip
+    unknown_keys: list[str] = field(default_factory=list)  # under the prefix, not a hint
     context: dict[str, str] = field(default_factory=dict)  # propagated name -> value
     applied: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -85,10 +86,14 @@ def read_hints(data: dict[str, Any], headers: dict[str, str], cfg: HintSettings,
     """Collect hints and propagated context; the metadata was already checked."""
     h = Hints()
     meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    sources = sources or hint_sources(cfg)
+    known = {key for _, key, _ in sources if key}
     for key in meta:
         if key.startswith(cfg.metadata_prefix):
             h.routing_keys.append(key)
-    for kind, key, header in sources or hint_sources(cfg):
+            if key not in known:
+                h.unknown_keys.append(key)
+    for kind, key, header in sources:
         if key and meta and isinstance(meta.get(key), str) and meta[key]:
             h.values[kind], h.sources[kind] = meta[key], f"metadata:{key}"
         if header and headers.get(header):

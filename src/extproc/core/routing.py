@@ -444,6 +444,8 @@ def route_request(table: RoutingTable, data: dict[str, Any],
                       "are allowed (fetch.max_urls_per_request)", code="too_many_urls",
                       param="messages")
     hints = read_hints(data, headers, table.config.hints, table.hint_sources)
+    if hints.unknown_keys:
+        _unknown_keys(table, hints)
     if hints.values:
         pinned = _pinned_model(table, hints, headers)
         if pinned is not None:
@@ -614,6 +616,21 @@ def _hint_refused(table: RoutingTable, hints: Hints, kind: str, why: str, denied
     raise refusal(403 if denied else 400, f"Routing hint {kind}={hints.values[kind]!r} "
                   f"({source}): {why}", code="hint_not_allowed" if denied else "unknown_hint",
                   param=source.split(":", 1)[1])
+
+
+def _unknown_keys(table: RoutingTable, hints: Hints) -> None:
+    """A metadata key under the routing prefix that is no hint (a typo, or a key the config
+    does not enable) follows ``on_unknown`` like an unknown intent: a 400, or ignored and
+    recorded. It is never passed to a backend either way."""
+    cfg = table.config.hints
+    if cfg.on_unknown == "ignore":
+        hints.ignored += [f"metadata.{k}: not a routing key" for k in hints.unknown_keys]
+        return
+    key = hints.unknown_keys[0]
+    known = [k for _, k, _ in table.hint_sources if k]
+    raise refusal(400, f"Unknown routing key 'metadata.{key}': the keys under "
+                  f"'{cfg.metadata_prefix}' are {', '.join(known) or 'none'} "
+                  "(hints.metadata_keys)", code="unknown_hint", param=f"metadata.{key}")
 
 
 def _client(table: RoutingTable, headers: dict[str, str]) -> str | None:
