@@ -124,6 +124,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .config_reference import json_schema, reference
+
+    sys.stdout.write(reference() if args.reference else json_schema())
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Envoy and the service against the config's own backends, in the foreground."""
     from .launcher import Launcher, run_foreground
@@ -175,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write to this file instead of stdout")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_init)
+    p = sub.add_parser("schema", help="the config's JSON Schema (for editors), or with "
+                       "--reference the configuration reference (Markdown)")
+    p.add_argument("--reference", action="store_true")
+    p.set_defaults(func=cmd_schema)
     p = sub.add_parser("up", help="run Envoy and the service against the config's backends "
                        "(foreground; Ctrl-C stops both)")
     p.add_argument("--config", required=True)

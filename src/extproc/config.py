@@ -87,6 +87,8 @@ class BackendDiscovery(_Strict):
 
 
 class DiscoverySettings(_Strict):
+    """How often backends with discovery on are asked for their models."""
+
     interval_s: float = Field(default=30.0, gt=0, le=3600, description="how often each backend "
                               "is asked for its models")
     timeout_s: float = Field(default=5.0, gt=0, le=60, description="one discovery request")
@@ -110,7 +112,8 @@ class PartsOverride(_Strict):
     audio_formats: list[str] | None = Field(default=None, description="input_audio formats")
     fetches_urls: bool | None = Field(default=None, description="downloads http(s) URLs itself")
     image_mimes: list[str] | None = Field(default=None, description="data-URL image subtypes")
-    keeps_detail: bool | None = None
+    keeps_detail: bool | None = Field(
+        default=None, description="the backend takes image_url.detail (else it is dropped)")
     metadata: Literal["accept", "with_store"] | None = Field(
         default=None, description="with_store: `metadata` only when `store` is true (OpenAI)")
     check_urls: bool | None = Field(
@@ -131,13 +134,15 @@ class PartsOverride(_Strict):
 class FetchSettings(_Strict):
     """Remote URL fetches (for backends that only take inline data)."""
 
-    timeout_s: float = Field(default=10.0, gt=0)
-    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    timeout_s: float = Field(default=10.0, gt=0, description="one fetch of a media URL, all of it")
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="largest media file fetched")
     allow_private: bool = Field(default=False, description="allow loopback/private/link-local")
     allow_hosts: list[str] = Field(default=[], description="hosts exempt from the address check")
-    allow_http: bool = False
-    max_redirects: int = Field(default=3, ge=0, le=10)
-    ca_bundle: str | None = None
+    allow_http: bool = Field(default=False, description="fetch plain http:// URLs too (default: https only)")
+    max_redirects: int = Field(
+        default=3, ge=0, le=10, description="redirects followed (each target passes the policy again)")
+    ca_bundle: str | None = Field(
+        default=None, description="CA certificates for fetched https URLs (default: the system's)")
     max_urls_per_request: int = Field(default=16, ge=1, description="remote media URLs in "
                                       "one request (fetched, or checked for a backend)")
     max_bytes_per_request: int = Field(default=32 * 1024 * 1024, ge=1024,
@@ -151,13 +156,17 @@ ApiName = Literal["chat", "completions", "embeddings", "responses", "messages", 
 
 
 class Backend(AttemptLimits):
-    name: str
-    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1")
+    """One server the gateway sends requests to, with its credentials and models."""
+
+    name: str = Field(description="the backend's name (candidates, hints and records use it)")
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1 (two backends cannot "
+                     "share one host:port: list both models under one backend)")
     api_key_env: str | None = Field(
         default=None, description="environment variable holding this backend's API key"
     )
-    auth_header: str = "authorization"
-    auth_scheme: str = "Bearer"
+    auth_header: str = Field(default="authorization", description="header carrying the backend's key")
+    auth_scheme: str = Field(
+        default="Bearer", description="scheme before the key in that header (empty: the key alone)")
     forward_client_auth: bool = Field(
         default=False,
         description="forward the client's Authorization when the backend has no key of its own",
@@ -218,7 +227,9 @@ class Backend(AttemptLimits):
 
 
 class Candidate(_Strict):
-    backend: str
+    """One backend model a public model may go to."""
+
+    backend: str = Field(description="a backend's name")
     model: str = Field(description="the backend's model name (one of that backend's models)")
     tier: int | None = Field(default=None, description="candidates of one tier share the load "
                              "(in proportion to weight); lower tiers are tried first. Unset: "
@@ -231,10 +242,12 @@ BadAnswer = Literal["empty_answer", "no_choices", "content_filter", "invalid_too
 
 
 class PublicModel(_Strict):
-    name: str
-    aliases: list[str] = []
+    """A name clients use, and the backend models that serve it, in order."""
+
+    name: str = Field(description="the name clients ask for")
+    aliases: list[str] = Field(default=[], description="other names for it")
     candidates: list[Candidate] = Field(min_length=1, description="tried in this order")
-    owned_by: str = "llm-extproc"
+    owned_by: str = Field(default="llm-extproc", description="owned_by in GET /v1/models")
     fallback_on: list[BadAnswer] | None = Field(
         default=None, description="answers that move the request to the next candidate "
         "(unset: capability_routing.fallback_on)")
@@ -251,32 +264,39 @@ class VisionSettings(_Strict):
 
     backend: str | None = Field(default=None, description="a configured backend serving it")
     url: str | None = Field(default=None, description="or its own base URL (http://.../v1)")
-    api_key_env: str | None = None
+    api_key_env: str | None = Field(
+        default=None, description="environment variable with the aux vision model's key (with url)")
     model: str = Field(description="the aux model name, as its server expects it")
-    prompt: str = DEFAULT_VISION_PROMPT
+    prompt: str = Field(
+        default=DEFAULT_VISION_PROMPT, description="what the aux vision model is asked about each "
+        "image")
     include_user_text: bool = Field(
         default=True, description="give the aux model the user's text from the same message")
-    max_tokens: int = Field(default=512, ge=16)
-    timeout_s: float = Field(default=20.0, gt=0)
+    max_tokens: int = Field(default=512, ge=16, description="longest description it may write")
+    timeout_s: float = Field(default=20.0, gt=0, description="one description; then on_failure applies")
     concurrency: int = Field(default=4, ge=1, description="aux calls at once per service "
                              "process, taken in turn by the requests waiting")
     max_images_per_request: int = Field(default=16, ge=1, description="images one request "
                                         "may have described (cached ones do not count)")
-    cache_size: int = Field(default=1024, ge=0)
-    cache_ttl_s: float = Field(default=3600.0, ge=0)
-    on_failure: Literal["reject", "drop"] = "reject"
+    cache_size: int = Field(default=1024, ge=0, description="descriptions kept, by image digest")
+    cache_ttl_s: float = Field(default=3600.0, ge=0, description="how long a cached description is reused")
+    on_failure: Literal["reject", "drop"] = Field(
+        default="reject", description="when describing fails: reject (an error naming the aux model), "
+        "or drop (the image becomes a note saying it could not be described)")
 
 
 class VirtualModel(_Strict):
     """A model name that stands for every backend model with the required capabilities."""
 
-    name: str
+    name: str = Field(description="the public name (e.g. auto:vision)")
     requires: list[str] = Field(default=[], description="capabilities every member declares")
     tags: list[str] = Field(default=[], description="tags every member has")
     prefer: list[str] = Field(default=[], description="backends tried first, in this order")
 
 
 class CapabilityRouting(_Strict):
+    """Ordering candidates by what a request needs, and judging 200s."""
+
     incapable: Literal["last", "drop"] = Field(
         default="last", description="candidates known to lack a needed capability")
     hold_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
@@ -301,17 +321,19 @@ HintKind = Literal["intent", "model", "backend", "order"]
 
 
 class HintNames(_Strict):
-    intent: str | None = None
-    model: str | None = None
-    backend: str | None = None
-    order: str | None = None
+    """The name of each hint kind (a metadata key after the prefix, or a header)."""
+
+    intent: str | None = Field(default=None, description="the intent hint's name (unset: no such hint)")
+    model: str | None = Field(default=None, description="the model pin's name (unset: no such hint)")
+    backend: str | None = Field(default=None, description="the backend pin's name (unset: no such hint)")
+    order: str | None = Field(default=None, description="the backend order's name (unset: no such hint)")
 
 
 class HintAccess(_Strict):
     """Which clients (ids from ``client_header``; "*" = anyone) may use which hints."""
 
-    clients: list[str] = ["*"]
-    allow: list[HintKind] = []
+    clients: list[str] = Field(default=["*"], description="client ids this rule is for (\"*\": anyone)")
+    allow: list[HintKind] = Field(default=[], description="the hint kinds they may use")
     intents: list[str] | None = Field(default=None, description="allowed intents (unset: all)")
 
 
@@ -319,22 +341,27 @@ class Policy(_Strict):
     """What an intent does to the candidates, by the models' tags."""
 
     require_tags: list[str] = Field(default=[], description="keep only candidates with these")
-    exclude_tags: list[str] = []
+    exclude_tags: list[str] = Field(default=[], description="drop candidates with these")
     prefer_tags: list[str] = Field(default=[], description="candidates with these go first")
 
 
 class HintSettings(_Strict):
+    """Routing hints clients send in ``metadata`` or headers, under an access policy."""
+
     metadata_prefix: str = Field(default="route_", description="namespace of routing keys")
     metadata_keys: HintNames = HintNames(intent="intent", model="model", backend="backend",
                                          order="order")
-    headers_enabled: bool = True
+    headers_enabled: bool = Field(default=True, description="read hints from request headers too")
     headers: HintNames = HintNames(intent="x-route-intent", model="x-route-model",
                                    backend="x-route-backend", order="x-route-order")
     client_header: str = Field(default="x-client-id", description="who is asking (set by "
                                "Envoy's api_key_auth, or a tenant header)")
     access: list[HintAccess] = [HintAccess(clients=["*"], allow=["intent"])]
-    on_denied: Literal["reject", "ignore"] = "reject"
-    on_unknown: Literal["reject", "ignore"] = "reject"
+    on_denied: Literal["reject", "ignore"] = Field(
+        default="reject", description="a hint the client may not use: 403, or ignored and recorded")
+    on_unknown: Literal["reject", "ignore"] = Field(
+        default="reject", description="an unknown intent, model, backend or routing key: 400, or "
+        "ignored and recorded")
     policies: dict[str, Policy] = {}
     propagate: dict[str, str] = Field(default={}, description="backend header -> metadata key "
                                       "or request header to copy into it")
@@ -343,14 +370,17 @@ class HintSettings(_Strict):
 
 
 class ClientKey(_Strict):
-    client: str
-    key: str | None = None
-    key_env: str | None = None
+    """One client's API key (checked by Envoy's api_key_auth filter)."""
+
+    client: str = Field(description="the client's id")
+    key: str | None = Field(default=None, description="its key, inline (prefer key_env)")
+    key_env: str | None = Field(default=None, description="environment variable holding its key")
 
 
 class ClientAuth(_Strict):
-    """Client API keys, checked by Envoy's own api_key_auth filter before the service is called.
-    The service and backends see only the client id (for hint access rules)."""
+    """Client API keys, checked by Envoy's own api_key_auth filter before the service is called
+    (every path, GET /v1/models included). The service and backends see only the client id (for
+    hint access rules)."""
 
     keys: list[ClientKey] = []
     keys_file: str | None = Field(default=None, description="YAML/JSON mapping client -> key")
@@ -358,7 +388,9 @@ class ClientAuth(_Strict):
                         "(authorization takes `Bearer <key>`)")
     also_headers: list[str] = Field(default=["x-api-key"], description="other headers a key "
                                     "is taken from (Anthropic clients send x-api-key)")
-    forward_header: str = "x-client-id"
+    forward_header: str = Field(
+        default="x-client-id", description="header carrying the client's id to the service and "
+        "backends")
 
 
 class AIGatewaySettings(_Strict):
@@ -370,12 +402,18 @@ class AIGatewaySettings(_Strict):
 
 
 class ServiceSettings(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(default=50051, ge=1, le=65535)
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    """The gRPC ext_proc service: where it listens, its limits and processes."""
+
+    host: str = Field(default="127.0.0.1", description="address the gRPC service listens on")
+    port: int = Field(default=50051, ge=1, le=65535, description="its port (worker i of several: port + i)")
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, description="largest gRPC message (bodies travel "
+        "inside messages)")
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="Prometheus; 0: off")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="the service's log level (JSON lines on stdout)")
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="on SIGTERM, streams in flight get this long to finish")
     max_part_bytes: int = Field(default=24 * 1024 * 1024, ge=1024,
                                 description="largest inline media part (base64 text)")
     max_decoded_audio_bytes: int = Field(
@@ -391,21 +429,32 @@ class ServiceSettings(_Strict):
 
 
 class EnvoySettings(_Strict):
-    listen_host: str = "127.0.0.1"
-    listen_port: int = Field(default=10000, ge=1, le=65535)
-    admin_host: str = "127.0.0.1"
-    admin_port: int = Field(default=9901, ge=1, le=65535)
+    """Used when rendering Envoy's config: listeners, limits, timeouts, retries."""
+
+    listen_host: str = Field(default="127.0.0.1", description="address Envoy listens on for clients")
+    listen_port: int = Field(default=10000, ge=1, le=65535, description="Envoy's port for clients")
+    admin_host: str = Field(default="127.0.0.1", description="Envoy's admin interface (keep it on loopback)")
+    admin_port: int = Field(default=9901, ge=1, le=65535, description="Envoy's admin port")
     service_host: str | None = Field(
         default=None, description="where Envoy reaches the service (default: service.host)"
     )
-    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
-    message_timeout_ms: int = Field(default=10_000, ge=50)
-    max_message_timeout_ms: int = Field(default=120_000, ge=50)
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=64 * 1024, description="buffer limit for request and response "
+        "bodies (listener, clusters, retries)")
+    message_timeout_ms: int = Field(
+        default=10_000, ge=50, description="how long Envoy waits for the service's answer to one "
+        "ext_proc message")
+    max_message_timeout_ms: int = Field(
+        default=120_000, ge=50, description="the longest the service may extend that wait (aux vision, "
+        "fetches)")
     route_timeout_s: float = Field(default=600.0, gt=0, description="a non-streaming request, "
                                    "all attempts together (streams are bounded by stream_idle_s)")
-    connect_timeout_s: float = Field(default=2.0, gt=0)
-    retry_base_interval_ms: int = Field(default=5, ge=1)
-    retry_max_interval_ms: int = Field(default=50, ge=1)
+    connect_timeout_s: float = Field(
+        default=2.0, gt=0, description="connecting to a backend; then the next candidate")
+    retry_base_interval_ms: int = Field(
+        default=5, ge=1, description="back-off before the next candidate (fast failover)")
+    retry_max_interval_ms: int = Field(
+        default=50, ge=1, description="the longest back-off between candidates")
     per_try_timeout_s: float | None = Field(
         default=300.0, gt=0, description="a non-streaming attempt, then the next candidate "
         "(each backend and model may set its own attempt_timeout_s)")
@@ -417,15 +466,18 @@ class EnvoySettings(_Strict):
     # retry, and the fourth concurrent one got a 503 instead of the next candidate.
     max_requests: int = Field(default=10_000, ge=1, description="requests in flight per "
                               "backend cluster (and gRPC streams to the service)")
-    max_pending_requests: int = Field(default=10_000, ge=1)
-    max_connections: int = Field(default=10_000, ge=1)
+    max_pending_requests: int = Field(
+        default=10_000, ge=1, description="circuit breaker: requests waiting for a connection per "
+        "cluster")
+    max_connections: int = Field(default=10_000, ge=1, description="circuit breaker: connections per cluster")
     retry_budget_percent: float = Field(
         default=100.0, gt=0, le=100, description="retries in flight as a share of the "
         "requests in flight: 100 lets every request fail over at once (each request has at "
         "most one attempt in flight, and at most candidates - 1 retries)")
     min_retry_concurrency: int = Field(default=64, ge=1, description="retries always allowed "
                                        "in flight, whatever the budget")
-    access_log: bool = True
+    access_log: bool = Field(
+        default=True, description="JSON access log on Envoy's stdout (request id, model, backend)")
     whole_responses: bool = Field(
         default=True, description="hold each non-streaming response until it is complete, so "
         "a backend dying mid-body gives the client a JSON 502, never a truncated 200")
@@ -438,11 +490,15 @@ class EnvoySettings(_Strict):
     status_on_error: int = Field(default=503, ge=400, le=599,
                                  description="status when the service fails or is unreachable")
     request_timeout_s: float = Field(default=60.0, gt=0, description="whole request received")
-    request_headers_timeout_s: float = Field(default=10.0, gt=0)
-    stream_idle_timeout_s: float = Field(default=300.0, gt=0)
+    request_headers_timeout_s: float = Field(
+        default=10.0, gt=0, description="a client's request headers must arrive by then")
+    stream_idle_timeout_s: float = Field(
+        default=300.0, gt=0, description="a client connection's stream idle this long is closed")
     egress_base_port: int = Field(default=10100, ge=1, le=65000, description="first loopback "
                                   "port for egress listeners (backends by name or over TLS)")
-    ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    ca_bundle: str = Field(
+        default="/etc/ssl/certs/ca-certificates.crt", description="CA certificates for https backends "
+        "and egress (PEM file)")
     direct_cluster: bool = Field(
         default=True, description="render a twin pool cluster without the attempt stage; the "
         "route stage sends requests there when no attempt would have anything to do")
@@ -455,8 +511,8 @@ class HealthSettings(_Strict):
     connect timeout; it is back in the order as soon as it is up again."""
 
     probes: bool = Field(default=True, description="probe backends (see each backend's health)")
-    interval_s: float = Field(default=5.0, gt=0)
-    timeout_s: float = Field(default=2.0, gt=0)
+    interval_s: float = Field(default=5.0, gt=0, description="how often each backend is probed")
+    timeout_s: float = Field(default=2.0, gt=0, description="one probe")
     unhealthy_threshold: int = Field(default=2, ge=1, description="failed probes in a row")
     healthy_threshold: int = Field(default=1, ge=1, description="good probes in a row")
     eject_after_failures: int = Field(
@@ -464,12 +520,15 @@ class HealthSettings(_Strict):
         "out, 5xx) take a backend out for ejection_s")
     ejection_s: float = Field(default=10.0, gt=0, description="doubles with each ejection in "
                               "a row, up to max_ejection_s")
-    max_ejection_s: float = Field(default=300.0, gt=0)
+    max_ejection_s: float = Field(
+        default=300.0, gt=0, description="the longest a failing backend is left out")
     max_retry_after_s: float = Field(default=300.0, ge=0, description="longest 429 Retry-After "
                                      "honoured (0: a 429 moves on but cools nothing)")
 
 
 class Config(_Strict):
+    """The whole configuration: the service, Envoy, backends, public models, policies."""
+
     service: ServiceSettings = ServiceSettings()
     envoy: EnvoySettings = EnvoySettings()
     fetch: FetchSettings = FetchSettings()
