@@ -59,15 +59,10 @@ bench: install tools
 soak: install tools
 	$(PY) bench/soak.py --seconds 600
 
-## make envoy-config: re-render envoy/demo.yaml, envoy/compose.yaml and the README's snippets
+## make envoy-config: re-render envoy/demo.yaml and envoy/compose.yaml
 envoy-config: install
 	$(PY) -m extproc.cli envoy --config config/demo.yaml --out envoy/demo.yaml
 	$(PY) -m extproc.cli envoy --config config/compose.yaml --out envoy/compose.yaml
-	$(PY) -c 'import pathlib, re; from extproc.config import load_config; \
-	  from extproc.render import SNIPPETS_BEGIN as B, SNIPPETS_END as E, render_snippets; \
-	  p = pathlib.Path("README.md"); s = p.read_text(); \
-	  new = render_snippets(load_config("config/demo.yaml")); \
-	  p.write_text(s[:s.index(B)] + new + s[s.index(E) + len(E):])'
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .ruff_cache

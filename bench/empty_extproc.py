@@ -2,7 +2,7 @@
 
 Benchmark case (b): Envoy + this processor (request headers SEND, body BUFFERED) -> emulator.
 Whatever llm-extproc costs above this is our own work; below it is the price of a Python gRPC
-stream per request (the README's Benchmark section).
+stream per request (docs/benchmark.md).
 
     python bench/empty_extproc.py --port 50099
 """

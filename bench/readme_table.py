@@ -1,4 +1,4 @@
-"""Print bench/results/latest.json as the Markdown table the README shows."""
+"""Print bench/results/latest.json as the Markdown table docs/benchmark.md shows."""
 
 from __future__ import annotations
 

@@ -111,8 +111,10 @@ def test_a_stream_passes_through_live_and_unchanged(gateway: Stack, kind: str,
             return "".join((c["choices"][0]["delta"].get("content") or "")
                            for c in chunks if c.get("choices"))
 
-        assert through[-1] == "[DONE]" and len(through) == len(direct) > 100
-        assert text(through) == text(direct)  # greedy decoding: the same tokens
+        # Greedy decoding: the same text (vLLM may put two tokens in one event, so the
+        # number of events can differ by one or two from run to run).
+        assert through[-1] == "[DONE]" and len(through) > 100 and len(direct) > 100
+        assert text(through) == text(direct)
         assert live(direct_at), f"the server sent its events in one burst ({direct_at[0]:.3f}" \
             f" to {direct_at[-1]:.3f} s), three times: liveness cannot be told"
         assert live(at), f"held: first event at {at[0]:.3f} s, last at {at[-1]:.3f} s " \

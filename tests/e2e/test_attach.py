@@ -1,5 +1,6 @@
-"""The README's "attach to your own Envoy" snippets, pasted as they are into a plain Envoy config,
-route real traffic. The snippets name the service at the demo address (127.0.0.1:50051)."""
+"""The "attach to your own Envoy" snippets (`extproc envoy --snippets`), pasted as they are into
+a plain Envoy config, route real traffic. The snippets name the service at the demo address
+(127.0.0.1:50051)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from extproc.config import load_config
-from extproc.render import SNIPPETS_BEGIN, SNIPPETS_END, render_snippets
+from extproc.render import render_snippets
 from extproc_dev.stack import Stack, envoy_binary, free_port, wait_port
 
 from .conftest import demo_config_on_free_ports, write_config
@@ -23,21 +24,14 @@ from .conftest import demo_config_on_free_ports, write_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def readme_blocks() -> list[dict]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(SNIPPETS_BEGIN):text.index(SNIPPETS_END)]
-    return [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
-
-
-def test_readme_snippets_are_the_rendered_ones() -> None:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(SNIPPETS_BEGIN):text.index(SNIPPETS_END) + len(SNIPPETS_END)]
-    assert section == render_snippets(load_config(ROOT / "config" / "demo.yaml")), (
-        "README snippets are stale: `extproc envoy --config config/demo.yaml --snippets`")
+def snippet_blocks() -> list[dict]:
+    """The YAML blocks `extproc envoy --config config/demo.yaml --snippets` prints."""
+    text = render_snippets(load_config(ROOT / "config" / "demo.yaml"))
+    return [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
 
 
 def test_snippets_pasted_into_a_plain_envoy_route_traffic(tmp_path: Path) -> None:
-    filters, route, pool, service = readme_blocks()
+    filters, route, pool, service = snippet_blocks()
     svc_addr = service["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
         "address"]["socket_address"]
     with socket.socket() as s:  # the snippets name the demo's service address

@@ -5,7 +5,7 @@ Envoy needs."""
 from .bootstrap import render, render_yaml
 from .filters import client_keys
 from .routes import max_candidates, stream_idle_limits
-from .snippets import SNIPPETS_BEGIN, SNIPPETS_END, render_snippets
+from .snippets import render_snippets
 
-__all__ = ["SNIPPETS_BEGIN", "SNIPPETS_END", "client_keys", "max_candidates", "render",
-           "render_snippets", "render_yaml", "stream_idle_limits"]
+__all__ = ["client_keys", "max_candidates", "render", "render_snippets", "render_yaml",
+           "stream_idle_limits"]
