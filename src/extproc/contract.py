@@ -69,6 +69,13 @@ class Meta(StrEnum):
     PATH = "path"
     CLIENT_AUTH = "client_auth"
     ENDPOINT = "endpoint"
+    # Set by the response-side Lua filter (render/filters.py): the answer's token usage and,
+    # for streams, when its first token came and when it ended (wall clock, microseconds).
+    USAGE_ADDED = "usage_added"  # the route stage asked for a stream's usage chunk
+    USAGE_IN = "usage_in"
+    USAGE_OUT = "usage_out"
+    FIRST_TOKEN_US = "first_token_us"
+    LAST_US = "last_us"
 
 
 def attribute(key: Meta) -> str:

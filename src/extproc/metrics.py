@@ -30,6 +30,48 @@ STAGE_SECONDS = Histogram(
              1.0, 2.5, 5.0, 10.0, 30.0))
 
 
+# OpenTelemetry GenAI metrics (gen_ai.client.token.usage, gen_ai.server.time_to_first_token,
+# gen_ai.server.time_per_output_token), in Prometheus form, from what Envoy saw of each answer.
+_GENAI_LABELS = ["gen_ai_request_model", "gen_ai_response_model", "backend", "client"]
+TOKENS = Histogram(
+    "gen_ai_client_token_usage", "Tokens per request, by type (input, output)",
+    ["gen_ai_token_type", *_GENAI_LABELS], registry=REGISTRY,
+    buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304))
+TTFT = Histogram(
+    "gen_ai_server_time_to_first_token", "Seconds from the request to a stream's first token",
+    _GENAI_LABELS, registry=REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+             7.5, 10.0))
+TPOT = Histogram(
+    "gen_ai_server_time_per_output_token", "Seconds per output token after the first (streams)",
+    _GENAI_LABELS, registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5))
+
+
+_USAGE_CHILDREN: dict[tuple[str, ...], tuple[Histogram, Histogram, Histogram, Histogram]] = {}
+
+
+def usage(figures: dict[str, float], public_model: str, model: str, backend: str,
+          client: str) -> None:
+    """One answer's token usage and stream latency (``core.decision.usage``'s figures); the
+    labelled children cached as in ``requests``."""
+    labels = (public_model, model, backend, client)
+    children = _USAGE_CHILDREN.get(labels)
+    if children is None:
+        children = _USAGE_CHILDREN[labels] = (
+            TOKENS.labels("input", *labels), TOKENS.labels("output", *labels),
+            TTFT.labels(*labels), TPOT.labels(*labels))
+    tokens_in, tokens_out, ttft, tpot = children
+    if "input_tokens" in figures:
+        tokens_in.observe(figures["input_tokens"])
+    if "output_tokens" in figures:
+        tokens_out.observe(figures["output_tokens"])
+    if "ttft_ms" in figures:
+        ttft.observe(figures["ttft_ms"] / 1000)
+    if "tpot_ms" in figures:
+        tpot.observe(figures["tpot_ms"] / 1000)
+
+
 _STAGE_CHILDREN: dict[tuple[str, str], Histogram] = {}
 
 

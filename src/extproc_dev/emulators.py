@@ -117,6 +117,9 @@ class Behaviour:
     no_choices: bool = False      # "choices": []
     tool_arguments: str | None = None  # tool-call arguments as given (e.g. not JSON)
     catalog: str | None = None    # the model list: "garbage" (not JSON), "stall" (no answer)
+    first_token_delay_s: float = 0.0  # a stream's first token comes this long after its role
+    split_events: bool = False    # each SSE event written in two pieces, 50 ms apart (a
+    # usage event cut inside its "completion_tokens" key)
 
 
 @dataclass
@@ -633,10 +636,19 @@ async def _serve_conn(emu: Emulator, reader: asyncio.StreamReader,
                         return
                     if i and emu.behaviour.stream_delay_s:
                         await asyncio.sleep(emu.behaviour.stream_delay_s)
+                    if i == 1 and emu.behaviour.first_token_delay_s:
+                        await asyncio.sleep(emu.behaviour.first_token_delay_s)
                     if z is not None:
                         event = z.compress(event) + z.flush(zlib.Z_SYNC_FLUSH)
-                    writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
-                    await writer.drain()
+                    cut = event.find(b'"completion_tokens"') + 8  # inside the key, if any
+                    cut = cut if cut > 8 else len(event) // 2
+                    pieces = [event[:cut], event[cut:]] \
+                        if emu.behaviour.split_events and len(event) > 1 else [event]
+                    for k, piece in enumerate(pieces):
+                        if k:
+                            await asyncio.sleep(0.05)
+                        writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                        await writer.drain()
                     sent.append(time.monotonic())
                 if z is not None:
                     tail = z.flush()

@@ -367,15 +367,18 @@ def test_a_gzipped_answer_is_judged_and_reaches_the_client_as_asked(hstack: Stac
     behave(hstack, "good", gzip=True)
     client = openai.OpenAI(base_url=hstack.envoy_url + "/v1", api_key="k", max_retries=0,
                            timeout=30)
+    # (A stream asks for its own usage: else the gateway asks for it, and for the stream
+    # uncompressed; see test_usage.)
+    extra = {"stream_options": {"include_usage": True}} if stream else {}
     raw = client.chat.completions.with_raw_response.create(
         model="judged", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=TOOLS,
-        tool_choice="required", stream=stream)
+        tool_choice="required", stream=stream, **extra)
     assert raw.headers["x-extproc-backend"] == "good" and raw.headers["x-extproc-attempts"] == "2"
     assert raw.headers.get("content-encoding") == "gzip"  # as the client asked
     if stream:
         chunks = list(raw.parse())
-        names = [tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or [])
-                 if c.choices and tc.function and tc.function.name]
+        names = [tc.function.name for c in chunks if c.choices
+                 for tc in (c.choices[0].delta.tool_calls or []) if tc.function and tc.function.name]
         assert names == ["get_weather"]
     else:
         assert raw.parse().choices[0].message.tool_calls[0].function.name == "get_weather"

@@ -12,6 +12,12 @@ from extproc.core.routing import Target
 from extproc.shell.decision_log import finish
 
 
+def runtime(notes: dict) -> SimpleNamespace:
+    """What ``finish`` reads of a runtime: the notes and the client header's name."""
+    return SimpleNamespace(notes=notes, config=SimpleNamespace(
+        hints=SimpleNamespace(client_header="x-client-id")))
+
+
 def entry(record: DecisionRecord | None, status: int, attempts: int,
           headers: dict[str, str]) -> accesslog_pb2.HTTPAccessLogEntry:
     e = accesslog_pb2.HTTPAccessLogEntry()
@@ -37,7 +43,7 @@ def routed() -> DecisionRecord:
 
 
 def test_failover_fills_attempts_in_candidate_order() -> None:
-    rt = SimpleNamespace(notes={"rid-1": [{"reason": "tools: forced"}], "other": []})
+    rt = runtime(notes={"rid-1": [{"reason": "tools: forced"}], "other": []})
     rec = finish(entry(routed(), 200, 2, {"x-extproc-backend": "live",
                                           "x-extproc-model": "m-q4",
                                           "x-extproc-converted-parts": "2"}), rt)
@@ -54,18 +60,31 @@ def test_failover_fills_attempts_in_candidate_order() -> None:
 
 
 def test_no_backend_answered_is_upstream_failed() -> None:
-    rec = finish(entry(routed(), 503, 2, {}), SimpleNamespace(notes={}))
+    rec = finish(entry(routed(), 503, 2, {}), runtime(notes={}))
     assert rec is not None and rec["outcome"] == "upstream_failed" and rec["status"] == 503
 
 
 def test_answers_of_the_route_stage_keep_their_outcome() -> None:
     r = routed()
     r.rejected(404, "model_not_found")
-    rec = finish(entry(r, 404, 0, {}), SimpleNamespace(notes={}))
+    rec = finish(entry(r, 404, 0, {}), runtime(notes={}))
     assert rec is not None
     assert (rec["outcome"], rec["status"], rec["error_code"], rec["attempts"]) == \
         ("rejected", 404, "model_not_found", [])
 
 
 def test_requests_never_decided_are_not_records() -> None:
-    assert finish(entry(None, 401, 0, {}), SimpleNamespace(notes={})) is None
+    assert finish(entry(None, 401, 0, {}), runtime(notes={})) is None
+
+
+def test_usage_and_stream_latency_from_what_envoy_noted() -> None:
+    from extproc.contract import Meta
+    from extproc.core.decision import usage
+
+    figures = {Meta.USAGE_IN: "12", Meta.USAGE_OUT: "5", Meta.FIRST_TOKEN_US: "1250000",
+               Meta.LAST_US: "1650000"}
+    assert usage(figures, 1_000_000) == {"input_tokens": 12, "output_tokens": 5,
+                                         "ttft_ms": 250.0, "tpot_ms": 100.0}  # 400 ms / 4
+    assert usage({Meta.USAGE_IN: "7"}, 1) == {"input_tokens": 7}  # a whole answer: no timings
+    assert usage({Meta.FIRST_TOKEN_US: "5"}, 10) == {}  # clocks disagree: no latency
+    assert usage({Meta.USAGE_OUT: "x"}) == {}

@@ -25,3 +25,18 @@ def test_relative_links_resolve() -> None:
             if "://" in target:
                 continue
             assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+def test_the_grafana_dashboard_queries_metrics_we_export() -> None:
+    import json
+
+    from extproc.metrics import REGISTRY
+
+    names = set()
+    for family in REGISTRY.collect():
+        names |= {family.name, f"{family.name}_total", f"{family.name}_bucket",
+                  f"{family.name}_sum", f"{family.name}_count"}
+    dash = json.loads((ROOT / "deploy" / "grafana" / "llm-extproc.json").read_text())
+    queried = {m for p in dash["panels"] for t in p["targets"]
+               for m in re.findall(r"\b((?:llm_extproc|gen_ai)_[a-z_]+)(?=[\[{])", t["expr"])}
+    assert queried and queried <= names, queried - names

@@ -54,3 +54,22 @@ def test_the_contracts_names_are_what_envoy_is_told() -> None:
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]
     assert stage["typed_config"]["request_attributes"] == list(ATTEMPT_ATTRIBUTES)
     assert attribute(Meta.CANDIDATES) in ATTEMPT_ATTRIBUTES
+
+
+def test_the_response_side_lua_is_there_only_when_something_needs_it() -> None:
+    from extproc.config import parse_config
+    from extproc.render.filters import http_filters
+
+    def lua(**envoy: object) -> str | None:
+        cfg = parse_config({"backends": [{"name": "b", "url": "http://127.0.0.1:1/v1",
+                                          "models": [{"name": "m"}]}], "envoy": envoy})
+        found = [f for f in http_filters(cfg) if f["name"] == "extproc.responses"]
+        return found[0]["typed_config"]["default_source_code"]["inline_string"] if found \
+            else None
+
+    both = lua()
+    assert both is not None and "local HOLD = true" in both and "local USAGE = true" in both
+    assert f'"{Meta.USAGE_OUT}"' in both and f'"{Meta.FIRST_TOKEN_US}"' in both
+    assert "local USAGE = false" in (lua(token_usage=False) or "")
+    assert "local HOLD = false" in (lua(whole_responses=False) or "")
+    assert lua(token_usage=False, whole_responses=False) is None

@@ -22,6 +22,7 @@ from ..contract import (
     RESP_TRANSLATED,
     RESP_UNMET,
     RESP_VISION,
+    Meta,
 )
 from .routing import RouteDecision, Target
 
@@ -102,6 +103,29 @@ class DecisionRecord:
     def to_json(self) -> str:
         """What travels in Envoy's dynamic metadata until the outcome is known."""
         return orjson.dumps(self).decode()
+
+
+def usage(figures: Mapping[str, str], start_us: int | None = None) -> dict[str, Any]:
+    """Token usage and stream latency from what Envoy's response-side Lua noted (``Meta``
+    usage and timestamp keys, as strings) and when Envoy had the request (``start_us``, wall
+    clock): input and output tokens, the time to the first token and per output token after
+    it (streams), in milliseconds."""
+    def num(key: str) -> int | None:
+        value = figures.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    out: dict[str, Any] = {}
+    tokens_in, tokens_out = num(Meta.USAGE_IN), num(Meta.USAGE_OUT)
+    if tokens_in is not None:
+        out["input_tokens"] = tokens_in
+    if tokens_out is not None:
+        out["output_tokens"] = tokens_out
+    first, last = num(Meta.FIRST_TOKEN_US), num(Meta.LAST_US)
+    if start_us is not None and first is not None and first >= start_us:
+        out["ttft_ms"] = (first - start_us) / 1000
+        if last is not None and tokens_out is not None and tokens_out > 1 and last >= first:
+            out["tpot_ms"] = (last - first) / 1000 / (tokens_out - 1)
+    return out
 
 
 def complete(record: str, status: int, headers: Mapping[str, str], attempt_count: int | None,

@@ -46,7 +46,7 @@ from .backends import (
     target_path,
 )
 from .capabilities import READABLE_ENCODINGS, Needs, Verdict, readable_accept_encoding
-from .endpoints import BY_PATH, Endpoint
+from .endpoints import BY_PATH, Api, Endpoint
 from .errors import refusal
 from .health import retry_after_seconds
 from .parts import Sig, needs_change
@@ -206,8 +206,17 @@ class Planner:
                 d.candidates, model_out or body_model,
                 tuple(d.sigs), d.needs if judged else None, unstored,
                 view.path if moved else None, creds if forwards else {}, e).encode())
+        # A Chat or Completions stream whose client did not ask for usage: we ask for it, and
+        # for the stream uncompressed (the Lua reads and edits its events; identity is always
+        # acceptable to a client, and compressing events only delays them).
+        options = data.get("stream_options")
+        add_usage = view.streaming and cfg.envoy.token_usage and \
+            e.api in (Api.CHAT, Api.COMPLETIONS) and \
+            not (isinstance(options, dict) and options.get("include_usage") is True)
         accept = view.headers.get("accept-encoding")
-        if accept and judged and kind != "direct":  # judged: only encodings the judge reads
+        if add_usage and accept:
+            remove.append("accept-encoding")
+        elif accept and judged and kind != "direct":  # judged: only encodings the judge reads
             readable = readable_accept_encoding(accept)
             if readable is None:
                 remove.append("accept-encoding")
@@ -221,6 +230,12 @@ class Planner:
         if d.warnings:
             meta[Meta.WARNINGS] = "; ".join(d.warnings)[:2000]
         reserialise = view.reserialise
+        if add_usage:  # Envoy's response-side Lua reads the usage chunk and drops it
+            options = data.get("stream_options")
+            data["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                      "include_usage": True}
+            meta[Meta.USAGE_ADDED] = "1"
+            reserialise = True
         metadata = data.get("metadata")
         if d.hints.routing_keys and isinstance(metadata, dict):  # never to a backend
             rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}

@@ -72,25 +72,124 @@ def attempt_stage(cfg: Config, judged_only: bool = False) -> dict[str, Any]:
         send_body_without_waiting_for_header_response=True, **attributes)}
 
 
-# Holds a non-streaming response until its body is complete. A backend that dies mid-body then
-# gives the client a JSON 502 instead of a truncated 200 (which an SDK cannot parse). Streams
-# pass live. In Lua: no service round trip and no gRPC message per request.
-_WHOLE_RESPONSE_LUA = """
+# The response side, in Lua (no service round trip, no gRPC message per request):
+# - holds a non-streaming response until its body is complete (envoy.whole_responses), so a
+#   backend that dies mid-body gives the client a JSON 502 instead of a truncated 200;
+# - reads the answer's token usage (Chat/Completions prompt_tokens/completion_tokens,
+#   Responses/Messages input_tokens/output_tokens; the last value seen wins, as a Messages
+#   stream's final message_delta does) from the end of a whole body, or from every chunk of a
+#   stream, joined to the end of the previous chunk so an event split across chunks is read;
+# - notes when a stream's first token came (the first chunk with text, a tool call or a
+#   delta) and when it ended (wall clock, as the access log's start time: the service
+#   subtracts that).
+# A compressed answer is passed on untouched (its usage is not read).
+# Streams pass live: bodyChunks() hands each chunk on as it arrives.
+_RESPONSES_LUA = """
+local HOLD = %(hold)s
+local USAGE = %(usage)s
+local NS = "%(ns)s"
+
+local function scan(text, usage)
+  local at = string.find(text, '"usage"', 1, true)
+  while at do
+    local u = string.sub(text, at, at + 400)
+    local n = string.match(u, '"prompt_tokens"%%s*:%%s*(%%d+)')
+      or string.match(u, '"input_tokens"%%s*:%%s*(%%d+)')
+    if n then usage.input = n end
+    n = string.match(u, '"completion_tokens"%%s*:%%s*(%%d+)')
+      or string.match(u, '"output_tokens"%%s*:%%s*(%%d+)')
+    if n then usage.output = n end
+    at = string.find(text, '"usage"', at + 7, true)
+  end
+end
+
+-- A stream's complete events (up to its last blank line) without the usage chunk the gateway
+-- asked for (an event with "choices":[] and "usage"), and the incomplete rest.
+local function without_usage(text)
+  local cut, at = nil, string.find(text, "\\n\\n", 1, true)
+  while at do
+    cut = at
+    at = string.find(text, "\\n\\n", at + 2, true)
+  end
+  if not cut then return "", text end
+  local out = {}
+  for event in string.gmatch(string.sub(text, 1, cut + 1), "(.-\\n\\n)") do
+    if not (string.find(event, '"choices":[]', 1, true)
+            and string.find(event, '"usage"', 1, true)) then
+      out[#out + 1] = event
+    end
+  end
+  return table.concat(out), string.sub(text, cut + 2)
+end
+
+local function has_token(text)
+  return string.find(text, '"content":"[^"]') or string.find(text, '"text":"[^"]')
+    or string.find(text, '"delta":"[^"]') or string.find(text, '"tool_calls"', 1, true)
+    or string.find(text, '"partial_json"', 1, true)
+end
+
 function envoy_on_response(handle)
   local ctype = handle:headers():get("content-type") or ""
-  if not string.find(ctype, "text/event-stream", 1, true) then
-    handle:body()
+  local stream = string.find(ctype, "text/event-stream", 1, true) ~= nil
+  local encoding = handle:headers():get("content-encoding") or "identity"
+  local usage, first, last = {}, nil, nil
+  if not USAGE or encoding ~= "identity" then  -- (compressed: passed on as it is)
+    if not stream then handle:body() end
+    return
+  end
+  if HOLD and not stream then
+    local body = handle:body()
+    local n = body:length()
+    local from = n > 4096 and n - 4096 or 0
+    scan(body:getBytes(from, n - from), usage)
+  else
+    local tail, pending = "", ""
+    local added = stream and (handle:streamInfo():dynamicMetadata():get(NS) or {})["%(added)s"]
+    for chunk in handle:bodyChunks() do
+      local n = chunk:length()
+      if n > 0 then
+        local raw = chunk:getBytes(0, n)
+        if added then  -- (events are passed on whole: a piece waits for the rest)
+          local out
+          out, pending = without_usage(pending .. raw)
+          chunk:setBytes(out)
+        end
+        local text = tail .. raw
+        if stream and first == nil and has_token(text) then
+          first = handle:timestampString(EnvoyTimestampResolution.MICROSECOND)
+        end
+        scan(text, usage)
+        tail = string.sub(text, -512)
+      end
+    end
+    if stream then last = handle:timestampString(EnvoyTimestampResolution.MICROSECOND) end
+  end
+  if usage.input or usage.output or first then
+    -- (objects from before a yield are out of scope after it: the metadata is fetched here)
+    local meta = handle:streamInfo():dynamicMetadata()
+    if usage.input then meta:set(NS, "%(usage_in)s", usage.input) end
+    if usage.output then meta:set(NS, "%(usage_out)s", usage.output) end
+    if first then meta:set(NS, "%(first)s", first) end
+    if last then meta:set(NS, "%(last)s", last) end
   end
 end
 """
 
 
-def whole_responses(cfg: Config) -> list[dict[str, Any]]:
-    if not cfg.envoy.whole_responses:
+def responses_lua(cfg: Config) -> str:
+    return _RESPONSES_LUA % {
+        "hold": "true" if cfg.envoy.whole_responses else "false",
+        "usage": "true" if cfg.envoy.token_usage else "false", "ns": META_NS,
+        "usage_in": Meta.USAGE_IN, "usage_out": Meta.USAGE_OUT, "added": Meta.USAGE_ADDED,
+        "first": Meta.FIRST_TOKEN_US, "last": Meta.LAST_US}
+
+
+def responses(cfg: Config) -> list[dict[str, Any]]:
+    if not (cfg.envoy.whole_responses or cfg.envoy.token_usage):
         return []
-    return [{"name": "extproc.whole_responses", "typed_config": {
+    return [{"name": "extproc.responses", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {"inline_string": _WHOLE_RESPONSE_LUA}}}]
+        "default_source_code": {"inline_string": responses_lua(cfg)}}}]
 
 
 def client_keys(cfg: Config, env: dict[str, str] | None = None) -> list[tuple[str, str]]:
@@ -132,7 +231,7 @@ def client_auth(cfg: Config) -> list[dict[str, Any]]:
 
 def http_filters(cfg: Config) -> list[dict[str, Any]]:
     """The HCM's chain: client keys, the route stage, the whole-response hold, the router."""
-    return [*client_auth(cfg), route_stage(cfg), *whole_responses(cfg), ROUTER]
+    return [*client_auth(cfg), route_stage(cfg), *responses(cfg), ROUTER]
 
 
 def upstream_filters(stage: dict[str, Any] | None) -> dict[str, Any]:
@@ -172,6 +271,8 @@ def decision_log(cfg: Config) -> dict[str, Any]:
             },
             # retry-after: a backend's 429 cools it down (health.py)
             "additional_response_headers_to_log": [*DECISION_HEADERS, "retry-after"],
+            # who asked (the token and latency metrics are per client)
+            "additional_request_headers_to_log": [cfg.hints.client_header],
         },
     }
 

@@ -22,11 +22,13 @@ from google.protobuf import duration_pb2
 
 from .. import metrics
 from ..contract import META_NS, Meta
-from ..core.decision import complete
+from ..core.decision import complete, usage
 from ..core.health import observe
 from ..logs import write_events
 from ..runtime import Runtime
 
+# What the response-side Lua noted (token usage, stream timestamps).
+_FIGURES = (Meta.USAGE_IN, Meta.USAGE_OUT, Meta.FIRST_TOKEN_US, Meta.LAST_US)
 # Envoy's timestamps for the record, in milliseconds since the request started.
 _TIMINGS = (("to_first_backend_byte", "time_to_first_upstream_rx_byte"),
             ("to_first_client_byte", "time_to_first_downstream_tx_byte"),
@@ -53,9 +55,16 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
         if common.HasField(f):
             timings[name] = _ms(getattr(common, f))
     request_id = entry.request.request_id
-    return complete(value.string_value, entry.response.response_code.value,
-                    entry.response.response_headers, common.upstream_request_attempt_count or None,
-                    timings, rt.notes.pop(request_id, []) if rt.notes else [])
+    rec = complete(value.string_value, entry.response.response_code.value,
+                   entry.response.response_headers, common.upstream_request_attempt_count or None,
+                   timings, rt.notes.pop(request_id, []) if rt.notes else [])
+    fields = filter_md[META_NS].fields
+    start = common.start_time
+    rec["usage"] = usage({k: fields[k].string_value for k in _FIGURES if k in fields},
+                         start.seconds * 1_000_000 + start.nanos // 1000
+                         if common.HasField("start_time") else None)
+    rec["client"] = entry.request.request_headers.get(rt.config.hints.client_header) or None
+    return rec
 
 
 def health_event(rt: Runtime, backend: str, state: str, mono: float) -> dict[str, Any]:
@@ -69,6 +78,9 @@ def account(rec: dict[str, Any]) -> None:
     model = attempts[-1].get("model") if attempts else None
     metrics.requests(rec["public_model"] or "-", backend or "-", model or "-",
                      rec["outcome"]).inc()
+    if rec.get("usage"):
+        metrics.usage(rec["usage"], rec["public_model"] or "-", model or "-", backend or "-",
+                      rec.get("client") or "-")
     hints = rec["hints"]
     for kind in hints.get("hints", {}):
         result = "applied" if kind in hints.get("applied", ()) else "ignored"
