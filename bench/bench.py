@@ -4,8 +4,8 @@ Targets: (a) bare Envoy, (b) Envoy + an empty ext_proc (the floor: bench/empty_e
 (c) Envoy + llm-extproc, (c2) the same with --workers 2, (d) the LiteLLM proxy (in its own
 virtual environment, bench/.litellm-venv, installed on first use; --no-litellm skips it), (e)
 Envoy AI Gateway (`aigw run`, only with --targets naming e; installed on first use into
-~/.cache/llm-extproc/bench/aigw-venv; its Envoy runs 2 workers, ours 1), compared paired by
-round as c/e.
+~/.cache/llm-extproc/bench/aigw-venv; its Envoy runs 2 workers: --envoy-workers 2 gives ours
+the same), compared paired by round as c/e.
 Cases: 1 KB chat at concurrency 1 and 8, a 1 MB image request needing no change, a 4 MB
 audio_url data URL needing conversion, an aux-vision cache hit, and forced-tools streaming
 (time to first byte). For each: p50/p99/req/s (median of the repeats, with the spread), CPU per
@@ -390,6 +390,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks it runs")
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--envoy-workers", type=int, default=1, help="our Envoys' --concurrency "
+                    "(aigw's Envoy runs 2: give 2 when comparing with target e)")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--cases", default="", help="only cases whose label contains this "
                     "(comma-separated), e.g. 'chat'; for quick before/after checks")
@@ -434,7 +436,8 @@ def main() -> int:
             (tmp / f"{name[0]}.yaml").write_text(yaml.safe_dump(
                 plain_envoy(listen, admin, emu_port, fport)))
             e = procs.start(f"envoy-{name[0]}", [envoy_binary(), "-c", str(tmp / f"{name[0]}.yaml"),
-                                                 "--concurrency", "1", "--log-level", "error",
+                                                 "--concurrency", str(args.envoy_workers),
+                                                 "--log-level", "error",
                                                  "--base-id", str(free_port())], listen)
             targets[name] = f"http://127.0.0.1:{listen}"
             pids[name] = {"envoy": e.pid}
@@ -449,7 +452,8 @@ def main() -> int:
             path = tmp / f"extproc-{tag}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             (tmp / tag).mkdir()
-            st = Stack(path, workdir=str(tmp / tag), emulate=False)
+            st = Stack(path, workdir=str(tmp / tag), emulate=False,
+                       envoy_workers=args.envoy_workers)
             st.start()
             stacks.append(st)
             targets[name] = st.envoy_url
@@ -524,7 +528,10 @@ def stream_case(targets: dict[str, str], emulator: str) -> dict:
 def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
     machine = (f"{platform.node()}, {os.cpu_count()} cores, Python "
                f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}")
-    print(f"\nmachine: {machine}; {args.duration:.0f}s x {args.repeat} per target, interleaved")
+    print(f"\nmachine: {machine}; {args.duration:.0f}s x {args.repeat} per target, interleaved; "
+          f"our Envoys run {args.envoy_workers} worker(s)"
+          + ("; aigw's Envoy 2" if any("e Envoy AI Gateway" in per for per in results.values())
+             else ""))
     summary = []
     bad = 0
     for key, per in results.items():
@@ -585,7 +592,8 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
               "p50 (includes the route stage's own pass-through, above)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "duration_s": args.duration,
-                                          "repeat": args.repeat, "cases": summary,
+                                          "repeat": args.repeat,
+                                          "envoy_workers": args.envoy_workers, "cases": summary,
                                           "streaming_ttfb": streaming}, indent=2))
     print(f"\nwritten: {args.out}")
     return 1 if bad else 0

@@ -52,8 +52,10 @@ class Launcher:
     """The service and Envoy for one config file: started, watched, stopped."""
 
     def __init__(self, config_path: str | os.PathLike[str], workdir: str | None = None,
-                 log_dir: str | None = None, env: dict[str, str] | None = None):
+                 log_dir: str | None = None, env: dict[str, str] | None = None,
+                 envoy_workers: int = 1):
         self.config_path = str(config_path)
+        self.envoy_workers = envoy_workers  # Envoy's --concurrency
         self.config: Config = load_config(self.config_path)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
         self.log_dir = Path(log_dir) if log_dir else self.workdir
@@ -96,7 +98,8 @@ class Launcher:
         envoy_yaml = self.workdir / "envoy.yaml"
         envoy_yaml.write_text(render_yaml(cfg, Path(self.config_path).name))
         envoy = self._spawn("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--concurrency",
-                                      "1", "--log-level", "warn", "--disable-hot-restart",
+                                      str(self.envoy_workers), "--log-level", "warn",
+                                      "--disable-hot-restart",
                                       "--file-flush-interval-msec", "200",
                                       "--base-id", str(os.getpid() % 10000)])
         svc_host = cfg.service.host if cfg.service.host not in ("0.0.0.0", "::") else "127.0.0.1"

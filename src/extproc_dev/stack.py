@@ -59,9 +59,9 @@ class Stack(Launcher):
     def __init__(self, config_path: str | os.PathLike[str], workdir: str | None = None,
                  emulate: bool = True, log_dir: str | None = None,
                  env: dict[str, str] | None = None, dead_backends: tuple[str, ...] = (),
-                 tls: tuple[str, str] | None = None):
+                 tls: tuple[str, str] | None = None, envoy_workers: int = 1):
         super().__init__(config_path, workdir or tempfile.mkdtemp(prefix="extproc-stack-"),
-                         log_dir, env)
+                         log_dir, env, envoy_workers)
         self.emulate = emulate
         self.dead_backends = set(dead_backends)  # not started (dead, or real servers)
         self.tls = tls  # (cert, key) for emulators of https backends
