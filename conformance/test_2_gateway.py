@@ -100,10 +100,13 @@ def test_a_stream_passes_through_live_and_unchanged(gateway: Stack, kind: str,
             end with all the others (what a buffered stream looks like)."""
             return at[-1] > 0.03 and at[0] < 2 / 3 * at[-1]
 
-        for _ in range(3):  # a server may itself send a run's events in one burst: ask again
+        # A server may itself send a request's events in one burst now and then (seen once
+        # in a CI run with vLLM, through the gateway, not in the runs before or after): the pair is
+        # asked again, up to three times. A gateway that holds streams fails all three.
+        for _ in range(3):
             direct, direct_at = events(real.url, SERVED_NAME)
             through, at = events(gateway.envoy_url, public)
-            if live(direct_at):
+            if live(direct_at) and live(at):
                 break
 
         def text(evs: list[str]) -> str:
