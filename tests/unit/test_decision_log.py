@@ -88,3 +88,11 @@ def test_usage_and_stream_latency_from_what_envoy_noted() -> None:
     assert usage({Meta.USAGE_IN: "7"}, 1) == {"input_tokens": 7}  # a whole answer: no timings
     assert usage({Meta.FIRST_TOKEN_US: "5"}, 10) == {}  # clocks disagree: no latency
     assert usage({Meta.USAGE_OUT: "x"}) == {}
+
+
+def test_a_backend_claiming_absurd_usage_loses_the_figure_not_the_record() -> None:
+    from extproc.contract import Meta
+    from extproc.core.decision import usage
+
+    # (Python refuses to parse a 5000-digit integer: the whole record would be lost.)
+    assert usage({Meta.USAGE_OUT: "9" * 5000, Meta.USAGE_IN: "3"}) == {"input_tokens": 3}

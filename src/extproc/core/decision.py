@@ -110,9 +110,9 @@ def usage(figures: Mapping[str, str], start_us: int | None = None) -> dict[str, 
     usage and timestamp keys, as strings) and when Envoy had the request (``start_us``, wall
     clock): input and output tokens, the time to the first token and per output token after
     it (streams), in milliseconds."""
-    def num(key: str) -> int | None:
+    def num(key: str) -> int | None:  # (a backend may claim anything: 16 digits at most)
         value = figures.get(key, "")
-        return int(value) if value.isdigit() else None
+        return int(value) if value.isdigit() and len(value) <= 16 else None
 
     out: dict[str, Any] = {}
     tokens_in, tokens_out = num(Meta.USAGE_IN), num(Meta.USAGE_OUT)
