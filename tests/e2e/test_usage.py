@@ -20,7 +20,8 @@ from .conftest import received, reset, stack_config, start_stack, wait_line
 @pytest.fixture(scope="module")
 def ustack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["m"]}],
-                       models=[{"name": "chat", "candidates": [{"backend": "v", "model": "m"}]}])
+                       models=[{"name": "chat", "candidates": [{"backend": "v", "model": "m"}]}],
+                       envoy={"token_usage": True})
     stack = start_stack(tmp_path_factory.mktemp("usage"), cfg)
     try:
         yield stack
