@@ -100,13 +100,17 @@ def test_a_stream_passes_through_live_and_unchanged(gateway: Stack, kind: str,
             end with all the others (what a buffered stream looks like)."""
             return at[-1] > 0.03 and at[0] < 2 / 3 * at[-1]
 
-        # A server may itself send a request's events in one burst now and then (seen once
-        # in a CI run with vLLM, through the gateway, not in the runs before or after): the pair is
-        # asked again, up to three times. A gateway that holds streams fails all three.
-        for _ in range(3):
+        # vLLM on these two cores sends a request's events in one burst about half the time
+        # (measured: 12 of 20 direct streams, with nothing between it and the client), so one
+        # pair says nothing. The pair is asked until the stream through the gateway comes live,
+        # up to eight times: a gateway that holds streams never does (1 in 256 by chance).
+        tries = []
+        for _ in range(8):
             direct, direct_at = events(real.url, SERVED_NAME)
             through, at = events(gateway.envoy_url, public)
-            if live(direct_at) and live(at):
+            tries.append(f"{at[0]:.2f}-{at[-1]:.2f} s (direct {direct_at[0]:.2f}-"
+                         f"{direct_at[-1]:.2f})")
+            if live(at):
                 break
 
         def text(evs: list[str]) -> str:
@@ -118,13 +122,10 @@ def test_a_stream_passes_through_live_and_unchanged(gateway: Stack, kind: str,
         # number of events can differ by one or two from run to run).
         assert through[-1] == "[DONE]" and len(through) > 100 and len(direct) > 100
         assert text(through) == text(direct)
-        assert live(direct_at), f"the server sent its events in one burst ({direct_at[0]:.3f}" \
-            f" to {direct_at[-1]:.3f} s), three times: liveness cannot be told"
-        assert live(at), f"held: first event at {at[0]:.3f} s, last at {at[-1]:.3f} s " \
-            f"(direct: {direct_at[0]:.3f} to {direct_at[-1]:.3f} s)"
+        assert live(at), f"held: first to last event, {len(tries)} tries: {'; '.join(tries)}"
         notes.append(f"{len(through)} events from {at[0] * 1000:.0f} to {at[-1] * 1000:.0f} ms "
                      f"(direct: {direct_at[0] * 1000:.0f} to {direct_at[-1] * 1000:.0f} ms); "
-                     "text identical to the direct stream")
+                     f"text identical to the direct stream; live at try {len(tries)}")
 
 
 @each_server

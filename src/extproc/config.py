@@ -482,10 +482,9 @@ class EnvoySettings(_Strict):
         default=True, description="hold each non-streaming response until it is complete, so "
         "a backend dying mid-body gives the client a JSON 502, never a truncated 200")
     token_usage: bool = Field(
-        default=False, description="read each answer's token usage and each stream's time to "
+        default=True, description="read each answer's token usage and each stream's time to "
         "first token in Envoy's response path (Lua) for the decision record and the GenAI "
-        "metrics (measured: 30-60 us of Envoy CPU per request; off by default while an "
-        "intermittent held vLLM stream seen with it on is unexplained)")
+        "metrics (measured: 30-60 us of Envoy CPU per request)")
     decision_log_flush_s: float = Field(
         default=0.25, gt=0, le=60, description="Envoy sends the service its access log "
         "entries (each request's decision record with the outcome) batched this often")

@@ -120,6 +120,7 @@ class Behaviour:
     first_token_delay_s: float = 0.0  # a stream's first token comes this long after its role
     split_events: bool = False    # each SSE event written in two pieces, 50 ms apart (a
     # usage event cut inside its "completion_tokens" key)
+    crlf: bool = False            # SSE lines end in CRLF (allowed by the spec; some servers)
 
 
 @dataclass
@@ -547,7 +548,8 @@ class Emulator:
             chunks = vllm.chunks(chunks)
         elif self.flavour == "llamacpp":
             chunks = llamacpp.chunks(chunks)
-        return [b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+        end = b"\r\n\r\n" if self.behaviour.crlf else b"\n\n"
+        return [b"data: " + orjson.dumps(c) + end for c in chunks] + [b"data: [DONE]" + end]
 
 
 def _has_image(messages: Any) -> bool:

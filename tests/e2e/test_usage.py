@@ -20,8 +20,7 @@ from .conftest import received, reset, stack_config, start_stack, wait_line
 @pytest.fixture(scope="module")
 def ustack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["m"]}],
-                       models=[{"name": "chat", "candidates": [{"backend": "v", "model": "m"}]}],
-                       envoy={"token_usage": True})
+                       models=[{"name": "chat", "candidates": [{"backend": "v", "model": "m"}]}])
     stack = start_stack(tmp_path_factory.mktemp("usage"), cfg)
     try:
         yield stack
@@ -104,6 +103,19 @@ def test_usage_is_asked_for_when_the_client_did_not_and_kept_from_it(ustack: Sta
     assert plain[-1] == "data: [DONE]" and len(plain) == 8  # role, 5 deltas, finish, [DONE]
     asked = events(stream_options={"include_usage": True})
     assert sum('"usage"' in e for e in asked) == 1 and len(asked) == 9  # its own: kept
+
+
+def test_the_added_usage_event_is_dropped_from_a_crlf_stream_too(ustack: Stack) -> None:
+    reset(ustack, "v")
+    httpx.post(ustack.backend_url("v") + "/_emulator/behaviour",
+               json={"crlf": True, "split_events": True})
+    r = httpx.post(ustack.envoy_url + "/v1/chat/completions", timeout=30, json={
+        "model": "chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.text.count("\r\n\r\n") == 8  # CRLF as sent
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert not any('"usage"' in e for e in events) and events[-1] == "data: [DONE]"
+    rec = wait_line(ustack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["usage"]["output_tokens"] == 6
 
 
 def test_a_stream_whose_usage_we_ask_for_is_asked_uncompressed(ustack: Stack) -> None:

@@ -67,9 +67,9 @@ def test_the_response_side_lua_is_there_only_when_something_needs_it() -> None:
         return found[0]["typed_config"]["default_source_code"]["inline_string"] if found \
             else None
 
-    both = lua(token_usage=True)
+    both = lua()
     assert both is not None and "local HOLD = true" in both and "local USAGE = true" in both
     assert f'"{Meta.USAGE_OUT}"' in both and f'"{Meta.FIRST_TOKEN_US}"' in both
-    assert "local USAGE = false" in (lua() or "")  # off by default
-    assert "local HOLD = false" in (lua(whole_responses=False, token_usage=True) or "")
+    assert "local USAGE = false" in (lua(token_usage=False) or "")
+    assert "local HOLD = false" in (lua(whole_responses=False) or "")
     assert lua(token_usage=False, whole_responses=False) is None

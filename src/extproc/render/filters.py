@@ -103,23 +103,25 @@ local function scan(text, usage)
   end
 end
 
--- A stream's complete events (up to its last blank line) without the usage chunk the gateway
--- asked for (an event with "choices":[] and "usage"), and the incomplete rest.
+-- A stream's complete events (up to its last blank line; SSE lines may end in CRLF) without
+-- the usage chunk the gateway asked for (an event with "choices":[] and "usage"), and the
+-- incomplete rest (an event the stream never ends is not an event: SSE clients drop it too).
 local function without_usage(text)
-  local cut, at = nil, string.find(text, "\\n\\n", 1, true)
-  while at do
-    cut = at
-    at = string.find(text, "\\n\\n", at + 2, true)
+  local cut, at, stop = nil, 1, nil
+  while true do
+    at, stop = string.find(text, "\\r?\\n\\r?\\n", at)
+    if not at then break end
+    cut, at = stop, stop + 1
   end
   if not cut then return "", text end
   local out = {}
-  for event in string.gmatch(string.sub(text, 1, cut + 1), "(.-\\n\\n)") do
+  for event in string.gmatch(string.sub(text, 1, cut), "(.-\\r?\\n\\r?\\n)") do
     if not (string.find(event, '"choices":[]', 1, true)
             and string.find(event, '"usage"', 1, true)) then
       out[#out + 1] = event
     end
   end
-  return table.concat(out), string.sub(text, cut + 2)
+  return table.concat(out), string.sub(text, cut + 1)
 end
 
 local function has_token(text)
