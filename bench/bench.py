@@ -259,7 +259,10 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
         {"type": "text", "text": "What is the invoice number?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{shot}"}}]}]}
     out = {}
-    for name, body in (("chat_1k", chat), ("image_1m", image_1m), ("audio_4m", audio),
+    # The same chat for a model served under its public name: the fast lane (Envoy alone).
+    fast = {**chat, "model": "plain-model"}
+    for name, body in (("chat_1k", chat), ("chat_fast", fast), ("image_1m", image_1m),
+                       ("audio_4m", audio),
                        ("vision_hit", vision)):
         p = tmp / f"{name}.json"
         p.write_bytes(orjson.dumps(body))
@@ -473,6 +476,7 @@ def main() -> int:
             httpx.post(st.envoy_url + "/v1/chat/completions", content=bodies["vision_hit"]
                        .read_bytes(), headers={"content-type": "application/json"}, timeout=60)
         cases = [("chat 1KB", "chat_1k", 1), ("chat 1KB", "chat_1k", 8),
+                 ("chat 1KB fast lane", "chat_fast", 1), ("chat 1KB fast lane", "chat_fast", 8),
                  ("image 1MB, no change", "image_1m", 4), ("audio_url 4MB, converted",
                                                            "audio_4m", 4),
                  ("aux-vision cache hit", "vision_hit", 4)]
@@ -513,14 +517,24 @@ def stream_case(targets: dict[str, str], emulator: str) -> dict:
             "messages": [{"role": "user", "content": "call f"}]}
     forced = orjson.dumps({**body, "tool_choice": "required"})
     auto = orjson.dumps({**body, "tool_choice": "auto"})
+    # A plain stream for a model served under its public name, usage asked: the fast lane.
+    plain = orjson.dumps({"model": "plain-model", "stream": True,
+                          "stream_options": {"include_usage": True},
+                          "messages": [{"role": "user", "content": "hi"}]})
     delay = 0.02
     httpx.post(emulator + "/_emulator/behaviour", json={"stream_delay_s": delay})
+    aigw = targets.get("e Envoy AI Gateway")
     try:
         return {"event_gap_ms": delay * 1000,
                 "a bare Envoy (forced)": ttfb(targets["a bare Envoy"], forced, 100),
                 "b empty ext_proc (forced)": ttfb(targets["b empty ext_proc"], forced, 100),
                 "c pass-through (auto)": ttfb(targets["c llm-extproc"], auto, 100),
-                "c hold (forced)": ttfb(targets["c llm-extproc"], forced, 100, emulator)}
+                "c hold (forced)": ttfb(targets["c llm-extproc"], forced, 100, emulator),
+                "a bare Envoy (plain)": ttfb(targets["a bare Envoy"], plain, 100),
+                "c fast lane (plain)": ttfb(targets["c llm-extproc"], plain, 100),
+                **({"e pass-through (auto)": ttfb(aigw, auto, 100),
+                    "e pass-through (forced)": ttfb(aigw, forced, 100),
+                    "e pass-through (plain)": ttfb(aigw, plain, 100)} if aigw else {})}
     finally:
         httpx.post(emulator + "/_emulator/behaviour", json={})
 

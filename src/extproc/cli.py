@@ -26,8 +26,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .core.routing import RoutingTable
 
     table = RoutingTable(cfg)
+    from .core.fast_lane import describe
+
     print(f"{args.config}: ok: {len(cfg.backends)} backend(s), "
           f"{len(table.entries)} public model(s), {len(table.aliases)} alias(es)")
+    for line in describe(cfg):
+        print(f"  {line}")
     return 0
 
 

@@ -76,6 +76,9 @@ class Meta(StrEnum):
     USAGE_OUT = "usage_out"
     FIRST_TOKEN_US = "first_token_us"
     LAST_US = "last_us"
+    # Set by the fast lane's Lua (render/fast_lane.py) instead of a record: the request went
+    # to the backend without the route stage; the value is its route's silence limit (ms).
+    FAST = "fast"
 
 
 def attribute(key: Meta) -> str:

@@ -27,11 +27,13 @@ def test_security_and_limits_in_rendered_config() -> None:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     rc = hcm["route_config"]
     assert "x-extproc-cluster" in rc["internal_only_headers"]
-    route = rc["virtual_hosts"][0]["routes"][0]
+    route = rc["virtual_hosts"][0]["routes"][-1]  # (the ordinary one: every other request)
+    assert route["match"] == {"prefix": "/"}
     assert route["route"]["cluster_header"] == "x-extproc-cluster"
     assert route["request_body_buffer_limit"] >= 8 * 1024 * 1024
     assert listener["per_connection_buffer_limit_bytes"] >= 8 * 1024 * 1024
-    route_filter = hcm["http_filters"][0]["typed_config"]
+    route_filter = next(f for f in hcm["http_filters"] if f["name"] == "extproc.route")[
+        "typed_config"]
     assert route_filter["failure_mode_allow"] is False
     assert route_filter["processing_mode"]["request_body_mode"] == "BUFFERED"
     pool = doc["static_resources"]["clusters"][1]

@@ -23,6 +23,7 @@ from ..contract import (
     Stage,
     formatted,
 )
+from . import fast_lane
 from .common import EXT_PROC_TYPE, PROTOCOL_OPTIONS, ROUTER, dur
 
 
@@ -232,8 +233,10 @@ def client_auth(cfg: Config) -> list[dict[str, Any]]:
 
 
 def http_filters(cfg: Config) -> list[dict[str, Any]]:
-    """The HCM's chain: client keys, the route stage, the whole-response hold, the router."""
-    return [*client_auth(cfg), route_stage(cfg), *responses(cfg), ROUTER]
+    """The HCM's chain: client keys, the fast lane's two (off unless its route turns them on),
+    the route stage, the response-side Lua, the router."""
+    return [*client_auth(cfg), *fast_lane.filters(cfg), route_stage(cfg), *responses(cfg),
+            ROUTER]
 
 
 def upstream_filters(stage: dict[str, Any] | None) -> dict[str, Any]:
@@ -259,9 +262,10 @@ def decision_log(cfg: Config) -> dict[str, Any]:
     path; the service writes the decision line and the request metrics from it."""
     return {
         "name": "envoy.access_loggers.http_grpc",
-        "filter": {"metadata_filter": {"matcher": {
-            "filter": META_NS, "path": [{"key": Meta.RECORD.value}],
-            "value": {"present_match": True}}}},
+        # (the route stage's record, or the fast lane's mark: the service writes its record)
+        "filter": {"or_filter": {"filters": [{"metadata_filter": {"matcher": {
+            "filter": META_NS, "path": [{"key": key.value}],
+            "value": {"present_match": True}}}} for key in (Meta.RECORD, Meta.FAST)]}},
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
                      "HttpGrpcAccessLogConfig",

@@ -18,6 +18,7 @@ from ..contract import (
     Meta,
     formatted,
 )
+from . import fast_lane
 from .common import cel, dur
 
 UPSTREAM_FLAGS = ["UF", "UH", "URX", "UT", "UO", "UC", "NR", "UMSDR", "UPE", "DC"]
@@ -62,21 +63,17 @@ def retry_policy(cfg: Config) -> dict[str, Any]:
 
 
 def routes(cfg: Config) -> list[dict[str, Any]]:
-    """Streams first, one route per silence limit: no overall limit (a long answer is not a
-    failure) and no per-try limit (Envoy stops it once the answer began anyway); an attempt
-    silent for its limit is given up instead. Then every other request."""
+    """The fast lane's routes first (render/fast_lane.py). Then streams, one route per silence
+    limit: no overall limit (a long answer is not a failure) and no per-try limit (Envoy stops
+    it once the answer began anyway); an attempt silent for its limit is given up instead.
+    Then every other request (the fast lane's reading route, a copy, just before)."""
     e = cfg.envoy
     policy = retry_policy(cfg)
     stream_policy = {k: v for k, v in policy.items() if k != "per_try_timeout"}
-    return [*({
-        "match": {"prefix": "/", "headers": [
-            {"name": STREAM_HEADER, "string_match": {"exact": str(ms)}}]},
-        "request_body_buffer_limit": e.max_body_bytes,
-        "request_headers_to_remove": [CLUSTER_HEADER, STREAM_HEADER],
-        "route": {"cluster_header": CLUSTER_HEADER, "timeout": "0s",
-                  "retry_policy": {**stream_policy, "per_try_idle_timeout": dur(ms / 1000)}},
-    } for ms in stream_idle_limits(cfg)), {
+    limits = stream_idle_limits(cfg)
+    default = {
         "match": {"prefix": "/"},
+        **fast_lane.skipped(cfg),
         "request_body_buffer_limit": e.max_body_bytes,
         "request_headers_to_remove": [CLUSTER_HEADER],
         "route": {
@@ -84,7 +81,16 @@ def routes(cfg: Config) -> list[dict[str, Any]]:
             "timeout": dur(e.route_timeout_s),
             "retry_policy": policy,
         },
-    }]
+    }
+    fast, reading = fast_lane.routes(cfg, default, limits)
+    return [*fast, *({
+        "match": {"prefix": "/", "headers": [
+            {"name": STREAM_HEADER, "string_match": {"exact": str(ms)}}]},
+        "request_body_buffer_limit": e.max_body_bytes,
+        "request_headers_to_remove": [CLUSTER_HEADER, STREAM_HEADER],
+        "route": {"cluster_header": CLUSTER_HEADER, "timeout": "0s",
+                  "retry_policy": {**stream_policy, "per_try_idle_timeout": dur(ms / 1000)}},
+    } for ms in limits), *reading, default]
 
 
 def _added(key: str, value: str) -> dict[str, Any]:

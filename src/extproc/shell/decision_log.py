@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2
 
 from .. import metrics
 from ..contract import META_NS, Meta
+from ..core import fast_lane
 from ..core.decision import complete, usage
 from ..core.health import observe
 from ..logs import write_events
@@ -47,18 +48,26 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
     filter_md = common.metadata.filter_metadata
     if META_NS not in filter_md:
         return None
-    value = filter_md[META_NS].fields.get(Meta.RECORD)
-    if value is None or not value.string_value:
+    fields = filter_md[META_NS].fields
+    value = fields.get(Meta.RECORD)
+    if value is not None and value.string_value:
+        decided = value.string_value
+    elif Meta.FAST in fields:  # the fast lane: Envoy routed it alone (core/fast_lane.py)
+        address = common.upstream_remote_address.socket_address
+        decided = fast_lane.record(
+            fields[Meta.PUBLIC_MODEL].string_value, fields[Meta.BACKEND].string_value,
+            f"{address.address}:{address.port_value}" if address.address else "",
+            entry.request.request_id, "POST", entry.request.path)
+    else:
         return None
     timings = {}
     for name, f in _TIMINGS:
         if common.HasField(f):
             timings[name] = _ms(getattr(common, f))
     request_id = entry.request.request_id
-    rec = complete(value.string_value, entry.response.response_code.value,
+    rec = complete(decided, entry.response.response_code.value,
                    entry.response.response_headers, common.upstream_request_attempt_count or None,
                    timings, rt.notes.pop(request_id, []) if rt.notes else [])
-    fields = filter_md[META_NS].fields
     start = common.start_time
     rec["usage"] = usage({k: fields[k].string_value for k in _FIGURES if k in fields},
                          start.seconds * 1_000_000 + start.nanos // 1000

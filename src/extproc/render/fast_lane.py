@@ -1,0 +1,183 @@
+"""The fast lane in Envoy's config (``core/fast_lane.py`` says which models and why): two
+request filters, and the routes they lead to.
+
+- The *reading* route matches requests the lane may serve by their headers alone (a fast path,
+  a JSON body no larger than ``envoy.fast_lane_max_bytes``); every other route turns the two
+  filters off, so Envoy never parses any other body.
+- ``json_to_metadata`` puts the body's ``model``, ``stream`` and
+  ``stream_options.include_usage`` into metadata.
+- The Lua decides: a fast model, a path its backend speaks, no hint header, nothing but text
+  in the body's parts, none of the keys that need the service, one plain ``model`` key; then
+  it removes the headers the route stage would have removed, sets the metadata the route
+  stage would have set (the endpoint, the names for the response headers and Envoy's errors)
+  and clears the route cache.
+- The *fast* routes (one per silence limit, and one for whole answers) match that metadata and
+  send the request to the direct cluster with the route stage off. A request the Lua turned
+  down stays on the reading route, which is the ordinary one: the route stage decides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from ..contract import CLUSTER_HEADER, META_NS, Cluster, Meta
+from ..core.backends import CLIENT_CREDENTIAL_HEADERS
+from ..core.fast_lane import NEED_KEYS, PATHS, SLOW_KEYS, Lane, lanes
+from .common import EXT_PROC_PER_ROUTE_TYPE, dur
+
+BODY_NS = "extproc.body"  # what json_to_metadata read
+READ_FILTER = "extproc.fast.read"
+DECIDE_FILTER = "extproc.fast.decide"
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+
+_LUA = """
+local NS, BODY, USAGE = "@NS@", "@BODY@", @USAGE@
+local LANES = {@LANES@}
+local HINTS = {@HINTS@}     -- present: the route stage decides
+local REMOVE = {@REMOVE@}   -- never to a backend without a key of its own
+local TYPES = {text = true, ["function"] = true}
+-- Anywhere in the body (a false alarm only costs the ext_proc path): media parts' marks, and
+-- the keys that need the service.
+local MARKS = {'"image', '"audio', '"video', '"file', '"input_', '"url"', '"document', @SLOW@}
+
+function envoy_on_request(handle)
+  local meta = handle:streamInfo():dynamicMetadata()
+  local j = meta:get(BODY)
+  if j == nil then return end
+  local lane = LANES[j.model]
+  if lane == nil then return end
+  local headers = handle:headers()
+  if headers:get(":method") ~= "POST" or not lane.paths[headers:get(":path")] then return end
+  for _, h in ipairs(HINTS) do
+    if headers:get(h) ~= nil then return end
+  end
+  local stream = j.stream == true
+  if stream and USAGE and j.usage ~= true then return end  -- (the gateway asks for usage)
+  local body = handle:body()
+  if body == nil then return end
+  local text = body:getBytes(0, body:length())
+  for _, m in ipairs(MARKS) do
+    if string.find(text, m, 1, true) then return end
+  end
+  -- One model key, as the route stage would make it: a second one (any case), or a key with
+  -- a letter escaped (as \\u006d), could make the backend read another model.
+  local lower = string.lower(text)
+  local first = string.find(lower, '"model"', 1, true)
+  if first == nil or string.find(lower, '"model"', first + 7, true)
+     or string.find(text, "\\\\u00[46]") then return end
+  for t in string.gmatch(text, '"type"%s*:%s*"([^"]*)"') do
+    if not TYPES[t] then return end
+  end
+  -- (objects fetched before a yield, as body() is, are out of scope after it)
+  headers, meta = handle:headers(), handle:streamInfo():dynamicMetadata()
+  local drop = {}
+  for key, _ in pairs(headers) do
+    if string.sub(key, 1, 8) == "x-envoy-" or string.sub(key, 1, 10) == "x-extproc-" then
+      drop[#drop + 1] = key
+    end
+  end
+  for _, h in ipairs(drop) do headers:remove(h) end
+  for _, h in ipairs(REMOVE) do headers:remove(h) end
+  meta:set(NS, "@HOSTS@", lane.hosts)
+  meta:set(NS, "@PUBLIC@", j.model)
+  meta:set(NS, "@BACKEND@", lane.backend)
+  meta:set(NS, "@MODEL@", j.model)
+  meta:set(NS, "@FAST@", stream and lane.idle or "0")
+  handle:clearRouteCache()
+end
+"""
+
+
+def _lua_strings(items: list[str]) -> str:
+    return ", ".join(f'"{s}"' for s in items)
+
+
+def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
+    h = cfg.hints
+    hints = [n for n in h.headers.model_dump().values() if n] if h.headers_enabled else []
+    remove = list(dict.fromkeys([*CLIENT_CREDENTIAL_HEADERS, *cfg.strip_client_headers,
+                                 *(b.auth_header for b in cfg.backends), *h.propagate,
+                                 *([h.intent_header] if h.intent_header else [])]))
+    slow = [*SLOW_KEYS, *(NEED_KEYS if cfg.capability_routing.incapable == "drop" else ())]
+    entries = []
+    for name, lane in fast.items():
+        paths = ", ".join(f'["{p}"] = true' for p in lane.paths)
+        entries.append(f'["{name}"] = {{hosts = "{lane.address}", backend = "{lane.backend}", '
+                       f'idle = "{lane.idle_ms}", paths = {{{paths}}}}}')
+    out = _LUA
+    for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
+                       "@USAGE@": "true" if cfg.envoy.token_usage else "false",
+                       "@LANES@": ",\n  ".join(entries), "@HINTS@": _lua_strings(hints),
+                       "@REMOVE@": _lua_strings(remove), "@SLOW@": _lua_strings(
+                           [f'\\"{k}\\"' for k in slow]), "@HOSTS@": Meta.HOSTS,
+                       "@PUBLIC@": Meta.PUBLIC_MODEL, "@BACKEND@": Meta.BACKEND,
+                       "@MODEL@": Meta.MODEL, "@FAST@": Meta.FAST}.items():
+        out = out.replace(key, value)
+    return out
+
+
+def _present(key: str, *path: str) -> dict[str, Any]:
+    return {"selectors": [{"key": k} for k in path or (key,)],
+            "on_present": {"metadata_namespace": BODY_NS, "key": key,
+                           "type": "PROTOBUF_VALUE"}}
+
+
+def filters(cfg: Config) -> list[dict[str, Any]]:
+    """The two request filters, before the route stage; off unless a route turns them on."""
+    fast, _ = lanes(cfg)
+    if not fast:
+        return []
+    rules = [_present("model"), _present("stream"),
+             _present("usage", "stream_options", "include_usage")]
+    return [{
+        "name": READ_FILTER, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3."
+                     "JsonToMetadata",
+            "request_rules": {"rules": rules}}}, {
+        "name": DECIDE_FILTER, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": decide_lua(cfg, fast)}}}]
+
+
+def routes(cfg: Config, default: dict[str, Any], limits: list[int]) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]]]:
+    """The fast routes (first in the list), and the reading route (just before ``default``,
+    the ordinary route it copies)."""
+    if not filters(cfg):
+        return [], []
+    e = cfg.envoy
+    off = {"extproc.route": {"@type": EXT_PROC_PER_ROUTE_TYPE, "disabled": True}}
+
+    def fast(ms: int) -> dict[str, Any]:
+        # One attempt (one candidate); limits as the ordinary routes set them (routes.routes).
+        route: dict[str, Any] = {"cluster": Cluster.DIRECT.value, "timeout": "0s"}
+        if ms:
+            route["retry_policy"] = {"num_retries": 0, "per_try_idle_timeout": dur(ms / 1000)}
+        else:
+            route["timeout"] = dur(e.route_timeout_s)
+            if e.per_try_timeout_s:
+                route["retry_policy"] = {"num_retries": 0,
+                                         "per_try_timeout": dur(e.per_try_timeout_s)}
+        return {"name": f"fast_{ms}", "match": {"prefix": "/", "dynamic_metadata": [{
+            "filter": META_NS, "path": [{"key": Meta.FAST.value}],
+            "value": {"string_match": {"exact": str(ms)}}}]},
+            "request_headers_to_remove": [CLUSTER_HEADER],
+            "typed_per_filter_config": off, "route": route}
+
+    pattern = "|".join(PATHS)
+    ordinary = {k: v for k, v in default.items() if k != "typed_per_filter_config"}
+    reading = {**ordinary, "name": "fast_read", "match": {
+        "safe_regex": {"regex": f"^(?:{pattern})$"},
+        "headers": [{"name": "content-length", "range_match": {
+            "start": 1, "end": e.fast_lane_max_bytes + 1}}]}}
+    return [fast(ms) for ms in [*limits, 0]], [reading]
+
+
+def skipped(cfg: Config) -> dict[str, Any]:
+    """The per-route config that turns the lane's two filters off (Envoy takes an enabled
+    filter's off switch per route, not an on switch for a filter off by default)."""
+    if not filters(cfg):
+        return {}
+    return {"typed_per_filter_config": {name: {"@type": FILTER_CONFIG, "disabled": True}
+                                        for name in (READ_FILTER, DECIDE_FILTER)}}

@@ -1,0 +1,146 @@
+"""The fast lane: plain requests for a model with one candidate serving the public name go
+through Envoy alone (the route stage never sees them), with the same response headers,
+decision record, metrics and JSON errors; anything the lane is unsure of takes the ext_proc
+path, as before."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from extproc_dev.stack import Stack
+
+from .conftest import received, reset, stack_config, start_stack, wait_line
+
+PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJ"
+       "RU5ErkJggg==")
+
+
+@pytest.fixture(scope="module")
+def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    cfg = stack_config(
+        backends=[{"name": "v", "preset": "vllm", "models": ["plain", "two"]},
+                  {"name": "w", "preset": "vllm", "models": ["two"]},
+                  {"name": "gone", "preset": "vllm", "models": ["deadend"]}],
+        models=[{"name": "renamed", "aliases": ["nick"],
+                 "candidates": [{"backend": "v", "model": "plain"}]}])
+    stack = start_stack(tmp_path_factory.mktemp("fast"), cfg, dead_backends=("gone",))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def route_messages(stack: Stack) -> float:
+    """ext_proc messages the route stage has handled so far."""
+    text = httpx.get(f"http://127.0.0.1:{stack.config.service.metrics_port}/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(
+        r'llm_extproc_processing_seconds_count\{[^}]*stage="route"[^}]*\} (\S+)', text))
+
+
+def chat(stack: Stack, body: dict[str, Any], **headers: str) -> tuple[httpx.Response, dict]:
+    reset(stack, "v")
+    r = httpx.post(stack.envoy_url + "/v1/chat/completions", headers=headers, timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], **body})
+    rec = wait_line(stack, "service", r.headers["x-request-id"], '"routing.decision"')
+    return r, rec
+
+
+def test_a_plain_request_goes_by_the_fast_lane(fstack: Stack) -> None:
+    before = route_messages(fstack)
+    r, rec = chat(fstack, {"model": "plain"}, authorization="Bearer client-key",
+                  **{"x-envoy-max-retries": "7", "x-extproc-cluster": "llm_backends"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-extproc-backend"] == "v" and r.headers["x-extproc-model"] == "plain"
+    assert rec["plan"] == "fast" and rec["outcome"] == "ok" and rec["status"] == 200
+    assert rec["attempts"][0]["backend"] == "v" and rec["public_model"] == "plain"
+    sent = received(fstack, "v")[-1]
+    assert sent["json"]["model"] == "plain"
+    # What the route stage would have removed never reaches the backend.
+    assert not {"authorization", "x-envoy-max-retries", "x-extproc-cluster"} & set(
+        sent["headers"])
+    assert route_messages(fstack) == before  # the route stage never saw it
+
+
+def test_the_openai_sdk_streams_by_the_fast_lane_with_usage(fstack: Stack) -> None:
+    reset(fstack, "v")
+    c = openai.OpenAI(base_url=fstack.envoy_url + "/v1", api_key="x", max_retries=0)
+    before = route_messages(fstack)
+    stream = c.chat.completions.with_raw_response.create(
+        model="plain", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "hi"}])
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream.parse() if ch.choices)
+    assert text and stream.headers["x-extproc-backend"] == "v"
+    rec = wait_line(fstack, "service", stream.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["usage"]["output_tokens"] == 6
+    assert "ttft_ms" in rec["usage"]
+    assert route_messages(fstack) == before
+
+
+def test_embeddings_go_by_the_fast_lane(fstack: Stack) -> None:
+    r = httpx.post(fstack.envoy_url + "/v1/embeddings", timeout=30,
+                   json={"model": "plain", "input": "hello"})
+    assert r.status_code == 200, r.text
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["api"] == "embeddings"
+
+
+@pytest.mark.parametrize("body,headers,why", [
+    ({"model": "plain", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]}]},
+     {}, "an image part"),
+    ({"model": "plain", "messages": [{"role": "user", "content": [
+        {"type": "input_text", "text": "hi"}]}]}, {}, "a part vLLM refuses as it is"),
+    ({"model": "plain", "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object"}}}]}, {}, "a forced tool call"),
+    ({"model": "plain", "response_format": {"type": "json_object"}}, {}, "structured output"),
+    ({"model": "plain", "metadata": {"route_intent": "x"}}, {}, "metadata (hints)"),
+    ({"model": "plain"}, {"x-route-intent": "x"}, "a hint header"),
+    ({"model": "renamed"}, {}, "a model served by another name"),
+    ({"model": "nick"}, {}, "an alias"),
+    ({"model": "two"}, {}, "two candidates"),
+    ({"model": "plain", "stream": True}, {}, "a stream whose usage the gateway asks for"),
+])
+def test_what_the_lane_is_unsure_of_takes_the_ext_proc_path(
+        fstack: Stack, body: dict, headers: dict, why: str) -> None:
+    before = route_messages(fstack)
+    _, rec = chat(fstack, body, **headers)
+    assert rec["plan"] != "fast", why
+    assert route_messages(fstack) > before, why
+
+
+def test_a_malformed_body_gets_our_json_400(fstack: Stack) -> None:
+    r = httpx.post(fstack.envoy_url + "/v1/chat/completions", timeout=30,
+                   headers={"content-type": "application/json"},
+                   content=b'{"model": "plain", "messages": [')
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_dead_backend_gets_envoys_json_error_and_a_record(fstack: Stack) -> None:
+    t0 = time.monotonic()
+    r = httpx.post(fstack.envoy_url + "/v1/chat/completions", timeout=30, json={
+        "model": "deadend", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and time.monotonic() - t0 < 5
+    err = r.json()["error"]
+    assert err["type"] == "upstream_error" and err["model"] == "deadend"
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["status"] == 503  # (as the route stage would log it)
+    assert rec["outcome"] == "backend_error"
+
+
+def test_off_when_the_config_says_so(tmp_path_factory: pytest.TempPathFactory) -> None:
+    cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["plain"]}],
+                       models=[], envoy={"fast_lane": False})
+    stack = start_stack(tmp_path_factory.mktemp("slow"), cfg)
+    try:
+        r, rec = chat(stack, {"model": "plain"})
+        assert r.status_code == 200 and rec["plan"] == "direct"
+    finally:
+        stack.stop()

@@ -1,0 +1,104 @@
+"""Which models the fast lane serves (and why not the others), and how it is rendered: the
+two filters run only on the reading route, the fast routes turn the route stage off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.config import Config
+from extproc.contract import Cluster, Meta
+from extproc.core.fast_lane import describe, lanes, record
+from extproc.render import render
+from extproc.render.fast_lane import DECIDE_FILTER, READ_FILTER
+
+
+def config(**extra: Any) -> Config:
+    data: dict[str, Any] = {
+        "backends": [
+            {"name": "v", "preset": "vllm", "url": "http://127.0.0.1:8000/v1",
+             "models": [{"name": "plain"}, {"name": "shared"},
+                        {"name": "slow", "attempt_timeout_s": 5}]},
+            {"name": "w", "preset": "vllm", "url": "http://127.0.0.1:8001/v1",
+             "models": [{"name": "shared"}, {"name": "renamed-here"}]},
+            {"name": "cloud", "preset": "openai", "url": "https://api.example.com/v1",
+             "api_key_env": "KEY", "models": [{"name": "gpt"}]},
+            {"name": "prefixed", "preset": "openai", "url": "http://127.0.0.1:8002/api/v1",
+             "models": [{"name": "deep"}]},
+        ],
+        "models": [{"name": "nice", "aliases": ["nick"],
+                    "candidates": [{"backend": "w", "model": "renamed-here"}]}],
+    }
+    return Config.model_validate({**data, **extra})
+
+
+def test_which_models_and_why() -> None:
+    fast, why = lanes(config())
+    assert set(fast) == {"plain", "renamed-here"}
+    assert fast["plain"].backend == "v" and fast["plain"].address == "127.0.0.1:8000"
+    assert fast["plain"].paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+    assert "2 candidates" in why["shared"]
+    assert "served as 'renamed-here'" in why["nice"]
+    assert "key of its own" in why["gpt"]
+    assert "not at /v1" in why["deep"]
+    assert "attempt timeout" in why["slow"]
+    assert "nick" not in fast and "nick" not in why  # aliases take the ext_proc path
+    assert describe(config())[0].startswith("deep: ext_proc path")
+
+
+def test_off_when_the_config_says_so() -> None:
+    for extra in ({"envoy": {"fast_lane": False}}, {"envoy": {"direct_cluster": False}},
+                  {"ai_gateway": {"model_header": "x-ai-eg-model"}}):
+        fast, why = lanes(config(**extra))
+        assert not fast and len(set(why.values())) == 1
+
+
+def test_the_record_is_the_route_stages_shape() -> None:
+    import orjson
+
+    rec = orjson.loads(record("plain", "v", "127.0.0.1:8000", "rid", "POST", "/v1/embeddings"))
+    assert rec["plan"] == "fast" and rec["api"] == "embeddings" and rec["request_id"] == "rid"
+    assert rec["candidates"] == [{"backend": "v", "model": "plain", "address": "127.0.0.1:8000"}]
+
+
+def hcm(cfg: Config) -> dict[str, Any]:
+    listener = render(cfg)["static_resources"]["listeners"][-1]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_rendered_filters_and_routes() -> None:
+    h = hcm(config())
+    names = [f["name"] for f in h["http_filters"]]
+    assert names.index(READ_FILTER) < names.index(DECIDE_FILTER) < names.index("extproc.route")
+    lua = next(f for f in h["http_filters"] if f["name"] == DECIDE_FILTER)[
+        "typed_config"]["default_source_code"]["inline_string"]
+    assert '["plain"] = {hosts = "127.0.0.1:8000"' in lua and '"nice"' not in lua
+    assert '"\\"tool_choice\\""' in lua and '"authorization"' in lua
+    routes = h["route_config"]["virtual_hosts"][0]["routes"]
+    fast = [r for r in routes if r.get("name", "").startswith("fast_") and r["name"] != "fast_read"]
+    assert fast and all(r["route"]["cluster"] == Cluster.DIRECT.value for r in fast)
+    assert all(r["typed_per_filter_config"]["extproc.route"]["disabled"] for r in fast)
+    assert all(r["match"]["dynamic_metadata"][0]["path"] == [{"key": Meta.FAST.value}]
+               for r in fast)
+    reading, default = routes[-2], routes[-1]
+    assert reading["name"] == "fast_read" and "typed_per_filter_config" not in reading
+    assert reading["match"]["headers"][0]["range_match"]["end"] == 256 * 1024 + 1
+    # Every other request: Envoy never parses its body.
+    off = default["typed_per_filter_config"]
+    assert off[READ_FILTER]["disabled"] and off[DECIDE_FILTER]["disabled"]
+
+
+def test_nothing_rendered_without_a_fast_model() -> None:
+    h = hcm(config(envoy={"fast_lane": False}))
+    assert READ_FILTER not in [f["name"] for f in h["http_filters"]]
+    routes = h["route_config"]["virtual_hosts"][0]["routes"]
+    assert not any(r.get("name", "").startswith("fast") for r in routes)
+    assert "typed_per_filter_config" not in routes[-1]
+
+
+def test_need_keys_send_requests_the_slow_way_where_incapable_ones_are_dropped() -> None:
+    def lua(cfg: Config) -> str:
+        return next(f for f in hcm(cfg)["http_filters"] if f["name"] == DECIDE_FILTER)[
+            "typed_config"]["default_source_code"]["inline_string"]
+
+    assert '"\\"tools\\""' not in lua(config())
+    assert '"\\"tools\\""' in lua(config(capability_routing={"incapable": "drop"}))
