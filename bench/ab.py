@@ -83,7 +83,7 @@ def main() -> int:
         sides = {"before": start_side(procs, tmp, "before", before / "src", ports),
                  "after": start_side(procs, tmp, "after", ROOT / "src", ports)}
         body = make_bodies(tmp)[args.body]
-        script = lua_script(tmp, body)
+        script = lua_script(tmp, body, ports["emu"])
         for url in sides.values():  # warm caches (the aux-vision one above all)
             httpx.post(url + "/v1/chat/completions", content=body.read_bytes(), timeout=60,
                        headers={"content-type": "application/json",

@@ -3,14 +3,17 @@
 Targets: (a) bare Envoy, (b) Envoy + an empty ext_proc (the floor: bench/empty_extproc.py),
 (c) Envoy + llm-extproc, (c2) the same with --workers 2, (d) the LiteLLM proxy (in its own
 virtual environment, bench/.litellm-venv, installed on first use; --no-litellm skips it), (e)
-Envoy AI Gateway (`aigw run`, only with --targets naming e; installed on first use into
-~/.cache/llm-extproc/bench/aigw-venv; its Envoy runs 2 workers: --envoy-workers 2 gives ours
-the same), compared paired by round as c/e.
-Cases: 1 KB chat at concurrency 1 and 8, a 1 MB image request needing no change, a 4 MB
-audio_url data URL needing conversion, an aux-vision cache hit, and forced-tools streaming
-(time to first byte). For each: p50/p99/req/s (median of the repeats, with the spread), CPU per
-request of every process involved, and the ratios (c)/(b), (c)/(a), (d)/(c), the (c)/(b) ones
-also round by round ("paired"). Waits for an idle machine before each run. Writes
+Envoy AI Gateway (`aigw run`, installed on first use into ~/.cache/llm-extproc/bench/aigw-venv;
+its Envoy runs 2 workers, and so do ours when it runs), compared paired by round as c/e, (f)
+the Portkey gateway (Node, installed with npm into the same cache; skipped, saying so, where
+Node is not installed), as c/f.
+Cases: 1 KB chat at concurrency 1 and 8 (for a renamed model: the ext_proc path; and for a
+model served under its own name: the fast lane, Envoy alone), a 1 MB image request needing no
+change, a 4 MB audio_url data URL needing conversion, an aux-vision cache hit, and streaming
+time to first byte (forced tools held and judged; passed through; a plain fast-lane stream).
+For each: p50/p99/req/s (median of the repeats, with the spread), CPU per request of every
+process involved, and the ratios (c)/(b), (c)/(a), (d)/(c), (c)/(e), the (c)/(b) and (c)/(e)
+ones round by round ("paired"). Waits for an idle machine before each run. Writes
 bench/results/latest.json.
 
     python bench/bench.py [--duration 5] [--repeat 5] [--smoke] [--no-litellm]
@@ -209,6 +212,35 @@ def start_aigw(procs: Procs, tmp: Path, emu_port: int) -> str | None:
     return url
 
 
+PORTKEY_PACKAGE = "@portkey-ai/gateway@1.15.2"
+
+
+def start_portkey(procs: Procs, emu_port: int) -> str | None:
+    """The Portkey gateway (Node), installed once with npm into the same cache; requests name
+    their provider and the emulator in headers (every wrk script carries them)."""
+    if not shutil.which("npm"):
+        print("Portkey skipped: Node (npm) is not installed", flush=True)
+        return None
+    root = Path(os.environ.get("LLM_EXTPROC_CACHE") or Path.home() / ".cache" / "llm-extproc")
+    home = root / "bench" / "portkey"
+    exe = home / "node_modules" / ".bin" / "gateway"
+    if not exe.exists():
+        print(f"installing the Portkey gateway into {home} ...", flush=True)
+        home.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["npm", "install", "--prefix", str(home), "--no-audit", "--no-fund",
+                            PORTKEY_PACKAGE], capture_output=True, text=True)
+        if r.returncode != 0 or not exe.exists():
+            print(f"Portkey unavailable: {r.stderr[-500:]}", flush=True)
+            return None
+    port = free_port()
+    try:
+        procs.start("portkey", [str(exe), f"--port={port}", "--headless"], port)
+    except RuntimeError as exc:
+        print(f"Portkey did not start ({exc})", flush=True)
+        return None
+    return f"http://127.0.0.1:{port}"
+
+
 def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
     venv = HERE / ".litellm-venv"
     exe = venv / "bin" / "litellm"
@@ -270,10 +302,13 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def lua_script(tmp: Path, body: Path) -> Path:
+def lua_script(tmp: Path, body: Path, emu_port: int) -> Path:
     p = tmp / f"{body.stem}.lua"
     p.write_text('wrk.method = "POST"\nwrk.headers["content-type"] = "application/json"\n'
                  f'wrk.headers["authorization"] = "Bearer {CLIENT_KEY}"\n'
+                 # (Portkey's routing; the other targets pass these on, the emulator ignores them)
+                 'wrk.headers["x-portkey-provider"] = "openai"\n'
+                 f'wrk.headers["x-portkey-custom-host"] = "http://127.0.0.1:{emu_port}/v1"\n'
                  f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
     return p
 
@@ -358,7 +393,7 @@ def ttfb(url: str, body: bytes, n: int, emulator: str | None = None) -> dict:
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
             f"application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
     times, after = [], []
-    with socket.create_connection((host, int(port))) as sock:
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(n):
             t0 = time.perf_counter()
@@ -366,13 +401,24 @@ def ttfb(url: str, body: bytes, n: int, emulator: str | None = None) -> dict:
             data = sock.recv(65536)
             first = time.monotonic()
             times.append((time.perf_counter() - t0) * 1000)
-            while not data.endswith(b"0\r\n\r\n"):  # drain the chunked stream to its end
-                more = sock.recv(65536)
-                if not more:
-                    raise RuntimeError("connection closed mid-stream")
-                data += more
+            try:
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+                top, _, rest = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", top)
+                while (len(rest) < int(length.group(1))) if length else \
+                        not rest.endswith(b"0\r\n\r\n"):  # drain the answer to its end
+                    more = sock.recv(65536)
+                    if not more:
+                        raise RuntimeError("connection closed mid-answer")
+                    rest += more
+            except TimeoutError:
+                return {"error": f"no complete answer in 15 s: {data[:300]!r}"}
+            if not top.startswith(b"HTTP/1.1 200"):  # (a peer refusing it: a finding)
+                return {"error": (top.split(b"\r\n")[0] + b": " + rest[:200]).decode(
+                    "utf-8", "replace")}
             if emulator:
-                events = [ln for ln in data.split(b"\n") if ln.startswith(b"data: {")]
+                events = [ln for ln in rest.split(b"\n") if ln.startswith(b"data: {")]
                 if len(events) < 2 or b"tool_calls" not in events[1]:
                     raise RuntimeError("the stream's second event is not the tool-call delta")
                 sent = httpx.get(emulator + "/_emulator/stream_sent").json()["sent"]
@@ -393,8 +439,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes: checks it runs")
     ap.add_argument("--no-litellm", action="store_true")
-    ap.add_argument("--envoy-workers", type=int, default=1, help="our Envoys' --concurrency "
-                    "(aigw's Envoy runs 2: give 2 when comparing with target e)")
+    ap.add_argument("--envoy-workers", type=int, default=None, help="our Envoys' "
+                    "--concurrency (default: 2 when target e runs, as aigw's Envoy does; else 1)")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--cases", default="", help="only cases whose label contains this "
                     "(comma-separated), e.g. 'chat'; for quick before/after checks")
@@ -404,13 +450,16 @@ def main() -> int:
     extra = {t for t in args.targets.split(",") if t}
     if args.smoke:
         args.duration, args.repeat, args.no_litellm = 1.0, 1, True
+    with_aigw = not args.smoke and (not extra or "e" in extra)
+    if args.envoy_workers is None:
+        args.envoy_workers = 2 if with_aigw else 1
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     emu_port, llama_port, aux_port = free_port(), free_port(), free_port()
     bodies = make_bodies(tmp)
-    scripts = {k: lua_script(tmp, v) for k, v in bodies.items()}
+    scripts = {k: lua_script(tmp, v, emu_port) for k, v in bodies.items()}
     procs = Procs(tmp)
     stacks: list[Stack] = []
     targets: dict[str, str] = {}
@@ -466,11 +515,16 @@ def main() -> int:
             if url:
                 targets["d LiteLLM"] = url
                 pids["d LiteLLM"] = {"litellm": procs.procs["litellm"].pid}
-        if not args.smoke and "e" in extra:
+        if with_aigw:
             url = start_aigw(procs, tmp, emu_port)
             if url:
                 targets["e Envoy AI Gateway"] = url
                 pids["e Envoy AI Gateway"] = {"aigw (all)": procs.procs["aigw"].pid}
+        if not args.smoke and (not extra or "f" in extra):
+            url = start_portkey(procs, emu_port)
+            if url:
+                targets["f Portkey"] = url
+                pids["f Portkey"] = {"portkey": procs.procs["portkey"].pid}
         # Warm the aux-vision cache so that case measures hits.
         for st in stacks:
             httpx.post(st.envoy_url + "/v1/chat/completions", content=bodies["vision_hit"]
@@ -559,7 +613,7 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
             v["cpu_ms_per_req"] = {k: statistics.median(r["cpu_ms_per_req"][k] for r in runs)
                                    for k in runs[0]["cpu_ms_per_req"]}
             v["non_2xx"] = sum(r["non_2xx"] for r in runs)
-            if t[0] not in "de":  # a peer failing requests is a finding, not our failure
+            if t[0] not in "def":  # a peer failing requests is a finding, not our failure
                 bad += v["non_2xx"]
             row[t] = v
             cpu = ", ".join(f"{k} {x:.2f}" for k, x in v["cpu_ms_per_req"].items() if x >= 0.005)
@@ -583,6 +637,9 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
         if "d LiteLLM" in row:
             d = row["d LiteLLM"]
             ratios.update({"d/c p50": d["p50_ms"] / c["p50_ms"], "c/d req/s": c["rps"] / d["rps"]})
+        if "f Portkey" in row:  # paired by round, as c/b
+            pairs = list(zip(per["f Portkey"], per["c llm-extproc"], strict=True))
+            ratios["c/f req/s paired"] = statistics.median(y["rps"] / x["rps"] for x, y in pairs)
         if "e Envoy AI Gateway" in row:  # paired by round, as c/b
             pairs = list(zip(per["e Envoy AI Gateway"], per["c llm-extproc"], strict=True))
             ratios["c/e req/s paired"] = statistics.median(y["rps"] / x["rps"] for x, y in pairs)
@@ -595,7 +652,9 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
         print(f"\nforced-tools streaming, time to first byte (SSE events every "
               f"{streaming['event_gap_ms']:.0f} ms; the deciding tool_calls delta is event 2):")
         for name, v in streaming.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and "error" in v:
+                print(f"  {name:24} {v['error']}")
+            elif isinstance(v, dict):
                 print(f"  {name:24} p50 {v['p50_ms']:7.2f} ms   p99 {v['p99_ms']:7.2f} ms")
         hold = streaming["c hold (forced)"]
         first = streaming["a bare Envoy (forced)"]["p50_ms"] + streaming["event_gap_ms"]

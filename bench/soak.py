@@ -48,7 +48,7 @@ def main() -> int:
     cfg["backends"][0]["url"] = f"http://127.0.0.1:{emu}/v1"
     (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
     bodies = make_bodies(tmp)
-    scripts = [lua_script(tmp, bodies["image_1m"]), lua_script(tmp, bodies["audio_4m"])]
+    scripts = [lua_script(tmp, bodies["image_1m"], emu), lua_script(tmp, bodies["audio_4m"], emu)]
     stack = Stack(tmp / "c.yaml", workdir=str(tmp), env={"EMULATOR_NO_RECORD_BODIES": "1"})
     stack.start()
     samples: list[dict] = []

@@ -34,6 +34,8 @@ class Report:
     # (server kind, case) -> real answer, emulator's answer, verdict, what is sent
     direct: dict[tuple[str, str], tuple[str, str, str, str]] = field(default_factory=dict)
     gateway: dict[str, str] = field(default_factory=dict)
+    # The benchmark's Envoy AI Gateway target, smoke-run: case -> figures (printed, not kept)
+    peer: dict[str, str] = field(default_factory=dict)
 
 
 REPORT = Report()
@@ -179,9 +181,13 @@ def report_lines() -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     r, w = REPORT, terminalreporter
-    if not (r.direct or r.gateway):
+    if not (r.direct or r.gateway or r.peer):
         return
     times = [f"- {k}: {v}" for k, v in r.setup.items()]
+    if r.peer:
+        times += ["", "Envoy AI Gateway beside llm-extproc (smoke run of bench target e; "
+                  "figures from a few seconds each, not a benchmark):",
+                  *(f"- {k}: {v}" for k, v in r.peer.items()), ""]
     times.append(f"- total: {time.monotonic() - r.started:.0f} s")
     w.write_line("")
     for line in [*report_lines(), "", *times]:
