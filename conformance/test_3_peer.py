@@ -46,7 +46,7 @@ def side_by_side(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
                       envoy_workers=2)
         stack.start()
         aigw = timed("aigw (install on first use, start)",
-                     lambda: bench.start_aigw(procs, tmp, emu_port))
+                     lambda: bench.start_aigw(procs, tmp, bench.aigw_config(emu_port)))
         assert aigw, f"Envoy AI Gateway did not start: see {tmp}/aigw.log"
         yield {"llm-extproc": stack.envoy_url, "Envoy AI Gateway": aigw}
     finally:

@@ -19,7 +19,7 @@ from extproc.core.plan import BodyWork, RequestView, RoutePlan
 from extproc.core.routing import RouteDecision, route_request
 from extproc.runtime import Runtime
 
-from ..media import clip, data_url
+from ..media import clip, data_url, text_image
 from ..refusals import refused
 
 WAV = clip("wav")
@@ -132,3 +132,33 @@ def test_which_answers_are_held() -> None:
     limited = r(429, {"retry-after": "7", **json_h}, False, None, False, 0)
     assert limited.rate_limited and limited.retry_after_s == 7 and not limited.hold  # Envoy retries it
     assert not r(503, {"retry-after": "7", **json_h}, False, None, False, 0).rate_limited
+
+
+def test_inside_ai_gateway_the_body_is_prepared_whole_and_no_routing_header_is_set() -> None:
+    """No attempt stage exists inside Envoy AI Gateway: parts are reshaped here, for the first
+    candidate, and the body keeps the public name AIGW routes on; none of our routing headers
+    (they would reach the backend) is set."""
+    rt = Runtime.build(parse_config({
+        "ai_gateway": {"model_header": "x-ai-eg-model"},
+        "backends": [{"name": "v1", "preset": "vllm", "url": "http://127.0.0.1:8001/v1",
+                      "models": [{"name": "served"}]},
+                     {"name": "o1", "preset": "openai", "url": "http://127.0.0.1:8005/v1",
+                      "models": [{"name": "other"}]}],
+        "models": [{"name": "public", "aliases": ["nick"],
+                    "candidates": [{"backend": "v1", "model": "served"},
+                                   {"backend": "o1", "model": "other"}]}]}), env={})
+    content = [{"type": "text", "text": "hi"}, AUDIO_URL]
+    body = orjson.dumps({"model": "nick", "messages": [{"role": "user", "content": content}]})
+    data = orjson.loads(body)
+    d = route_request(rt.table, data, {})
+    p = rt.planner.route(RequestView("POST", "/v1/chat/completions", {}, body, data), d)
+    assert dict(p.set_headers) == {"x-ai-eg-model": "public"}
+    assert p.work is None  # vLLM (the first candidate) takes audio_url as it is
+    assert orjson.loads(p.body)["model"] == "public"
+    content = [{"type": "text", "text": "hi"}, {"type": "input_image",
+                                                  "image_url": data_url("image/png", text_image("x"))}]
+    body = orjson.dumps({"model": "public", "messages": [{"role": "user", "content": content}]})
+    data = orjson.loads(body)
+    p = rt.planner.route(RequestView("POST", "/v1/chat/completions", {}, body, data),
+                         route_request(rt.table, data, {}))
+    assert p.work is not None and (p.work.backend, p.work.model) == ("v1", "public")

@@ -17,7 +17,7 @@ planner without either (``tests/unit/test_plan.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -150,8 +150,11 @@ class Planner:
     def route(self, view: RequestView, d: RouteDecision) -> RoutePlan:
         cfg, data, e = self.config, view.data, d.endpoint
         unstored = bool(data.get("metadata")) and data.get("store") is not True
+        aig = cfg.ai_gateway.model_header
         found = self._prepared(d, unstored)
         prepared, work = found if found is not None else (None, None)
+        if aig:  # inside Envoy AI Gateway (no attempt stage there): see _in_ai_gateway
+            return self._in_ai_gateway(view, d, aig, work)
         kind: PlanKind = "per_attempt" if prepared is None else \
             "judged" if d.needs.forced or len(d.candidates) > 1 else "direct"
         cluster = {"direct": Cluster.DIRECT, "judged": Cluster.JUDGED,
@@ -178,13 +181,12 @@ class Planner:
                 set_headers.append((header, value))
         if d.hints.policy and hcfg.intent_header:  # (a client's own copy is always removed)
             set_headers.append((hcfg.intent_header, d.hints.policy))
-        # The model the body must carry from here: AI Gateway routes on the canonical name; a
-        # prepared request names the backend's model now, and so does one whose candidates all
-        # serve one name (the attempt stage then skips the body unless a part needs reshaping).
-        aig = cfg.ai_gateway.model_header
+        # The model the body must carry from here: a prepared request names the backend's
+        # model now, and so does one whose candidates all serve one name (the attempt stage
+        # then skips the body unless a part needs reshaping).
         served = d.candidates[0].model
         uniform = all(t.model == served for t in d.candidates)
-        model_out = d.public_model if aig else served if uniform else None
+        model_out = served if uniform else None
         body_model = d.requested if d.resolution != "default" else None
         if prepared is not None:
             path = target_path(prepared, e, False, view.path, served)
@@ -222,8 +224,6 @@ class Planner:
                 remove.append("accept-encoding")
             elif readable != accept:
                 set_headers.append(("accept-encoding", readable))
-        if aig:  # Envoy AI Gateway routes on this header and the body's model
-            set_headers.append((aig, d.public_model))
         named = {k for k, _ in set_headers}
         out = RoutePlan(kind, cluster, set_headers, [r for r in remove if r not in named], meta,
                         work=work, url_checks=d.url_checks)
@@ -254,17 +254,60 @@ class Planner:
                                  view.headers.get("content-type", ""))
         return out
 
+    def _in_ai_gateway(self, view: RequestView, d: RouteDecision, header: str,
+                       work: BodyWork | None) -> RoutePlan:
+        """Inside Envoy AI Gateway the route stage is all there is: AIGW routes on ``header``
+        and the body's model (the public name), and sets each backend's path and credentials;
+        there is no attempt stage, so the body is prepared whole here, for the first candidate
+        (parts reshaped, images described). None of our routing headers is set: nothing in
+        AIGW reads them, and they would reach the backend."""
+        data, hcfg = view.data, self.config.hints
+        set_headers = [(header, d.public_model)]
+        set_headers += [(h, v) for h, v in d.hints.context.items() if h in hcfg.propagate]
+        if d.hints.policy and hcfg.intent_header:
+            set_headers.append((hcfg.intent_header, d.hints.policy))
+        meta: dict[str, str] = {Meta.PUBLIC_MODEL: d.public_model}
+        if d.warnings:
+            meta[Meta.WARNINGS] = "; ".join(d.warnings)[:2000]
+        named = {k for k, _ in set_headers}
+        out = RoutePlan("direct", Cluster.DIRECT, set_headers,
+                        [h for h in self.hint_headers if h not in named], meta,
+                        work=replace(work, model=d.public_model) if work else None,
+                        url_checks=d.url_checks)
+        metadata = data.get("metadata")
+        reserialise = view.reserialise
+        if d.hints.routing_keys and isinstance(metadata, dict):  # never to a backend
+            rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
+            if rest:
+                data["metadata"] = rest
+            else:
+                del data["metadata"]
+            reserialise = True
+        if work is None and reserialise:
+            data["model"] = d.public_model
+            out.body = orjson.dumps(data)
+        elif work is None:
+            body_model = d.requested if d.resolution != "default" else None
+            out.body = set_model(view.body, body_model, d.public_model,
+                                 view.headers.get("content-type", ""))
+        return out
+
     def _prepared(self, d: RouteDecision, unstored: bool
                   ) -> tuple[BackendRuntime, BodyWork | None] | None:
         """The one backend plan (and body work) every candidate would get, so the route stage
         prepares the request whole and no attempt stage is needed on the request side (one to
         three gRPC messages fewer per attempt); None when any two candidates differ, or some
-        must be spoken to in another API (the answer is translated per attempt)."""
+        must be spoken to in another API (the answer is translated per attempt). Inside Envoy
+        AI Gateway (no attempt stage at all): the first candidate's, always."""
         cfg = self.config
-        if not cfg.envoy.direct_cluster or cfg.ai_gateway.model_header or d.translated:
+        aig = cfg.ai_gateway.model_header
+        if not aig and (not cfg.envoy.direct_cluster or d.translated):
             return None
         common = common_backend(d.candidates, self.backends)
-        if common is None:
+        if common is None and aig:
+            common, d = self.backends[d.candidates[0].backend], replace(
+                d, candidates=d.candidates[:1])
+        elif common is None:
             return None
         if not d.sigs and not unstored:  # plain text: one body for all, nothing to adapt
             return common, None

@@ -1,0 +1,176 @@
+"""Attached to a real Envoy AI Gateway (issue 23): `aigw run` (installed into its cached venv,
+as the benchmark's target e) with AIGW routes to an emulated vLLM, first alone, then with our
+route stage attached the way docs/deployment.md says: the EnvoyExtensionPolicy shipped in
+deploy/kubernetes/extension-policy.yaml (read from there, so the shipped file is what is
+tested), and our filter ordered before AIGW's by deploy/kubernetes/filter-order.yaml (read
+from there too). Each case is printed with what AIGW alone answered for the same request."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from extproc_dev.stack import free_port
+
+from .conftest import REPORT, timed
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from media import text_image  # noqa: E402
+
+PNG = base64.b64encode(text_image("INVOICE 4711")).decode()
+IMAGE = f"data:image/png;base64,{PNG}"
+# name -> (model, content): each sent alone to AIGW, then to AIGW with us attached
+CASES: dict[str, tuple[str, Any]] = {
+    "plain text": ("seeing", "hi"),
+    "an alias only we know": ("nick", "hi"),
+    "an HF-style image part": ("seeing", [{"type": "text", "text": "what is this?"},
+                                          {"type": "image", "url": IMAGE}]),
+    "input_image in a chat message": ("seeing", [{"type": "text", "text": "what is this?"},
+                                                 {"type": "input_image", "image_url": IMAGE}]),
+    "an image for the text-only model": ("blind", [
+        {"type": "text", "text": "what is the invoice number?"},
+        {"type": "image_url", "image_url": {"url": IMAGE}}]),
+}
+
+
+def shipped(name: str) -> list[dict[str, Any]]:
+    """A deploy/kubernetes/ file's documents, in the test's namespace, aimed at its Gateway."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / name).read_text()))
+    for doc in docs:
+        doc["metadata"] = {**doc["metadata"], "namespace": "default"}
+        for ref in doc["spec"].get("targetRefs", []):
+            if ref["kind"] == "Gateway":
+                ref["name"] = "aigw-run"
+    return docs
+
+
+def dump(docs: list[dict[str, Any]]) -> str:
+    return "".join("---\n" + yaml.safe_dump(d, sort_keys=False) for d in docs)
+
+
+def policy_documents(port: int) -> str:
+    """Our service as an Envoy Gateway Backend, and the shipped EnvoyExtensionPolicy pointed
+    at it and at this Gateway."""
+    (policy,) = shipped("extension-policy.yaml")
+    # (in a cluster the Service; here an Envoy Gateway Backend at our port)
+    policy["spec"]["extProc"][0]["backendRefs"] = [{
+        "group": "gateway.envoyproxy.io", "kind": "Backend", "name": "llm-extproc",
+        "port": port}]
+    backend = {"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "Backend",
+               "metadata": {"name": "llm-extproc", "namespace": "default"},
+               "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": port}}]}}
+    return dump([backend, policy])
+
+
+def ours(emu: int, aux: int, port: int) -> dict[str, Any]:
+    return {
+        "service": {"host": "127.0.0.1", "port": port, "metrics_port": 0},
+        "ai_gateway": {"model_header": "x-ai-eg-model"},
+        "backends": [
+            {"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{emu}/v1",
+             "discovery": {"enabled": False},
+             "models": [{"name": "seeing", "capabilities": ["vision"]},
+                        {"name": "blind", "capabilities": []}]},
+            {"name": "aux", "preset": "openai", "url": f"http://127.0.0.1:{aux}/v1",
+             "models": [{"name": "ocr", "capabilities": ["vision"]}]}],
+        "models": [{"name": "seeing", "aliases": ["nick"],
+                    "candidates": [{"backend": "emu", "model": "seeing"}]},
+                   {"name": "blind", "candidates": [{"backend": "emu", "model": "blind"}]}],
+        "vision": {"backend": "aux", "model": "ocr"},
+    }
+
+
+def ask(url: str, emu: str, model: str, content: Any) -> dict[str, Any]:
+    """One request; its status and what the backend received (None: nothing)."""
+    httpx.post(emu + "/_emulator/reset", timeout=5)
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": model, "max_tokens": 16, "messages": [{"role": "user", "content": content}]})
+    got = [x for x in httpx.get(emu + "/_emulator/requests", timeout=5).json()["requests"]
+           if x["method"] == "POST"]
+    return {"status": r.status_code, "body": r.text[:200], "received": got[-1] if got else None}
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict]]:
+    tmp = tmp_path_factory.mktemp("aigw")
+    procs = bench.Procs(tmp)
+    emu_port, aux_port, svc_port = free_port(), free_port(), free_port()
+    emu = f"http://127.0.0.1:{emu_port}"
+    cards = {"seeing": {"capabilities": ["completion", "vision"]},
+             "blind": {"capabilities": ["completion"]}}
+    try:
+        procs.start("emulator", [sys.executable, "-m", "extproc_dev.emulators", "--flavour",
+                                 "vllm", "--name", "emu", "--models", "seeing,blind",
+                                 "--cards", json.dumps(cards),
+                                 "--port", str(emu_port)], emu_port)
+        procs.start("aux", [sys.executable, "-m", "extproc_dev.emulators", "--flavour", "ocr",
+                            "--name", "aux", "--models", "ocr", "--port", str(aux_port)],
+                    aux_port, timeout=120)
+        (tmp / "ours.yaml").write_text(yaml.safe_dump(ours(emu_port, aux_port, svc_port)))
+        procs.start("service", [sys.executable, "-m", "extproc.cli", "serve", "--config",
+                                str(tmp / "ours.yaml")], svc_port)
+        base = (Path(__file__).parent / "aigw_attached.yaml").read_text().replace(
+            "${EMU_PORT}", str(emu_port)) + dump(shipped("filter-order.yaml"))
+        out: dict[str, dict] = {}
+        for phase, config in (("alone", base), ("attached", base + policy_documents(svc_port))):
+            url = timed(f"aigw {phase} (install on first use, start)", lambda c=config, p=phase:
+                        bench.start_aigw(procs, tmp, c, f"aigw-{p}", ready_model="seeing"))
+            assert url, f"Envoy AI Gateway ({phase}) did not start: see {tmp}/aigw-{phase}.log"
+            out[phase] = {case: ask(url, emu, *req) for case, req in CASES.items()}
+            procs.stop_one(f"aigw-{phase}")
+        yield out
+    finally:
+        procs.stop()
+
+
+def parts(received: dict | None) -> list[str]:
+    content = (received or {}).get("json", {}).get("messages", [{}])[0].get("content")
+    return [p.get("type", "?") for p in content] if isinstance(content, list) else ["string"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attached_to_aigw(answers: dict[str, dict], case: str) -> None:
+    alone, attached = answers["alone"][case], answers["attached"][case]
+    note = (f"AIGW alone: {alone['status']}" + (f" (backend got {parts(alone['received'])})"
+                                                if alone["received"] else "")
+            + f"; with llm-extproc: {attached['status']}")
+    REPORT.aigw[case] = note + (f" (backend got {parts(attached['received'])})"
+                                if attached["received"] else "")
+    assert attached["status"] == 200, attached["body"]
+    got = attached["received"]
+    # Our internal headers never reach a backend inside AIGW.
+    assert not [h for h in got["headers"] if h.startswith("x-extproc-")
+                or h == "x-envoy-max-retries"], got["headers"]
+    assert got["json"]["model"] == CASES[case][0].replace("nick", "seeing")
+    if case == "an alias only we know":
+        assert alone["status"] == 404
+    if case in ("an HF-style image part", "input_image in a chat message"):
+        assert alone["status"] == 400  # AIGW refuses the shape itself
+        assert parts(got) == ["text", "image_url"]
+    if case == "an image for the text-only model":
+        assert alone["status"] == 400  # the backend refuses the image
+        assert parts(got) == ["text", "text"] and "4711" in str(got["json"])  # described
+
+
+def test_the_deploy_docs_say_what_this_test_shows(answers: dict[str, dict]) -> None:
+    """docs/deployment.md quotes these answers: a change in what AIGW or we answer fails here
+    until the docs say it."""
+    text = " ".join((ROOT / "docs" / "deployment.md").read_text().split())
+    for case, label in (("an alias only we know", "an alias"),
+                        ("an HF-style image part", "an HF-style image part"),
+                        ("input_image in a chat message", "`input_image`"),
+                        ("an image for the text-only model", "an image for a text-only model")):
+        said = f"{label} {answers['alone'][case]['status']} / {answers['attached'][case]['status']}"
+        assert said in text, f"docs/deployment.md should say: {said}"
