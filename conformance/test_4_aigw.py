@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from tests.e2e.conftest import stack_config, start_stack, wait_line
 
 from extproc_dev.stack import free_port
 
@@ -174,3 +175,80 @@ def test_the_deploy_docs_say_what_this_test_shows(answers: dict[str, dict]) -> N
                         ("an image for the text-only model", "an image for a text-only model")):
         said = f"{label} {answers['alone'][case]['status']} / {answers['attached'][case]['status']}"
         assert said in text, f"docs/deployment.md should say: {said}"
+    keep = KEEP_REQUEST_ID["spec"]["headers"]["requestID"]
+    assert f"`headers: {{requestID: {keep}}}`" in text
+
+
+# ---------------------------------------------------------------- our Envoy in front of AIGW
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+# What makes AIGW keep the request id our Envoy sends it (docs/deployment.md), instead of
+# making its own.
+KEEP_REQUEST_ID = {
+    "apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "ClientTrafficPolicy",
+    "metadata": {"name": "keep-request-id", "namespace": "default"},
+    "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                             "name": "aigw-run"}],
+             "headers": {"requestID": "PreserveOrGenerate"}}}
+
+
+@pytest.fixture(scope="module")
+def in_front(answers: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The other layout: our Envoy and service (both stages) with plain AIGW as one backend
+    (after ``answers``: one aigw at a time, its port is fixed) and a spare emulator beside."""
+    tmp = tmp_path_factory.mktemp("front")
+    procs = bench.Procs(tmp)
+    emu_port, spare_port = free_port(), free_port()
+    stack = None
+    try:
+        for name, port, models in (("emu", emu_port, "seeing,blind"),
+                                   ("spare", spare_port, "spare-model")):
+            procs.start(name, [sys.executable, "-m", "extproc_dev.emulators", "--flavour",
+                               "vllm", "--name", name, "--models", models, "--port",
+                               str(port)], port)
+        base = (Path(__file__).parent / "aigw_attached.yaml").read_text().replace(
+            "${EMU_PORT}", str(emu_port)) + dump(shipped("filter-order.yaml"))
+        aigw = bench.start_aigw(procs, tmp, base + dump([KEEP_REQUEST_ID]), "aigw-behind",
+                                ready_model="seeing")
+        assert aigw, f"Envoy AI Gateway did not start: see {tmp}/aigw-behind.log"
+        cfg = stack_config(
+            backends=[{"name": "aigw", "preset": "openai", "url": aigw + "/v1",
+                       "discovery": {"enabled": False},
+                       "models": [{"name": "seeing", "capabilities": ["tools", "vision"]}]},
+                      {"name": "spare", "preset": "vllm", "url": f"http://127.0.0.1:{spare_port}/v1",
+                       "models": [{"name": "spare-model", "capabilities": ["tools"]}]}],
+            models=[{"name": "tools-model", "candidates": [
+                {"backend": "aigw", "model": "seeing"},
+                {"backend": "spare", "model": "spare-model"}]}])
+        stack = start_stack(tmp, cfg, dead_backends=("aigw", "spare"))  # (none emulated)
+        yield {"stack": stack, "emu": f"http://127.0.0.1:{emu_port}"}
+    finally:
+        if stack is not None:
+            stack.stop()
+        procs.stop()
+
+
+def test_in_front_a_forced_tool_call_aigw_botches_is_retried_on_the_next(in_front: dict
+                                                                          ) -> None:
+    stack, emu = in_front["stack"], in_front["emu"]
+    httpx.post(emu + "/_emulator/reset", timeout=5)
+    httpx.post(emu + "/_emulator/behaviour", json={"ignore_tools": True}, timeout=5)
+    r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=60, json={
+        "model": "tools-model", "tools": WEATHER, "tool_choice": "required",
+        "messages": [{"role": "user", "content": "weather in Paris?"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["tool_calls"]
+    assert r.headers["x-extproc-backend"] == "spare"
+    rec = wait_line(stack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert [a.get("backend") for a in rec["attempts"]] == ["aigw", "spare"]
+    (behind,) = [x for x in httpx.get(emu + "/_emulator/requests", timeout=5).json()["requests"]
+                 if x["method"] == "POST"]  # AIGW passed the first attempt on
+    # Our record and what AIGW forwarded name the same request id.
+    assert behind["headers"].get("x-request-id") == rec["request_id"]
+    REPORT.aigw["our Envoy in front, a forced tool call AIGW's backend botches"] = (
+        f"attempts {[a.get('backend') for a in rec['attempts']]}, 200 from spare; the request "
+        f"id {rec['request_id'][:8]}... in our record and at AIGW's backend")
