@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,12 @@ KEEP_REQUEST_ID = {
              "headers": {"requestID": "PreserveOrGenerate"}}}
 
 
+# AIGW's own access log, one line per request with its id.
+ACCESS_LOG = {"accessLog": {"settings": [{
+    "format": {"type": "Text", "text": "aigw.access %REQ(X-REQUEST-ID)% %RESPONSE_CODE%\n"},
+    "sinks": [{"type": "File", "file": {"path": "/dev/stdout"}}]}]}}
+
+
 @pytest.fixture(scope="module")
 def in_front(answers: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The other layout: our Envoy and service (both stages) with plain AIGW as one backend
@@ -210,10 +217,11 @@ def in_front(answers: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             procs.start(name, [sys.executable, "-m", "extproc_dev.emulators", "--flavour",
                                "vllm", "--name", name, "--models", models, "--port",
                                str(port)], port)
+        order = shipped("filter-order.yaml")
+        order[0]["spec"]["telemetry"] = ACCESS_LOG  # (the EnvoyProxy)
         base = (Path(__file__).parent / "aigw_attached.yaml").read_text().replace(
-            "${EMU_PORT}", str(emu_port)) + dump(shipped("filter-order.yaml"))
-        aigw = bench.start_aigw(procs, tmp, base + dump([KEEP_REQUEST_ID]), "aigw-behind",
-                                ready_model="seeing")
+            "${EMU_PORT}", str(emu_port)) + dump([*order, KEEP_REQUEST_ID])
+        aigw = bench.start_aigw(procs, tmp, base, "aigw-behind", ready_model="seeing")
         assert aigw, f"Envoy AI Gateway did not start: see {tmp}/aigw-behind.log"
         cfg = stack_config(
             backends=[{"name": "aigw", "preset": "openai", "url": aigw + "/v1",
@@ -225,7 +233,8 @@ def in_front(answers: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 {"backend": "aigw", "model": "seeing"},
                 {"backend": "spare", "model": "spare-model"}]}])
         stack = start_stack(tmp, cfg, dead_backends=("aigw", "spare"))  # (none emulated)
-        yield {"stack": stack, "emu": f"http://127.0.0.1:{emu_port}"}
+        yield {"stack": stack, "emu": f"http://127.0.0.1:{emu_port}",
+               "aigw_state": tmp / "aigw-behind" / "state"}
     finally:
         if stack is not None:
             stack.stop()
@@ -247,8 +256,16 @@ def test_in_front_a_forced_tool_call_aigw_botches_is_retried_on_the_next(in_fron
     assert [a.get("backend") for a in rec["attempts"]] == ["aigw", "spare"]
     (behind,) = [x for x in httpx.get(emu + "/_emulator/requests", timeout=5).json()["requests"]
                  if x["method"] == "POST"]  # AIGW passed the first attempt on
-    # Our record and what AIGW forwarded name the same request id.
+    # Our record, AIGW's access log and what AIGW forwarded name the same request id.
     assert behind["headers"].get("x-request-id") == rec["request_id"]
+    def access_log() -> str:  # (aigw keeps its Envoy's output per run under its state home)
+        return "".join(p.read_text() for p in in_front["aigw_state"].glob(
+            "envoy-runs/*/stdout.log"))
+
+    deadline = time.monotonic() + 10
+    while f"aigw.access {rec['request_id']} 200" not in access_log():
+        assert time.monotonic() < deadline, "AIGW's access log does not name our request id"
+        time.sleep(0.2)
     REPORT.aigw["our Envoy in front, a forced tool call AIGW's backend botches"] = (
         f"attempts {[a.get('backend') for a in rec['attempts']]}, 200 from spare; the request "
-        f"id {rec['request_id'][:8]}... in our record and at AIGW's backend")
+        f"id {rec['request_id'][:8]}... in our record, AIGW's access log and at its backend")
