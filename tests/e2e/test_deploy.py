@@ -146,3 +146,17 @@ def test_configmap_holds_a_valid_config_matching_the_deployment() -> None:
     assert container["readinessProbe"]["grpc"]["port"] == cfg.service.port
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert all((K8S / r).exists() for r in kust["resources"])
+
+
+def test_the_ai_gateway_resources_are_what_extproc_envoy_snippets_renders() -> None:
+    """deploy/kubernetes/ ships the Envoy Gateway resources `extproc envoy --snippets` renders
+    for its own config (conformance/test_4_aigw.py runs them in a real AI Gateway)."""
+    from extproc.render.snippets import ai_gateway_resources, render_snippets
+
+    cm = yaml.safe_load((K8S / "configmap.yaml").read_text())
+    cfg = parse_config(yaml.safe_load(cm["data"]["config.yaml"]))
+    shipped = [*yaml.safe_load_all((K8S / "extension-policy.yaml").read_text()),
+               *yaml.safe_load_all((K8S / "filter-order.yaml").read_text())]
+    assert shipped == ai_gateway_resources(cfg)
+    text = render_snippets(cfg)
+    assert list(yaml.safe_load_all(text.split("```yaml\n")[1].split("```")[0])) == shipped
