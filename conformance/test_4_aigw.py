@@ -34,6 +34,10 @@ from media import text_image  # noqa: E402
 PNG = base64.b64encode(text_image("INVOICE 4711")).decode()
 IMAGE = f"data:image/png;base64,{PNG}"
 # name -> (model, content): each sent alone to AIGW, then to AIGW with us attached
+# AIGW's own access log beside the one to us: one line per request with its id.
+ACCESS_LOG_SETTING = {
+    "format": {"type": "Text", "text": "aigw.access %REQ(X-REQUEST-ID)% %RESPONSE_CODE%\n"},
+    "sinks": [{"type": "File", "file": {"path": "/dev/stdout"}}]}
 CASES: dict[str, tuple[str, Any]] = {
     "plain text": ("seeing", "hi"),
     "an alias only we know": ("nick", "hi"),
@@ -47,14 +51,28 @@ CASES: dict[str, tuple[str, Any]] = {
 }
 
 
-def shipped(name: str) -> list[dict[str, Any]]:
-    """A deploy/kubernetes/ file's documents, in the test's namespace, aimed at its Gateway."""
+def shipped(name: str, port: int | None = None) -> list[dict[str, Any]]:
+    """A deploy/kubernetes/ file's documents, in the test's namespace, aimed at its Gateway;
+    references to our Service become an Envoy Gateway Backend at ``port`` (none: the EnvoyProxy
+    without its access log to us, for AIGW alone)."""
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / name).read_text()))
+    ours = [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "llm-extproc",
+             "port": port}]
     for doc in docs:
         doc["metadata"] = {**doc["metadata"], "namespace": "default"}
-        for ref in doc["spec"].get("targetRefs", []):
+        spec = doc["spec"]
+        for ref in spec.get("targetRefs", []):
             if ref["kind"] == "Gateway":
                 ref["name"] = "aigw-run"
+        for ext in spec.get("extProc", []):
+            ext["backendRefs"] = ours
+        if doc["kind"] == "EnvoyProxy" and port is None:
+            del spec["telemetry"]
+        elif doc["kind"] == "EnvoyProxy":
+            for setting in spec["telemetry"]["accessLog"]["settings"]:
+                for sink in setting["sinks"]:
+                    sink["als"]["backendRefs"] = ours
+            spec["telemetry"]["accessLog"]["settings"].append(ACCESS_LOG_SETTING)
     return docs
 
 
@@ -65,15 +83,12 @@ def dump(docs: list[dict[str, Any]]) -> str:
 def policy_documents(port: int) -> str:
     """Our service as an Envoy Gateway Backend, and the shipped EnvoyExtensionPolicy pointed
     at it and at this Gateway."""
-    (policy,) = shipped("extension-policy.yaml")
     # (in a cluster the Service; here an Envoy Gateway Backend at our port)
-    policy["spec"]["extProc"][0]["backendRefs"] = [{
-        "group": "gateway.envoyproxy.io", "kind": "Backend", "name": "llm-extproc",
-        "port": port}]
     backend = {"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "Backend",
                "metadata": {"name": "llm-extproc", "namespace": "default"},
                "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": port}}]}}
-    return dump([backend, policy])
+    return dump([backend, *shipped("extension-policy.yaml", port),
+                 *shipped("filter-order.yaml", port)])
 
 
 def ours(emu: int, aux: int, port: int) -> dict[str, Any]:
@@ -124,14 +139,21 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict
         procs.start("service", [sys.executable, "-m", "extproc.cli", "serve", "--config",
                                 str(tmp / "ours.yaml")], svc_port)
         base = (Path(__file__).parent / "aigw_attached.yaml").read_text().replace(
-            "${EMU_PORT}", str(emu_port)) + dump(shipped("filter-order.yaml"))
+            "${EMU_PORT}", str(emu_port))
         out: dict[str, dict] = {}
-        for phase, config in (("alone", base), ("attached", base + policy_documents(svc_port))):
+        for phase, config in (("alone", base + dump(shipped("filter-order.yaml"))),
+                              ("attached", base + policy_documents(svc_port))):
             url = timed(f"aigw {phase} (install on first use, start)", lambda c=config, p=phase:
                         bench.start_aigw(procs, tmp, c, f"aigw-{p}", ready_model="seeing"))
             assert url, f"Envoy AI Gateway ({phase}) did not start: see {tmp}/aigw-{phase}.log"
             out[phase] = {case: ask(url, emu, *req) for case, req in CASES.items()}
+            last = out[phase][list(CASES)[-1]]["received"]
+            deadline = time.monotonic() + 10  # (AIGW's access log comes in batches)
+            while phase == "attached" and last["headers"]["x-request-id"] not in (
+                    tmp / "service.log").read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
             procs.stop_one(f"aigw-{phase}")
+        out["service_log"] = {"path": tmp / "service.log"}
         yield out
     finally:
         procs.stop()
@@ -156,6 +178,14 @@ def test_attached_to_aigw(answers: dict[str, dict], case: str) -> None:
     assert not [h for h in got["headers"] if h.startswith("x-extproc-")
                 or h == "x-envoy-max-retries"], got["headers"]
     assert got["json"]["model"] == CASES[case][0].replace("nick", "seeing")
+    # Our decision record, from AIGW's access log (the EnvoyProxy's sink to us), names the
+    # request id AIGW gave the request.
+    rid = got["headers"]["x-request-id"]
+    records = [json.loads(line) for line in answers["service_log"]["path"].read_text()
+               .splitlines() if rid in line and '"routing.decision"' in line]
+    assert records and records[0]["outcome"] == "ok" and records[0]["status"] == 200, records
+    assert records[0]["public_model"] == "seeing" if case != "an image for the text-only model" \
+        else records[0]["public_model"] == "blind"
     if case == "an alias only we know":
         assert alone["status"] == 404
     if case in ("an HF-style image part", "input_image in a chat message"):
@@ -197,10 +227,6 @@ KEEP_REQUEST_ID = {
              "headers": {"requestID": "PreserveOrGenerate"}}}
 
 
-# AIGW's own access log, one line per request with its id.
-ACCESS_LOG = {"accessLog": {"settings": [{
-    "format": {"type": "Text", "text": "aigw.access %REQ(X-REQUEST-ID)% %RESPONSE_CODE%\n"},
-    "sinks": [{"type": "File", "file": {"path": "/dev/stdout"}}]}]}}
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +244,7 @@ def in_front(answers: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                                "vllm", "--name", name, "--models", models, "--port",
                                str(port)], port)
         order = shipped("filter-order.yaml")
-        order[0]["spec"]["telemetry"] = ACCESS_LOG  # (the EnvoyProxy)
+        order[0]["spec"]["telemetry"] = {"accessLog": {"settings": [ACCESS_LOG_SETTING]}}
         base = (Path(__file__).parent / "aigw_attached.yaml").read_text().replace(
             "${EMU_PORT}", str(emu_port)) + dump([*order, KEEP_REQUEST_ID])
         aigw = bench.start_aigw(procs, tmp, base, "aigw-behind", ready_model="seeing")

@@ -64,6 +64,12 @@ def test_no_backend_answered_is_upstream_failed() -> None:
     assert rec is not None and rec["outcome"] == "upstream_failed" and rec["status"] == 503
 
 
+def test_a_success_no_backend_tagged_is_ok() -> None:
+    """Inside Envoy AI Gateway answers carry none of our headers: a 200 is still a 200."""
+    rec = finish(entry(routed(), 200, 1, {}), runtime(notes={}))
+    assert rec is not None and rec["outcome"] == "ok" and rec["status"] == 200
+
+
 def test_answers_of_the_route_stage_keep_their_outcome() -> None:
     r = routed()
     r.rejected(404, "model_not_found")

@@ -158,8 +158,9 @@ def complete(record: str, status: int, headers: Mapping[str, str], attempt_count
             entry["result"] = "failed, retried"
         attempts.append(entry)
     rec["attempts"] = attempts
-    rec["outcome"] = "upstream_failed" if backend is None else \
-        "ok" if status < 400 else "backend_error"
+    # (no backend named and a success: inside Envoy AI Gateway, which does not tag answers)
+    rec["outcome"] = "ok" if status < 400 else \
+        "upstream_failed" if backend is None else "backend_error"
     converted = headers.get(RESP_CONVERTED, "")
     if converted.isdigit():
         rec["converted_parts"] = int(converted)

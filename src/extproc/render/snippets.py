@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from ..config import Config
+from ..contract import DECISION_HEADERS, DECISION_LOG_NAME, META_NS
 from .clusters import backend_clusters, service_cluster
 from .filters import decision_log, http_filters
 from .routes import route_config
@@ -32,14 +33,23 @@ def ai_gateway_resources(cfg: Config, gateway: str = "envoy-ai-gateway",
             # response messages (asking for them makes every request a 504).
             "processingMode": {"request": {"body": "Buffered"}},
             "messageTimeout": f"{seconds:g}s",
-            "failOpen": e.failure_mode_allow}]},
+            "failOpen": e.failure_mode_allow,
+            # (the decision record travels in our metadata namespace to the access log)
+            "metadata": {"writableNamespaces": [META_NS]}}]},
     }, {
         # AI Gateway inserts its ext_proc filter before the first ext_proc filter unless a
         # buffer filter sits at or after that point: then after the last buffer filter.
         "apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "EnvoyProxy",
         "metadata": {"name": f"{service}-first"},
-        "spec": {"filterOrder": [{"name": "envoy.filters.http.buffer",
-                                  "after": "envoy.filters.http.ext_proc"}]},
+        "spec": {
+            "filterOrder": [{"name": "envoy.filters.http.buffer",
+                             "after": "envoy.filters.http.ext_proc"}],
+            # Each request's access log entry back to the service: its decision record.
+            "telemetry": {"accessLog": {"settings": [{"sinks": [{"type": "ALS", "als": {
+                "backendRefs": [{"name": service, "port": cfg.service.port}],
+                "type": "HTTP", "logName": DECISION_LOG_NAME,
+                "http": {"requestHeaders": [cfg.hints.client_header],
+                         "responseHeaders": [*DECISION_HEADERS, "retry-after"]}}}]}]}}},
     }, {
         "apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "BackendTrafficPolicy",
         "metadata": {"name": f"{service}-request-buffer"},
