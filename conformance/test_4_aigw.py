@@ -147,13 +147,15 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict
                         bench.start_aigw(procs, tmp, c, f"aigw-{p}", ready_model="seeing"))
             assert url, f"Envoy AI Gateway ({phase}) did not start: see {tmp}/aigw-{phase}.log"
             out[phase] = {case: ask(url, emu, *req) for case, req in CASES.items()}
-            last = out[phase][list(CASES)[-1]]["received"]
-            deadline = time.monotonic() + 10  # (AIGW's access log comes in batches)
-            while phase == "attached" and last["headers"]["x-request-id"] not in (
-                    tmp / "service.log").read_text() and time.monotonic() < deadline:
+            last = out[phase][list(CASES)[-1]]["received"]["headers"]["x-request-id"]
+            deadline = time.monotonic() + 10  # (access logs are written in batches)
+            while phase == "attached" and time.monotonic() < deadline and not (
+                    last in (tmp / "service.log").read_text() and last in "".join(
+                        p.read_text() for p in (tmp / "aigw-attached" / "state").glob(
+                            "envoy-runs/*/stdout.log"))):
                 time.sleep(0.2)
             procs.stop_one(f"aigw-{phase}")
-        out["service_log"] = {"path": tmp / "service.log"}
+        out["logs"] = {"service": tmp / "service.log", "aigw": tmp / "aigw-attached" / "state"}
         yield out
     finally:
         procs.stop()
@@ -179,10 +181,14 @@ def test_attached_to_aigw(answers: dict[str, dict], case: str) -> None:
                 or h == "x-envoy-max-retries"], got["headers"]
     assert got["json"]["model"] == CASES[case][0].replace("nick", "seeing")
     # Our decision record, from AIGW's access log (the EnvoyProxy's sink to us), names the
-    # request id AIGW gave the request.
+    # request id AIGW gave the request...
     rid = got["headers"]["x-request-id"]
-    records = [json.loads(line) for line in answers["service_log"]["path"].read_text()
+    records = [json.loads(line) for line in answers["logs"]["service"].read_text()
                .splitlines() if rid in line and '"routing.decision"' in line]
+    # ...and so does AIGW's own access log; its route matched the public name we set in its
+    # model header (an alias only we know reached the backend through AIGW's rule for it).
+    assert f"aigw.access {rid} 200" in "".join(
+        p.read_text() for p in answers["logs"]["aigw"].glob("envoy-runs/*/stdout.log"))
     assert records and records[0]["outcome"] == "ok" and records[0]["status"] == 200, records
     assert records[0]["public_model"] == "seeing" if case != "an image for the text-only model" \
         else records[0]["public_model"] == "blind"
