@@ -236,13 +236,7 @@ class Planner:
                                       "include_usage": True}
             meta[Meta.USAGE_ADDED] = "1"
             reserialise = True
-        metadata = data.get("metadata")
-        if d.hints.routing_keys and isinstance(metadata, dict):  # never to a backend
-            rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
-            if rest:
-                data["metadata"] = rest
-            else:
-                del data["metadata"]
+        if drop_routing_keys(data, d):  # (never to a backend)
             reserialise = True
         # (Body work serialises the body it adapts, with the served model as its one key.)
         if reserialise and work is None:  # one canonical model key: the body as routed
@@ -274,15 +268,7 @@ class Planner:
                         [h for h in self.hint_headers if h not in named], meta,
                         work=replace(work, model=d.public_model) if work else None,
                         url_checks=d.url_checks)
-        metadata = data.get("metadata")
-        reserialise = view.reserialise
-        if d.hints.routing_keys and isinstance(metadata, dict):  # never to a backend
-            rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
-            if rest:
-                data["metadata"] = rest
-            else:
-                del data["metadata"]
-            reserialise = True
+        reserialise = drop_routing_keys(data, d) or view.reserialise
         if work is None and reserialise:
             data["model"] = d.public_model
             out.body = orjson.dumps(data)
@@ -390,6 +376,20 @@ class Planner:
             (status == 200 and needs.judged) or status >= 400)))
         return ResponsePlan(hold, needs, stream, inflate, unreadable, rate_limited, retry_after,
                             translated)
+
+
+def drop_routing_keys(data: dict[str, Any], d: RouteDecision) -> bool:
+    """Remove the hints' routing keys from the body's ``metadata`` (they never reach a
+    backend); whether the body changed."""
+    metadata = data.get("metadata")
+    if not (d.hints.routing_keys and isinstance(metadata, dict)):
+        return False
+    rest = {k: v for k, v in metadata.items() if k not in d.hints.routing_keys}
+    if rest:
+        data["metadata"] = rest
+    else:
+        del data["metadata"]
+    return True
 
 
 @lru_cache(maxsize=4096)
