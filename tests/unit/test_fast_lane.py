@@ -102,3 +102,12 @@ def test_need_keys_send_requests_the_slow_way_where_incapable_ones_are_dropped()
 
     assert '"\\"tools\\""' not in lua(config())
     assert '"\\"tools\\""' in lua(config(capability_routing={"incapable": "drop"}))
+
+
+def test_a_quote_in_a_model_name_does_not_end_the_lua_string() -> None:
+    cfg = Config.model_validate({"backends": [
+        {"name": "v", "preset": "vllm", "url": "http://127.0.0.1:8000/v1",
+         "models": [{"name": 'we"ird\\name'}]}]})
+    lua = next(f for f in hcm(cfg)["http_filters"] if f["name"] == DECIDE_FILTER)[
+        "typed_config"]["default_source_code"]["inline_string"]
+    assert '["we\\"ird\\\\name"] = {hosts' in lua

@@ -89,8 +89,14 @@ end
 """
 
 
+def _lua(text: str) -> str:
+    """A Lua string literal (names come from the operator's config, but a quote in one must
+    not end the script)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 def _lua_strings(items: list[str]) -> str:
-    return ", ".join(f'"{s}"' for s in items)
+    return ", ".join(map(_lua, items))
 
 
 def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
@@ -102,15 +108,15 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
     slow = [*SLOW_KEYS, *(NEED_KEYS if cfg.capability_routing.incapable == "drop" else ())]
     entries = []
     for name, lane in fast.items():
-        paths = ", ".join(f'["{p}"] = true' for p in lane.paths)
-        entries.append(f'["{name}"] = {{hosts = "{lane.address}", backend = "{lane.backend}", '
-                       f'idle = "{lane.idle_ms}", paths = {{{paths}}}}}')
+        paths = ", ".join(f'[{_lua(p)}] = true' for p in lane.paths)
+        entries.append(f'[{_lua(name)}] = {{hosts = {_lua(lane.address)}, backend = '
+                       f'{_lua(lane.backend)}, idle = "{lane.idle_ms}", paths = {{{paths}}}}}')
     out = _LUA
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
                        "@USAGE@": "true" if cfg.envoy.token_usage else "false",
                        "@LANES@": ",\n  ".join(entries), "@HINTS@": _lua_strings(hints),
                        "@REMOVE@": _lua_strings(remove), "@SLOW@": _lua_strings(
-                           [f'\\"{k}\\"' for k in slow]), "@HOSTS@": Meta.HOSTS,
+                           [f'"{k}"' for k in slow]), "@HOSTS@": Meta.HOSTS,
                        "@PUBLIC@": Meta.PUBLIC_MODEL, "@BACKEND@": Meta.BACKEND,
                        "@MODEL@": Meta.MODEL, "@FAST@": Meta.FAST}.items():
         out = out.replace(key, value)
@@ -124,7 +130,8 @@ def _present(key: str, *path: str) -> dict[str, Any]:
 
 
 def filters(cfg: Config) -> list[dict[str, Any]]:
-    """The two request filters, before the route stage; off unless a route turns them on."""
+    """The two request filters, before the route stage (every route but the reading one turns
+    them off: ``skipped``)."""
     fast, _ = lanes(cfg)
     if not fast:
         return []
