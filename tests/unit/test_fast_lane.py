@@ -55,7 +55,7 @@ def test_off_when_the_config_says_so() -> None:
 def test_the_record_is_the_route_stages_shape() -> None:
     import orjson
 
-    rec = orjson.loads(record("plain", "v", "127.0.0.1:8000", "rid", "POST", "/v1/embeddings"))
+    rec = orjson.loads(record("plain", "v", "127.0.0.1:8000", "rid", "/v1/embeddings"))
     assert rec["plan"] == "fast" and rec["api"] == "embeddings" and rec["request_id"] == "rid"
     assert rec["candidates"] == [{"backend": "v", "model": "plain", "address": "127.0.0.1:8000"}]
 

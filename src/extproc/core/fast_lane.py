@@ -91,13 +91,12 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
     return fast, why
 
 
-def record(model: str, backend: str, address: str, request_id: str, method: str,
-           path: str) -> str:
+def record(model: str, backend: str, address: str, request_id: str, path: str) -> str:
     """The decision record of a fast request (from what Envoy logged), as the route stage
-    would have written it."""
+    would have written it (the lane takes POSTs only)."""
     endpoint = BY_PATH.get(path.partition("?")[0])
     return DecisionRecord(
-        request_id=request_id, method=method, path=path, model_requested=model,
+        request_id=request_id, method="POST", path=path, model_requested=model,
         public_model=model, resolution="exact", candidates=(Target(backend, model, address),),
         plan="fast", api=endpoint.api.value if endpoint else "chat").to_json()
 

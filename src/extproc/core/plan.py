@@ -175,12 +175,7 @@ class Planner:
         # Hint headers, the intent header and client copies of propagated headers never reach
         # a backend.
         remove = list(self.hint_headers)
-        hcfg = cfg.hints
-        for header, value in d.hints.context.items():
-            if header in hcfg.propagate:
-                set_headers.append((header, value))
-        if d.hints.policy and hcfg.intent_header:  # (a client's own copy is always removed)
-            set_headers.append((hcfg.intent_header, d.hints.policy))
+        set_headers += self._hint_headers(d)
         # The model the body must carry from here: a prepared request names the backend's
         # model now, and so does one whose candidates all serve one name (the attempt stage
         # then skips the body unless a part needs reshaping).
@@ -238,14 +233,16 @@ class Planner:
             reserialise = True
         if drop_routing_keys(data, d):  # (never to a backend)
             reserialise = True
-        # (Body work serialises the body it adapts, with the served model as its one key.)
-        if reserialise and work is None:  # one canonical model key: the body as routed
-            if model_out:
-                data["model"] = model_out
-            out.body = orjson.dumps(data)
-        elif model_out and work is None:
-            out.body = set_model(view.body, body_model, model_out,
-                                 view.headers.get("content-type", ""))
+        out.body = new_body(view, d, model_out, reserialise, work)
+        return out
+
+    def _hint_headers(self, d: RouteDecision) -> list[tuple[str, str]]:
+        """Headers the hints set: propagated context, and the intent (a client's own copies
+        are always removed)."""
+        hcfg = self.config.hints
+        out = [(h, v) for h, v in d.hints.context.items() if h in hcfg.propagate]
+        if d.hints.policy and hcfg.intent_header:
+            out.append((hcfg.intent_header, d.hints.policy))
         return out
 
     def _in_ai_gateway(self, view: RequestView, d: RouteDecision, header: str,
@@ -255,11 +252,7 @@ class Planner:
         there is no attempt stage, so the body is prepared whole here, for the first candidate
         (parts reshaped, images described). None of our routing headers is set: nothing in
         AIGW reads them, and they would reach the backend."""
-        data, hcfg = view.data, self.config.hints
-        set_headers = [(header, d.public_model)]
-        set_headers += [(h, v) for h, v in d.hints.context.items() if h in hcfg.propagate]
-        if d.hints.policy and hcfg.intent_header:
-            set_headers.append((hcfg.intent_header, d.hints.policy))
+        set_headers = [(header, d.public_model), *self._hint_headers(d)]
         meta: dict[str, str] = {Meta.PUBLIC_MODEL: d.public_model}
         if d.warnings:
             meta[Meta.WARNINGS] = "; ".join(d.warnings)[:2000]
@@ -268,14 +261,8 @@ class Planner:
                         [h for h in self.hint_headers if h not in named], meta,
                         work=replace(work, model=d.public_model) if work else None,
                         url_checks=d.url_checks)
-        reserialise = drop_routing_keys(data, d) or view.reserialise
-        if work is None and reserialise:
-            data["model"] = d.public_model
-            out.body = orjson.dumps(data)
-        elif work is None:
-            body_model = d.requested if d.resolution != "default" else None
-            out.body = set_model(view.body, body_model, d.public_model,
-                                 view.headers.get("content-type", ""))
+        reserialise = drop_routing_keys(view.data, d) or view.reserialise
+        out.body = new_body(view, d, d.public_model, reserialise, work)
         return out
 
     def _prepared(self, d: RouteDecision, unstored: bool
@@ -376,6 +363,23 @@ class Planner:
             (status == 200 and needs.judged) or status >= 400)))
         return ResponsePlan(hold, needs, stream, inflate, unreadable, rate_limited, retry_after,
                             translated)
+
+
+def new_body(view: RequestView, d: RouteDecision, model_out: str | None, reserialise: bool,
+             work: BodyWork | None) -> bytes | None:
+    """The body as routed, when it changes and no body work will rebuild it (body work
+    serialises the body it adapts, with the served model as its one key): re-serialised when
+    its keys changed or its model key is not canonical, else the model name spliced in."""
+    if work is not None:
+        return None
+    if reserialise:
+        if model_out:
+            view.data["model"] = model_out
+        return orjson.dumps(view.data)
+    if model_out:
+        body_model = d.requested if d.resolution != "default" else None
+        return set_model(view.body, body_model, model_out, view.headers.get("content-type", ""))
+    return None
 
 
 def drop_routing_keys(data: dict[str, Any], d: RouteDecision) -> bool:

@@ -151,7 +151,7 @@ def routes(cfg: Config, default: dict[str, Any], limits: list[int]) -> tuple[
         list[dict[str, Any]], list[dict[str, Any]]]:
     """The fast routes (first in the list), and the reading route (just before ``default``,
     the ordinary route it copies)."""
-    if not filters(cfg):
+    if not lanes(cfg)[0]:
         return [], []
     e = cfg.envoy
     off = {"extproc.route": {"@type": EXT_PROC_PER_ROUTE_TYPE, "disabled": True}}
@@ -184,7 +184,7 @@ def routes(cfg: Config, default: dict[str, Any], limits: list[int]) -> tuple[
 def skipped(cfg: Config) -> dict[str, Any]:
     """The per-route config that turns the lane's two filters off (Envoy takes an enabled
     filter's off switch per route, not an on switch for a filter off by default)."""
-    if not filters(cfg):
+    if not lanes(cfg)[0]:
         return {}
     return {"typed_per_filter_config": {name: {"@type": FILTER_CONFIG, "disabled": True}
                                         for name in (READ_FILTER, DECIDE_FILTER)}}

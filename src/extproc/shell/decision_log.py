@@ -57,7 +57,7 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
         decided = fast_lane.record(
             fields[Meta.PUBLIC_MODEL].string_value, fields[Meta.BACKEND].string_value,
             f"{address.address}:{address.port_value}" if address.address else "",
-            entry.request.request_id, "POST", entry.request.path)
+            entry.request.request_id, entry.request.path)
     else:
         return None
     timings = {}
