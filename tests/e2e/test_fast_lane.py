@@ -27,9 +27,11 @@ def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = stack_config(
         backends=[{"name": "v", "preset": "vllm", "models": ["plain", "two"]},
                   {"name": "w", "preset": "vllm", "models": ["two"]},
-                  {"name": "gone", "preset": "vllm", "models": ["deadend"]}],
+                  {"name": "gone", "preset": "vllm", "models": ["deadend"]},
+                  {"name": "stall", "preset": "vllm", "models": ["stuck"], "stream_idle_s": 1}],
         models=[{"name": "renamed", "aliases": ["nick"],
-                 "candidates": [{"backend": "v", "model": "plain"}]}])
+                 "candidates": [{"backend": "v", "model": "plain"}]}],
+        envoy={"per_try_timeout_s": 2})
     stack = start_stack(tmp_path_factory.mktemp("fast"), cfg, dead_backends=("gone",))
     try:
         yield stack
@@ -144,3 +146,30 @@ def test_off_when_the_config_says_so(tmp_path_factory: pytest.TempPathFactory) -
         assert r.status_code == 200 and rec["plan"] == "direct"
     finally:
         stack.stop()
+
+
+def test_a_stalled_backend_is_given_up_on_time_with_a_json_error(fstack: Stack) -> None:
+    """The lane's routes carry the ordinary limits: a whole answer that never comes is a JSON
+    504 after envoy.per_try_timeout_s; a stream gone silent ends after its silence limit."""
+    reset(fstack, "stall")
+    behaviour = fstack.backend_url("stall") + "/_emulator/behaviour"
+    httpx.post(behaviour, json={"stall": True})
+    t0 = time.monotonic()
+    r = httpx.post(fstack.envoy_url + "/v1/chat/completions", timeout=30, json={
+        "model": "stuck", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 504 and 1.5 < time.monotonic() - t0 < 6
+    assert r.json()["error"]["model"] == "stuck"
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "fast"
+    httpx.post(behaviour, json={"stall_after_headers": True})
+    t0 = time.monotonic()
+    with httpx.stream("POST", fstack.envoy_url + "/v1/chat/completions", timeout=30, json={
+            "model": "stuck", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}]}) as s:
+        try:
+            for _ in s.iter_bytes():
+                pass
+        except httpx.HTTPError:
+            pass  # (the stream is cut: an incomplete read)
+    assert time.monotonic() - t0 < 6
+    httpx.post(behaviour, json={})
