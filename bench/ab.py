@@ -60,7 +60,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", default="HEAD~1", help="the 'before' git revision")
     ap.add_argument("--body", default="chat_1k",
-                    choices=["chat_1k", "image_1m", "audio_4m", "vision_hit"])
+                    choices=["chat_1k", "chat_fast", "image_1m", "audio_4m", "vision_hit"])
     ap.add_argument("--conc", default="1,8")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=float, default=5.0)

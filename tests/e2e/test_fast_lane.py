@@ -57,7 +57,8 @@ def chat(stack: Stack, body: dict[str, Any], **headers: str) -> tuple[httpx.Resp
 def test_a_plain_request_goes_by_the_fast_lane(fstack: Stack) -> None:
     before = route_messages(fstack)
     r, rec = chat(fstack, {"model": "plain"}, authorization="Bearer client-key",
-                  **{"x-envoy-max-retries": "7", "x-extproc-cluster": "llm_backends"})
+                  **{"x-envoy-max-retries": "7", "x-extproc-cluster": "llm_backends",
+                     "x-envoy-anything": "1", "x-extproc-anything": "1"})
     assert r.status_code == 200, r.text
     assert r.headers["x-extproc-backend"] == "v" and r.headers["x-extproc-model"] == "plain"
     assert rec["plan"] == "fast" and rec["outcome"] == "ok" and rec["status"] == 200
@@ -65,8 +66,8 @@ def test_a_plain_request_goes_by_the_fast_lane(fstack: Stack) -> None:
     sent = received(fstack, "v")[-1]
     assert sent["json"]["model"] == "plain"
     # What the route stage would have removed never reaches the backend.
-    assert not {"authorization", "x-envoy-max-retries", "x-extproc-cluster"} & set(
-        sent["headers"])
+    assert not {"authorization", "x-envoy-max-retries", "x-extproc-cluster", "x-envoy-anything",
+                "x-extproc-anything"} & set(sent["headers"])
     assert route_messages(fstack) == before  # the route stage never saw it
 
 

@@ -128,13 +128,14 @@ def usage(figures: Mapping[str, str], start_us: int | None = None) -> dict[str, 
     return out
 
 
-def complete(record: str, status: int, headers: Mapping[str, str], attempt_count: int | None,
-             timings_ms: dict[str, float], retries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The logged record: the route stage's decision plus the outcome Envoy logged (status,
-    attempt count, timings) and what the attempt stage, or for requests that skip it Envoy's
-    route, said in the response headers. Attempts are filled in order: Envoy walked the
-    candidates in order."""
-    rec: dict[str, Any] = {"event": "routing.decision", **orjson.loads(record),
+def complete(record: dict[str, Any], status: int, headers: Mapping[str, str],
+             attempt_count: int | None, timings_ms: dict[str, float],
+             retries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The logged record: the route stage's decision (``to_json`` decoded; left unchanged)
+    plus the outcome Envoy logged (status, attempt count, timings) and what the attempt stage,
+    or for requests that skip it Envoy's route, said in the response headers. Attempts are
+    filled in order: Envoy walked the candidates in order."""
+    rec: dict[str, Any] = {"event": "routing.decision", **record,
                            "attempts": [], "converted_parts": 0, "vision": None,
                            "unmet_capability": None, "capability_retries": retries,
                            "timings_ms": timings_ms}

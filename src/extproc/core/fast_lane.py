@@ -22,6 +22,10 @@ its own 4xx).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
 
 from ..config import Config, backend_endpoint
 from .decision import DecisionRecord
@@ -91,14 +95,23 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
     return fast, why
 
 
-def record(model: str, backend: str, address: str, request_id: str, path: str) -> str:
+@lru_cache(maxsize=256)
+def _decided(model: str, backend: str, address: str, api: str) -> dict[str, Any]:
+    """What every fast request for one model, endpoint and API has in common (the access log
+    brings one per request: built once, not per request)."""
+    return orjson.loads(DecisionRecord(
+        request_id="", method="POST", model_requested=model, public_model=model,
+        resolution="exact", candidates=(Target(backend, model, address),), plan="fast",
+        api=api).to_json())
+
+
+def record(model: str, backend: str, address: str, request_id: str,
+           path: str) -> dict[str, Any]:
     """The decision record of a fast request (from what Envoy logged), as the route stage
-    would have written it (the lane takes POSTs only)."""
+    would have written it (the lane takes POSTs only); a new dict, its values shared."""
     endpoint = BY_PATH.get(path.partition("?")[0])
-    return DecisionRecord(
-        request_id=request_id, method="POST", path=path, model_requested=model,
-        public_model=model, resolution="exact", candidates=(Target(backend, model, address),),
-        plan="fast", api=endpoint.api.value if endpoint else "chat").to_json()
+    return {**_decided(model, backend, address, endpoint.api.value if endpoint else "chat"),
+            "request_id": request_id, "path": path}
 
 
 def describe(cfg: Config) -> list[str]:

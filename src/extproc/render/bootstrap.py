@@ -21,12 +21,27 @@ from .common import HCM_TYPE, dur, sock
 from .filters import access_logs, http_filters
 from .routes import local_replies, route_config
 
+# Envoy honours some x-envoy-* request headers (timeouts, retries) and our routes trust our
+# own x-extproc-* names: a client's copies are removed as the request arrives, before any
+# filter or route sees them (natively, on every request; the route stage still drops any it
+# is handed, for Envoys we do not render, as inside AI Gateway).
+_CLIENT_INTERNAL_PREFIXES = ("x-envoy-", "x-extproc-")
+
+
+def early_header_mutation() -> dict[str, Any]:
+    return {"name": "envoy.http.early_header_mutation.header_mutation", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation."
+                 "header_mutation.v3.HeaderMutation",
+        "mutations": [{"remove_on_match": {"key_matcher": {"prefix": p}}}
+                      for p in _CLIENT_INTERNAL_PREFIXES]}}
+
 
 def connection_manager(cfg: Config) -> dict[str, Any]:
     e = cfg.envoy
     return {
         "@type": HCM_TYPE,
         "stat_prefix": "llm",
+        "early_header_mutation_extensions": [early_header_mutation()],
         "always_set_request_id_in_response": True,
         "request_timeout": dur(e.request_timeout_s),
         "request_headers_timeout": dur(e.request_headers_timeout_s),

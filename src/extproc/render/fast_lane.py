@@ -8,12 +8,13 @@ request filters, and the routes they lead to.
   ``stream_options.include_usage`` into metadata.
 - The Lua decides: a fast model, a path its backend speaks, no hint header, nothing but text
   in the body's parts, none of the keys that need the service, one plain ``model`` key; then
-  it removes the headers the route stage would have removed, sets the metadata the route
-  stage would have set (the endpoint, the names for the response headers and Envoy's errors)
-  and clears the route cache.
-- The *fast* routes (one per silence limit, and one for whole answers) match that metadata and
-  send the request to the direct cluster with the route stage off. A request the Lua turned
-  down stays on the reading route, which is the ordinary one: the route stage decides.
+  it sets the metadata the route stage would have set (the endpoint, the names for the
+  response headers and Envoy's errors) and clears the route cache.
+- The *fast* routes (one per silence limit, and one for whole answers) match that metadata,
+  remove the headers the route stage would have removed (a client's x-envoy-* and x-extproc-*
+  are gone on arrival: ``bootstrap.early_header_mutation``) and send the request to the direct
+  cluster with the route stage off. A request the Lua turned down stays on the reading route,
+  which is the ordinary one: the route stage decides.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
-from ..contract import CLUSTER_HEADER, META_NS, Cluster, Meta
+from ..contract import META_NS, Cluster, Meta
 from ..core.backends import CLIENT_CREDENTIAL_HEADERS
 from ..core.fast_lane import NEED_KEYS, PATHS, SLOW_KEYS, Lane, lanes
 from .common import EXT_PROC_PER_ROUTE_TYPE, dur
@@ -35,7 +36,6 @@ _LUA = """
 local NS, BODY, USAGE = "@NS@", "@BODY@", @USAGE@
 local LANES = {@LANES@}
 local HINTS = {@HINTS@}     -- present: the route stage decides
-local REMOVE = {@REMOVE@}   -- never to a backend without a key of its own
 local TYPES = {text = true, ["function"] = true}
 -- Anywhere in the body (a false alarm only costs the ext_proc path): media parts' marks, and
 -- the keys that need the service.
@@ -70,15 +70,7 @@ function envoy_on_request(handle)
     if not TYPES[t] then return end
   end
   -- (objects fetched before a yield, as body() is, are out of scope after it)
-  headers, meta = handle:headers(), handle:streamInfo():dynamicMetadata()
-  local drop = {}
-  for key, _ in pairs(headers) do
-    if string.sub(key, 1, 8) == "x-envoy-" or string.sub(key, 1, 10) == "x-extproc-" then
-      drop[#drop + 1] = key
-    end
-  end
-  for _, h in ipairs(drop) do headers:remove(h) end
-  for _, h in ipairs(REMOVE) do headers:remove(h) end
+  meta = handle:streamInfo():dynamicMetadata()
   meta:set(NS, "@HOSTS@", lane.hosts)
   meta:set(NS, "@PUBLIC@", j.model)
   meta:set(NS, "@BACKEND@", lane.backend)
@@ -99,12 +91,19 @@ def _lua_strings(items: list[str]) -> str:
     return ", ".join(map(_lua, items))
 
 
+def removed(cfg: Config) -> list[str]:
+    """What the fast routes remove from a request, as the route stage would have: credentials
+    (no fast backend has a key of its own or gets the client's), what the config strips, the
+    intent and propagated hint headers."""
+    h = cfg.hints
+    return list(dict.fromkeys([*CLIENT_CREDENTIAL_HEADERS, *cfg.strip_client_headers,
+                               *(b.auth_header for b in cfg.backends), *h.propagate,
+                               *([h.intent_header] if h.intent_header else [])]))
+
+
 def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
     h = cfg.hints
     hints = [n for n in h.headers.model_dump().values() if n] if h.headers_enabled else []
-    remove = list(dict.fromkeys([*CLIENT_CREDENTIAL_HEADERS, *cfg.strip_client_headers,
-                                 *(b.auth_header for b in cfg.backends), *h.propagate,
-                                 *([h.intent_header] if h.intent_header else [])]))
     slow = [*SLOW_KEYS, *(NEED_KEYS if cfg.capability_routing.incapable == "drop" else ())]
     entries = []
     for name, lane in fast.items():
@@ -115,7 +114,7 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
                        "@USAGE@": "true" if cfg.envoy.token_usage else "false",
                        "@LANES@": ",\n  ".join(entries), "@HINTS@": _lua_strings(hints),
-                       "@REMOVE@": _lua_strings(remove), "@SLOW@": _lua_strings(
+                       "@SLOW@": _lua_strings(
                            [f'"{k}"' for k in slow]), "@HOSTS@": Meta.HOSTS,
                        "@PUBLIC@": Meta.PUBLIC_MODEL, "@BACKEND@": Meta.BACKEND,
                        "@MODEL@": Meta.MODEL, "@FAST@": Meta.FAST}.items():
@@ -169,7 +168,7 @@ def routes(cfg: Config, default: dict[str, Any], limits: list[int]) -> tuple[
         return {"name": f"fast_{ms}", "match": {"prefix": "/", "dynamic_metadata": [{
             "filter": META_NS, "path": [{"key": Meta.FAST.value}],
             "value": {"string_match": {"exact": str(ms)}}}]},
-            "request_headers_to_remove": [CLUSTER_HEADER],
+            "request_headers_to_remove": removed(cfg),
             "typed_per_filter_config": off, "route": route}
 
     pattern = "|".join(PATHS)

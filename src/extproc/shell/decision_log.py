@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import orjson
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2
@@ -51,7 +52,7 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
     fields = filter_md[META_NS].fields
     value = fields.get(Meta.RECORD)
     if value is not None and value.string_value:
-        decided = value.string_value
+        decided = orjson.loads(value.string_value)
     elif Meta.FAST in fields:  # the fast lane: Envoy routed it alone (core/fast_lane.py)
         address = common.upstream_remote_address.socket_address
         decided = fast_lane.record(
