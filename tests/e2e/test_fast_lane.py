@@ -63,6 +63,9 @@ def test_a_plain_request_goes_by_the_fast_lane(fstack: Stack) -> None:
     assert r.headers["x-extproc-backend"] == "v" and r.headers["x-extproc-model"] == "plain"
     assert rec["plan"] == "fast" and rec["outcome"] == "ok" and rec["status"] == 200
     assert rec["attempts"][0]["backend"] == "v" and rec["public_model"] == "plain"
+    # Its usage, as the backend said it (read by Envoy: the route stage never sees the answer)
+    assert rec["usage"] == {"input_tokens": r.json()["usage"]["prompt_tokens"],
+                            "output_tokens": r.json()["usage"]["completion_tokens"]}
     sent = received(fstack, "v")[-1]
     assert sent["json"]["model"] == "plain"
     # What the route stage would have removed never reaches the backend.
