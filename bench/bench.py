@@ -100,10 +100,12 @@ def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int =
         cfg["models"].append({"name": "bench-failover", "candidates": [
             {"backend": "dead", "model": "bench-failover"},
             {"backend": "emu", "model": "bench-failover"}]})
-    if chat_port:
+    if chat_port:  # (the vLLM emulator serves the name too, for bare Envoy: not a candidate)
         cfg["backends"].append({"name": "emu-chat", "preset": "openai",
                                 "url": f"http://127.0.0.1:{chat_port}/v1",
                                 "models": [{"name": "bench-messages"}]})
+        cfg["models"].append({"name": "bench-messages", "candidates": [
+            {"backend": "emu-chat", "model": "bench-messages"}]})
     return cfg
 
 

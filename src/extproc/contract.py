@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
+from typing import Any
 
 import orjson
 
@@ -69,6 +70,7 @@ class Meta(StrEnum):
     PATH = "path"
     CLIENT_AUTH = "client_auth"
     ENDPOINT = "endpoint"
+    ECHO = "echo"  # translated by the route stage: what of the request the answer repeats
     # Set by the response-side Lua filter (render/filters.py): the answer's token usage and,
     # for streams, when its first token came and when it ended (wall clock, microseconds).
     USAGE_ADDED = "usage_added"  # the route stage asked for a stream's usage chunk
@@ -124,7 +126,8 @@ HANDOFF_KEYS = (Meta.CANDIDATES, Meta.BODY_MODEL, Meta.PARTS, Meta.NEEDS, Meta.U
                 Meta.PATH, Meta.CLIENT_AUTH, Meta.ENDPOINT)
 ATTEMPT_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, *(attribute(k) for k in HANDOFF_KEYS))
 JUDGED_ATTRIBUTES = (ATTR_ADDRESS, ATTR_ATTEMPT, attribute(Meta.CANDIDATES),
-                     attribute(Meta.NEEDS), attribute(Meta.ENDPOINT), ATTR_REQUEST_ID)
+                     attribute(Meta.NEEDS), attribute(Meta.ENDPOINT), attribute(Meta.ECHO),
+                     ATTR_REQUEST_ID)
 
 
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -154,6 +157,9 @@ class HandOff:
     path: str | None = None            # the client's path, when some backend's path differs
     client_auth: dict[str, str] = field(default_factory=dict)  # to backends that forward it
     endpoint: Endpoint = BY_PATH["/v1/chat/completions"]  # what the client called
+    # Translated whole by the route stage: what of the client's request its answer repeats
+    # (the attempt stage translates the answer back without the request body).
+    echo: dict[str, Any] | None = None
 
     def encode(self) -> dict[str, str]:
         out = {Meta.CANDIDATES.value: encode_candidates(self.candidates)}
@@ -171,6 +177,8 @@ class HandOff:
             out[Meta.CLIENT_AUTH] = orjson.dumps(self.client_auth).decode()
         if self.endpoint.path != "/v1/chat/completions":
             out[Meta.ENDPOINT] = self.endpoint.path or "-"
+        if self.echo is not None:
+            out[Meta.ECHO] = orjson.dumps(self.echo).decode()
         return out
 
     @classmethod
@@ -186,7 +194,7 @@ class HandOff:
         if raw is None:
             return None
         model, parts, needs = get(Meta.BODY_MODEL), get(Meta.PARTS), get(Meta.NEEDS)
-        auth = get(Meta.CLIENT_AUTH)
+        auth, echo = get(Meta.CLIENT_AUTH), get(Meta.ECHO)
         return cls(
             decode_candidates(raw),
             orjson.loads(model) if model else None,
@@ -196,6 +204,7 @@ class HandOff:
             get(Meta.PATH),
             {str(k): str(v) for k, v in orjson.loads(auth).items()} if auth else {},
             BY_PATH.get(get(Meta.ENDPOINT) or "/v1/chat/completions", OTHER),
+            orjson.loads(echo) if echo else None,
         )
 
 

@@ -143,6 +143,7 @@ def test_messages_translated_for_a_chat_only_backend(api_stack: Stack) -> None:
     assert msg.stop_reason == "end_turn" and msg.usage.output_tokens == 8
     got = only(api_stack, "chatonly")
     assert got["path"] == "/v1/chat/completions"
+    assert got["headers"]["accept-encoding"] == "identity"  # (its answer is rewritten)
     assert got["json"] == {"model": "m-chat", "max_tokens": 64, "stop": ["END"], "messages": [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]}
 
@@ -455,6 +456,9 @@ def test_decision_record_names_the_api_and_translation(api_stack: Stack) -> None
     rec = wait_line(api_stack, "service", rid, "routing.decision")
     assert rec["api"] == "messages" and rec["translated"] == ["chatonly/m-chat"]
     assert rec["attempts"][-1]["translated"] == "messages<-chat"
+    # Its one candidate is spoken to in chat: translated once, by the route stage (the
+    # attempt stage translates the answer back from the hand-off's echo, not the body).
+    assert rec["plan"] == "judged"
 
 
 @pytest.mark.parametrize("model", ["native", "chat-only"])

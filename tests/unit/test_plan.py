@@ -15,6 +15,7 @@ import orjson
 from extproc.config import parse_config
 from extproc.contract import HandOff, Meta, attribute
 from extproc.core.capabilities import Needs
+from extproc.core.endpoints import BY_PATH
 from extproc.core.plan import BodyWork, RequestView, RoutePlan
 from extproc.core.routing import RouteDecision, route_request
 from extproc.runtime import Runtime
@@ -162,3 +163,43 @@ def test_inside_ai_gateway_the_body_is_prepared_whole_and_no_routing_header_is_s
     p = rt.planner.route(RequestView("POST", "/v1/chat/completions", {}, body, data),
                          route_request(rt.table, data, {}))
     assert p.work is not None and (p.work.backend, p.work.model) == ("v1", "public")
+
+
+def test_a_request_for_another_api_is_translated_once_when_its_candidates_are_alike() -> None:
+    """Messages for chat-only candidates alike: the route stage translates the body (judged
+    cluster: the attempt stage translates the answer back, from the echo in the hand-off);
+    candidates spoken to in different APIs, or an echo too large to hand off, leave it to
+    each attempt."""
+    rt = Runtime.build(parse_config({"backends": [
+        {"name": "c1", "preset": "vllm", "url": "http://127.0.0.1:8001/v1", "apis": ["chat"],
+         "models": [{"name": "m"}]},
+        {"name": "c2", "preset": "vllm", "url": "http://127.0.0.1:8002/v1", "apis": ["chat"],
+         "models": [{"name": "m"}]},
+        {"name": "n1", "preset": "vllm", "url": "http://127.0.0.1:8003/v1",
+         "models": [{"name": "m"}]}],
+        "models": [{"name": "alike", "candidates": [{"backend": "c1", "model": "m"},
+                                                    {"backend": "c2", "model": "m"}]},
+                   {"name": "mixed", "candidates": [{"backend": "c1", "model": "m"},
+                                                    {"backend": "n1", "model": "m"}]}]}), env={})
+    messages, responses = BY_PATH["/v1/messages"], BY_PATH["/v1/responses"]
+
+    def route(model: str, path: str = "/v1/messages", **extra: Any) -> RoutePlan:
+        data = {"model": model, **extra} if path == "/v1/responses" else {
+            "model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            **extra}
+        body = orjson.dumps(data)
+        d = route_request(rt.table, data, {}, endpoint=BY_PATH[path])
+        return rt.planner.route(RequestView("POST", path, {}, body, data), d)
+
+    p = route("alike")
+    assert p.kind == "judged" and p.work is not None and p.work.translated
+    assert dict(p.set_headers)[":path"] == "/v1/chat/completions"
+    assert dict(p.set_headers)["accept-encoding"] == "identity"
+    assert handoff(p).echo == {"model": "alike"} and handoff(p).endpoint is messages
+    assert route("mixed").kind == "per_attempt"
+    assert route("alike", system="x" * 10_000).kind == "judged"  # (Messages echo the model)
+    p = route("alike", "/v1/responses", input="hi", instructions="be brief")
+    assert p.kind == "judged" and handoff(p).endpoint is responses
+    assert handoff(p).echo == {"model": "alike", "instructions": "be brief"}
+    assert route("alike", "/v1/responses", input="hi",
+                 instructions="x" * 9000).kind == "per_attempt"

@@ -53,6 +53,9 @@ from .parts import Sig, needs_change
 from .routing import RouteDecision, RoutingTable, Target, attempt_limits
 
 PlanKind = Literal["direct", "judged", "per_attempt"]
+# The most of a translated request its answer repeats (Responses' instructions, tools) that
+# travels to the attempt stage as metadata; more, and each attempt translates from the body.
+ECHO_MAX_BYTES = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +154,14 @@ class Planner:
         cfg, data, e = self.config, view.data, d.endpoint
         unstored = bool(data.get("metadata")) and data.get("store") is not True
         aig = cfg.ai_gateway.model_header
-        found = self._prepared(d, unstored)
+        found = self._prepared(d, unstored, data)
         prepared, work = found if found is not None else (None, None)
         if aig:  # inside Envoy AI Gateway (no attempt stage there): see _in_ai_gateway
             return self._in_ai_gateway(view, d, aig, work)
+        # Translated here, for every candidate alike: the attempt stage translates answers.
+        whole_tx = prepared is not None and bool(d.translated)
         kind: PlanKind = "per_attempt" if prepared is None else \
-            "judged" if d.needs.forced or len(d.candidates) > 1 else "direct"
+            "judged" if d.needs.forced or len(d.candidates) > 1 or whole_tx else "direct"
         cluster = {"direct": Cluster.DIRECT, "judged": Cluster.JUDGED,
                    "per_attempt": Cluster.POOL}[kind]
         meta: dict[str, str] = {Meta.HOSTS: endpoint_list(d.candidates),
@@ -184,13 +189,16 @@ class Planner:
         model_out = served if uniform else None
         body_model = d.requested if d.resolution != "default" else None
         if prepared is not None:
-            path = target_path(prepared, e, False, view.path, served)
+            path = target_path(prepared, e, whole_tx, view.path, served)
             plan = header_plan(prepared, path, self.credentials, creds, view.path)
             set_headers += plan.set
             remove += plan.remove
+            if whole_tx:  # its answer is rewritten: plain bytes
+                set_headers.append(("accept-encoding", "identity"))
             if kind == "judged":
+                echo = e.translator.echo(data) if whole_tx and e.translator else None
                 meta.update(HandOff(d.candidates, needs=d.needs if judged else None,
-                                    endpoint=e).encode())
+                                    endpoint=e, echo=echo).encode())
             else:  # no attempt stage will name the backend: Envoy's route adds these
                 meta[Meta.BACKEND], meta[Meta.MODEL] = d.candidates[0].backend, served
         else:  # each attempt sets its own backend's credentials and path from the hand-off
@@ -213,7 +221,8 @@ class Planner:
         accept = view.headers.get("accept-encoding")
         if add_usage and accept:
             remove.append("accept-encoding")
-        elif accept and judged and kind != "direct":  # judged: only encodings the judge reads
+        elif accept and judged and kind != "direct" and not whole_tx:
+            # (judged: only encodings the judge reads)
             readable = readable_accept_encoding(accept)
             if readable is None:
                 remove.append("accept-encoding")
@@ -265,16 +274,20 @@ class Planner:
         out.body = new_body(view, d, d.public_model, reserialise, work)
         return out
 
-    def _prepared(self, d: RouteDecision, unstored: bool
+    def _prepared(self, d: RouteDecision, unstored: bool, data: dict[str, Any]
                   ) -> tuple[BackendRuntime, BodyWork | None] | None:
         """The one backend plan (and body work) every candidate would get, so the route stage
         prepares the request whole and no attempt stage is needed on the request side (one to
-        three gRPC messages fewer per attempt); None when any two candidates differ, or some
-        must be spoken to in another API (the answer is translated per attempt). Inside Envoy
-        AI Gateway (no attempt stage at all): the first candidate's, always."""
+        three gRPC messages fewer per attempt); None when any two candidates differ. A request
+        for another API is translated here too when every candidate is spoken to in the same
+        one, alike, and what its answer repeats of it is small (it travels as metadata);
+        otherwise each attempt translates. Inside Envoy AI Gateway (no attempt stage at all):
+        the first candidate's, always."""
         cfg = self.config
         aig = cfg.ai_gateway.model_header
-        if not aig and (not cfg.envoy.direct_cluster or d.translated):
+        whole_tx = not aig and bool(d.translated)
+        if not aig and (not cfg.envoy.direct_cluster or (
+                whole_tx and not self._translates_alike(d, data))):
             return None
         common = common_backend(d.candidates, self.backends)
         if common is None and aig:
@@ -282,15 +295,24 @@ class Planner:
                 d, candidates=d.candidates[:1])
         elif common is None:
             return None
-        if not d.sigs and not unstored:  # plain text: one body for all, nothing to adapt
+        if not d.sigs and not unstored and not whole_tx:  # plain text: nothing to adapt
             return common, None
-        works = [self.body_work(t, d.sigs, unstored, d.endpoint) for t in d.candidates]
+        works = [self.body_work(t, d.sigs, unstored, d.endpoint, whole_tx)
+                 for t in d.candidates]
         if all(w is None for w in works):
             return common, None
         profiles = {self.table.profiles[t.backend] for t in d.candidates}
         alike = len(profiles) == 1 and len({(w.substitute, w.drop_metadata) if w else None
                                             for w in works}) == 1
         return (common, works[0]) if alike else None
+
+    def _translates_alike(self, d: RouteDecision, data: dict[str, Any]) -> bool:
+        """Every candidate spoken to in the same other API by the same kind of server, and
+        the answer's echo of the request small enough for the hand-off."""
+        e = d.endpoint
+        return e.translator is not None and len(d.translated) == len(d.candidates) and \
+            len({self.backends[t.backend].preset for t in d.candidates}) == 1 and \
+            len(orjson.dumps(e.translator.echo(data))) <= ECHO_MAX_BYTES
 
     def body_work(self, t: Target, sigs: list[Sig] | tuple[Sig, ...], unstored: bool,
                   endpoint: Endpoint = BY_PATH["/v1/chat/completions"], translated: bool = False

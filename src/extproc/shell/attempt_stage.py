@@ -114,6 +114,8 @@ class AttemptStream:
         self.last, self.needs = plan.last, handoff.needs
         self.body_model, self.work = plan.body_model, plan.work
         self.translated = plan.translated
+        if handoff.echo is not None:  # translated by the route stage (the body is not seen)
+            self.echo = handoff.echo
         return plan
 
     def _on_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
