@@ -148,6 +148,20 @@ def test_messages_translated_for_a_chat_only_backend(api_stack: Stack) -> None:
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]}
 
 
+def test_a_translated_answer_cut_mid_body_is_a_json_error_in_the_clients_envelope(
+        api_stack: Stack) -> None:
+    """Translated whole (Envoy buffers the answer, then it is translated): a backend dying
+    mid-answer gives the Anthropic client an error it can read, never a truncated message."""
+    httpx.post(api_stack.backend_url("chatonly") + "/_emulator/behaviour", json={"reset": True})
+    try:
+        r = httpx.post(api_stack.envoy_url + "/v1/messages", timeout=15, json={
+            "model": "chat-only", "max_tokens": 8, "messages": MSG})
+    finally:
+        reset(api_stack, "chatonly")
+    assert r.status_code == 502, r.text
+    assert r.json()["type"] == "error" and "chat-only" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("model", ["native", "chat-only"])
 def test_messages_stream_text_equals_the_backends(api_stack: Stack, model: str) -> None:
     backend = "native" if model == "native" else "chatonly"

@@ -8,6 +8,7 @@ from typing import Any
 from ..config import Config
 from ..contract import (
     CLUSTER_HEADER,
+    META_NS,
     RESP_ATTEMPTS,
     RESP_BACKEND,
     RESP_MODEL,
@@ -129,8 +130,14 @@ def _anthropic(mapper: dict[str, Any]) -> dict[str, Any]:
     """The same mapper for Anthropic Messages clients: their error envelope, on their paths."""
     error = dict(mapper["body_format_override"]["json_format"]["error"])
     error["type"] = "api_error"
-    on_path = {"header_filter": {"header": {"name": ":path", "string_match": {
-        "prefix": "/v1/messages"}}}}
+    # (the path the client called: the route stage rewrites it for a request it translated
+    # whole, and says so in the hand-off's endpoint)
+    on_path = {"or_filter": {"filters": [
+        {"header_filter": {"header": {"name": ":path", "string_match": {
+            "prefix": "/v1/messages"}}}},
+        {"metadata_filter": {"matcher": {"filter": META_NS, "path": [{"key": Meta.ENDPOINT.value}],
+                                         "value": {"string_match": {"prefix": "/v1/messages"}}},
+                             "match_if_key_not_found": False}}]}}
     return {**mapper, "filter": {"and_filter": {"filters": [on_path, mapper["filter"]]}},
             "body_format_override": {"json_format": {"type": "error", "error": error},
                                      "content_type": "application/json"}}

@@ -44,6 +44,7 @@ from .protocol import (
     immediate,
     mutation,
     response_chunk,
+    whole_answer_mode,
 )
 
 Out = AsyncIterator[pb.ProcessingResponse]
@@ -73,6 +74,7 @@ class AttemptStream:
         self.echo: dict[str, Any] = {}
         self.stream_tx: StreamTranslator | None = None
         self.held_out: list[bytes] = []
+        self.buffered = False  # a translated whole answer: Envoy sends it in one message
         self.status = 0
 
     async def handle(self, req: pb.ProcessingRequest) -> Out:
@@ -183,6 +185,13 @@ class AttemptStream:
                 out.mode_override.CopyFrom(attempt_mode(False, False))  # no body messages
             yield out
             return
+        if plan.translate and not plan.stream and plan.needs is None:
+            # translated, not judged: Envoy buffers it whole, then we translate it
+            self.buffered = True
+            out = self._headers_answer()
+            out.mode_override.CopyFrom(whole_answer_mode())
+            yield out
+            return
         cfg = self.rt.config.capability_routing
         whole = self.rt.config.envoy.max_body_bytes if plan.translate and not plan.stream \
             else None
@@ -193,6 +202,9 @@ class AttemptStream:
         yield extend_timeout(cfg.hold_max_s)
 
     async def _on_response_body(self, msg: pb.HttpBody) -> Out:
+        if self.buffered:
+            yield response_chunk(self._whole(msg.body))
+            return
         hold = self.hold
         if hold is None:
             yield response_chunk(self._translated(msg.body, msg.end_of_stream))

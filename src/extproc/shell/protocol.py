@@ -28,6 +28,17 @@ def attempt_mode(request_body: bool, response_body: bool) -> processing_mode_pb2
     )
 
 
+def whole_answer_mode() -> processing_mode_pb2.ProcessingMode:
+    """The rest of an attempt once its answer's headers are answered: Envoy buffers the whole
+    body and sends it in one message, the headers held back until that is answered (no
+    message per chunk, no timeout extension while the body comes)."""
+    return _MODE(
+        request_header_mode=_MODE.SEND, response_header_mode=_MODE.SEND,
+        request_body_mode=_MODE.NONE, response_body_mode=_MODE.BUFFERED,
+        request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP,
+    )
+
+
 def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in msg.headers.headers:
