@@ -470,9 +470,9 @@ def test_decision_record_names_the_api_and_translation(api_stack: Stack) -> None
     rec = wait_line(api_stack, "service", rid, "routing.decision")
     assert rec["api"] == "messages" and rec["translated"] == ["chatonly/m-chat"]
     assert rec["attempts"][-1]["translated"] == "messages<-chat"
-    # Its one candidate is spoken to in chat: translated once, by the route stage (the
-    # attempt stage translates the answer back from the hand-off's echo, not the body).
-    assert rec["plan"] == "judged"
+    # Its one candidate is spoken to in chat: translated once, by the route stage, which
+    # translates the answer back in its own stream too (no attempt stage at all).
+    assert rec["plan"] == "direct"
 
 
 @pytest.mark.parametrize("model", ["native", "chat-only"])

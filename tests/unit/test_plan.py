@@ -167,7 +167,8 @@ def test_inside_ai_gateway_the_body_is_prepared_whole_and_no_routing_header_is_s
 
 def test_a_request_for_another_api_is_translated_once_when_its_candidates_are_alike() -> None:
     """Messages for chat-only candidates alike: the route stage translates the body (judged
-    cluster: the attempt stage translates the answer back, from the echo in the hand-off);
+    cluster: the attempt stage translates the answer back, from the echo in the hand-off; for
+    one candidate, not judged, the route stage translates the answer back itself);
     candidates spoken to in different APIs, or an echo too large to hand off, leave it to
     each attempt."""
     rt = Runtime.build(parse_config({"backends": [
@@ -180,7 +181,8 @@ def test_a_request_for_another_api_is_translated_once_when_its_candidates_are_al
         "models": [{"name": "alike", "candidates": [{"backend": "c1", "model": "m"},
                                                     {"backend": "c2", "model": "m"}]},
                    {"name": "mixed", "candidates": [{"backend": "c1", "model": "m"},
-                                                    {"backend": "n1", "model": "m"}]}]}), env={})
+                                                    {"backend": "n1", "model": "m"}]},
+                   {"name": "one", "candidates": [{"backend": "c1", "model": "m"}]}]}), env={})
     messages, responses = BY_PATH["/v1/messages"], BY_PATH["/v1/responses"]
 
     def route(model: str, path: str = "/v1/messages", **extra: Any) -> RoutePlan:
@@ -197,6 +199,21 @@ def test_a_request_for_another_api_is_translated_once_when_its_candidates_are_al
     assert dict(p.set_headers)["accept-encoding"] == "identity"
     assert handoff(p).echo == {"model": "alike"} and handoff(p).endpoint is messages
     assert route("mixed").kind == "per_attempt"
+    # One candidate, nothing judged: the route stage translates the answer back too (its own
+    # stream sees the response), no attempt stage; a forced tool is judged per attempt.
+    p = route("one")
+    assert p.kind == "direct" and p.answer_echo == {"model": "one"} and p.work is not None
+    assert p.metadata[Meta.ENDPOINT] == "/v1/messages"  # (Envoy's errors in its envelope)
+    assert rt.planner.watches_answers(messages) and not rt.planner.watches_answers(
+        BY_PATH["/v1/chat/completions"])
+    native = Runtime.build(parse_config({"backends": [  # (every backend speaks Messages)
+        {"name": "n1", "preset": "vllm", "url": "http://127.0.0.1:8003/v1",
+         "models": [{"name": "m"}]}]}), env={})
+    assert not native.planner.watches_answers(messages)
+    forced = route("one", tools=[{"name": "t", "input_schema": {"type": "object"}}],
+                   tool_choice={"type": "tool", "name": "t"})
+    assert forced.kind == "judged" and forced.answer_echo is None
+    assert p.answer_echo is not None and route("alike").answer_echo is None
     assert route("alike", system="x" * 10_000).kind == "judged"  # (Messages echo the model)
     p = route("alike", "/v1/responses", input="hi", instructions="be brief")
     assert p.kind == "judged" and handoff(p).endpoint is responses

@@ -98,6 +98,9 @@ class RoutePlan:
     body: bytes | None = None          # the new body, when it is known now
     work: BodyWork | None = None       # or the work to do before it is (effects)
     url_checks: list[tuple[str, str]] = field(default_factory=list)  # (url, param): effects
+    # The route stage translates the answer back (its stream sees the response): what of the
+    # request the answer repeats. None: nothing to translate there.
+    answer_echo: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -140,6 +143,10 @@ class Planner:
         h = config.hints
         self.hint_headers = tuple(n for n in h.headers.model_dump().values() if n) + \
             tuple(h.propagate) + ((h.intent_header,) if h.intent_header else ())
+        # The APIs some backend lacks (a request in one may be translated): the route stage
+        # asks for those answers' headers (``watches_answers``).
+        self.lacking = frozenset(api for apis in table.apis.values() for api in Api
+                                 if api not in apis)
 
     # ------------------------------------------------------------ the route stage
 
@@ -158,17 +165,22 @@ class Planner:
         prepared, work = found if found is not None else (None, None)
         if aig:  # inside Envoy AI Gateway (no attempt stage there): see _in_ai_gateway
             return self._in_ai_gateway(view, d, aig, work)
-        # Translated here, for every candidate alike: the attempt stage translates answers.
+        # Translated here, for every candidate alike; its answer translated back by the route
+        # stage itself when it is the one candidate and not judged (no attempt stage at all),
+        # else by the attempt stage.
         whole_tx = prepared is not None and bool(d.translated)
+        judged = bool(d.needs.needed or d.needs.bad)
+        answer_here = whole_tx and len(d.candidates) == 1 and not judged and \
+            self.watches_answers(e)
         kind: PlanKind = "per_attempt" if prepared is None else \
-            "judged" if d.needs.forced or len(d.candidates) > 1 or whole_tx else "direct"
+            "judged" if d.needs.forced or len(d.candidates) > 1 or (
+                whole_tx and not answer_here) else "direct"
         cluster = {"direct": Cluster.DIRECT, "judged": Cluster.JUDGED,
                    "per_attempt": Cluster.POOL}[kind]
         meta: dict[str, str] = {Meta.HOSTS: endpoint_list(d.candidates),
                                 Meta.PUBLIC_MODEL: d.public_model}
         if d.hints.policy:
             meta[Meta.INTENT] = d.hints.policy
-        judged = bool(d.needs.needed or d.needs.bad)
         creds = client_credentials(view.headers)
         set_headers = [(CLUSTER_HEADER, cluster.value),
                        (MAX_RETRIES_HEADER, str(len(d.candidates) - 1))]
@@ -188,6 +200,7 @@ class Planner:
         uniform = all(t.model == served for t in d.candidates)
         model_out = served if uniform else None
         body_model = d.requested if d.resolution != "default" else None
+        echo = e.translator.echo(data) if whole_tx and e.translator else None
         if prepared is not None:
             path = target_path(prepared, e, whole_tx, view.path, served)
             plan = header_plan(prepared, path, self.credentials, creds, view.path)
@@ -196,11 +209,12 @@ class Planner:
             if whole_tx:  # its answer is rewritten: plain bytes
                 set_headers.append(("accept-encoding", "identity"))
             if kind == "judged":
-                echo = e.translator.echo(data) if whole_tx and e.translator else None
                 meta.update(HandOff(d.candidates, needs=d.needs if judged else None,
                                     endpoint=e, echo=echo).encode())
             else:  # no attempt stage will name the backend: Envoy's route adds these
                 meta[Meta.BACKEND], meta[Meta.MODEL] = d.candidates[0].backend, served
+                if whole_tx:  # (Envoy's own errors: in the client's envelope, routes.py)
+                    meta[Meta.ENDPOINT] = e.path
         else:  # each attempt sets its own backend's credentials and path from the hand-off
             remove += creds
             backends = [self.backends[t.backend] for t in d.candidates]
@@ -230,7 +244,8 @@ class Planner:
                 set_headers.append(("accept-encoding", readable))
         named = {k for k, _ in set_headers}
         out = RoutePlan(kind, cluster, set_headers, [r for r in remove if r not in named], meta,
-                        work=work, url_checks=d.url_checks)
+                        work=work, url_checks=d.url_checks,
+                        answer_echo=echo if answer_here else None)
         if d.warnings:
             meta[Meta.WARNINGS] = "; ".join(d.warnings)[:2000]
         reserialise = view.reserialise
@@ -305,6 +320,14 @@ class Planner:
         alike = len(profiles) == 1 and len({(w.substitute, w.drop_metadata) if w else None
                                             for w in works}) == 1
         return (common, works[0]) if alike else None
+
+    def watches_answers(self, e: Endpoint) -> bool:
+        """Whether the route stage asks Envoy for the answers' headers of requests to ``e`` (it
+        must, before it has read the body): an API it may translate for some backend, in our
+        own Envoy (a request it did not translate costs one message pair more)."""
+        cfg = self.config
+        return e.translator is not None and e.api in self.lacking and \
+            cfg.envoy.direct_cluster and not cfg.ai_gateway.model_header
 
     def _translates_alike(self, d: RouteDecision, data: dict[str, Any]) -> bool:
         """Every candidate spoken to in the same other API by the same kind of server, and

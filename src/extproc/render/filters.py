@@ -47,13 +47,17 @@ def _ext_proc(cfg: Config, stage: Stage, mode: dict[str, str], **extra: Any) -> 
 
 
 def route_stage(cfg: Config) -> dict[str, Any]:
-    """Before the router: request headers and the whole body, never the response."""
+    """Before the router: request headers and the whole body; the response only for a
+    request it translated whole for its one candidate (asked for per request)."""
     return {"name": "extproc.route", "typed_config": _ext_proc(
         cfg, Stage.ROUTE,
         {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
          "response_header_mode": "SKIP", "response_body_mode": "NONE"},
         mutation_rules={"allow_envoy": True},
-        metadata_options={"receiving_namespaces": {"untyped": [META_NS]}})}
+        metadata_options={"receiving_namespaces": {"untyped": [META_NS]}},
+        # (a request in an API it may translate: the answer's headers too, then its body
+        # when the route stage translated the request: shell/route_stage.py)
+        allow_mode_override=True)}
 
 
 def attempt_stage(cfg: Config, judged_only: bool = False) -> dict[str, Any]:

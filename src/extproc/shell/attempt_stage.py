@@ -28,7 +28,13 @@ from ..contract import (
 )
 from ..core.backends import set_model
 from ..core.capabilities import AnswerHold, Needs
-from ..core.endpoints import BY_PATH, Endpoint, StreamTranslator, in_envelope
+from ..core.endpoints import (
+    BY_PATH,
+    Endpoint,
+    StreamTranslator,
+    in_envelope,
+    translated_whole,
+)
 from ..core.errors import Refusal, error_reply, internal_error
 from ..core.plan import AttemptPlan, BodyWork, verdict_headers
 from ..effects.adapt import BodyAdapter
@@ -240,18 +246,9 @@ class AttemptStream:
         return None if self.stream_tx is None else self.stream_tx.feed(chunk, end)
 
     def _whole(self, body: bytes) -> bytes:
-        """A whole answer in the client's API: a completion translated, an error in its
-        envelope; what cannot be read passes as it came."""
         translator = self.endpoint.translator
         assert translator is not None
-        if self.status >= 400:
-            return translator.error(self.status, body)
-        try:
-            chat = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return body
-        return orjson.dumps(translator.answer(chat, self.echo)) if isinstance(chat, dict) \
-            else body
+        return translated_whole(translator, self.status, body, self.echo)
 
     def _rate_limited(self, seconds: float | None) -> None:
         """A 429: Envoy tries the next candidate now (a retriable status); this backend cools

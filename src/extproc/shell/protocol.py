@@ -39,6 +39,17 @@ def whole_answer_mode() -> processing_mode_pb2.ProcessingMode:
     )
 
 
+def route_mode(answer_body: str | None = None) -> processing_mode_pb2.ProcessingMode:
+    """The route stage's mode with the answer's headers sent too, and its body as
+    ``answer_body`` says ("BUFFERED", "STREAMED"; None: not sent)."""
+    return _MODE(
+        request_header_mode=_MODE.SEND, response_header_mode=_MODE.SEND,
+        request_body_mode=_MODE.BUFFERED,
+        response_body_mode=_MODE.BodySendMode.Value(answer_body) if answer_body else _MODE.NONE,
+        request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP,
+    )
+
+
 def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in msg.headers.headers:

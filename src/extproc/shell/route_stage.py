@@ -15,9 +15,15 @@ from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from ..contract import HEALTH_PATH, META_NS, TAG_META, Meta, header_safe
+from ..contract import HEALTH_PATH, META_NS, RESP_TRANSLATED, TAG_META, Meta, header_safe
 from ..core.decision import DecisionRecord
-from ..core.endpoints import BY_PATH, Endpoint, in_envelope
+from ..core.endpoints import (
+    BY_PATH,
+    Endpoint,
+    StreamTranslator,
+    in_envelope,
+    translated_whole,
+)
 from ..core.errors import Refusal, Reply, internal_error, json_reply
 from ..core.form import parse_form, set_text
 from ..core.parts import Part
@@ -26,7 +32,15 @@ from ..core.routing import check_request_line, model_key, parse_json_body, route
 from ..effects.adapt import BodyAdapter
 from ..runtime import Runtime
 from .adapting import adapt
-from .protocol import body_answer, headers_dict, immediate, mutation, struct
+from .protocol import (
+    body_answer,
+    headers_dict,
+    immediate,
+    mutation,
+    response_chunk,
+    route_mode,
+    struct,
+)
 
 Out = AsyncIterator[pb.ProcessingResponse]
 
@@ -41,6 +55,11 @@ class RouteStream:
         self.record = DecisionRecord(request_id="-", decided_by=os.getpid())
         self.endpoint: Endpoint = BY_PATH["/v1/chat/completions"]
         self.path_model: str | None = None  # the model an Azure-style path names
+        # Translated whole for its one candidate: the answer comes back through this stream
+        # to be translated (``plan.answer_echo``), whole or as a live stream.
+        self.answer_echo: dict[str, Any] | None = None
+        self.answer_status = 0
+        self.answer_stream: StreamTranslator | None = None
 
     @property
     def request_id(self) -> str:
@@ -55,6 +74,10 @@ class RouteStream:
                 return self._on_headers(req.request_headers)
             if kind == "request_body":
                 return self._on_body(req.request_body)
+            if kind == "response_headers":
+                return self._on_answer_headers(req.response_headers)
+            if kind == "response_body":
+                return self._on_answer_body(req.response_body)
         except Refusal as refused:
             return self._reject(refused.reply)
         return None
@@ -86,9 +109,12 @@ class RouteStream:
         self.endpoint, self.path_model = early
         self.record.api = self.endpoint.api.value
         stripped = self.rt.planner.stripped(h)
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+        out = pb.ProcessingResponse(request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(remove=stripped)) if stripped
             else None))
+        if self.rt.planner.watches_answers(self.endpoint):  # (only now can it be asked for)
+            out.mode_override.CopyFrom(route_mode())
+        return out
 
     def _answered(self, reply: Reply) -> pb.ProcessingResponse:
         self.record.outcome, self.record.status = "answered", reply.status
@@ -125,6 +151,7 @@ class RouteStream:
         return self._body_answer(plan, plan.body)
 
     def _body_answer(self, plan: RoutePlan, body: bytes | None) -> pb.ProcessingResponse:
+        self.answer_echo = plan.answer_echo
         meta = plan.metadata
         if Meta.WARNINGS in meta:  # it becomes a response header
             meta[Meta.WARNINGS] = header_safe(meta[Meta.WARNINGS])
@@ -156,6 +183,39 @@ class RouteStream:
             yield self._reject(refused.reply)
             return
         yield self._body_answer(plan, body)
+
+    # ------------------------------------------------------------ answers (translated only)
+
+    def _on_answer_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        """Passed as they are, unless this stage translated the request: then tagged, their
+        length dropped, and the body asked for (whole, or chunk by chunk for a stream)."""
+        out = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        translator = self.endpoint.translator
+        if self.answer_echo is None or translator is None:
+            return out
+        h = headers_dict(msg)
+        status = h.get(":status", "0")
+        self.answer_status = int(status) if status.isdigit() else 0
+        if msg.end_of_stream:
+            return out
+        e = self.endpoint
+        out.response_headers.response.header_mutation.CopyFrom(mutation(
+            [(RESP_TRANSLATED, f"{e.api.value}<-{e.via}")], ["content-length"]))
+        if "text/event-stream" in h.get("content-type", "") and self.answer_status < 400:
+            self.answer_stream = translator.stream(self.answer_echo)
+            out.mode_override.CopyFrom(route_mode("STREAMED"))
+        else:
+            out.mode_override.CopyFrom(route_mode("BUFFERED"))
+        return out
+
+    def _on_answer_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        translator = self.endpoint.translator
+        if self.answer_stream is not None:
+            return response_chunk(self.answer_stream.feed(msg.body, msg.end_of_stream))
+        if self.answer_echo is None or translator is None:
+            return response_chunk(None)
+        return response_chunk(translated_whole(translator, self.answer_status, msg.body,
+                                               self.answer_echo))
 
     def fail(self) -> pb.ProcessingResponse:
         self.record.rejected(500, "internal_error")

@@ -11,6 +11,7 @@ Responses, audio and images, but not Messages or rerank.
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote
 
 import orjson
@@ -77,4 +78,18 @@ def in_envelope(endpoint: Endpoint, reply: Reply) -> Reply:
 
 
 __all__ = ["BY_PATH", "ENDPOINTS", "OTHER", "PRESET_APIS", "Api", "ChatView", "Dialect",
-           "Endpoint", "Origin", "StreamTranslator", "Translator", "endpoint_for", "in_envelope"]
+           "Endpoint", "Origin", "StreamTranslator", "Translator", "endpoint_for", "in_envelope",
+           "translated_whole"]
+
+
+def translated_whole(translator: Translator, status: int, body: bytes,
+                     echo: dict[str, Any]) -> bytes:
+    """A whole answer in the client's API: a completion translated, an error in its envelope;
+    what cannot be read passes as it came."""
+    if status >= 400:
+        return translator.error(status, body)
+    try:
+        chat = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    return orjson.dumps(translator.answer(chat, echo)) if isinstance(chat, dict) else body
