@@ -84,7 +84,8 @@ def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int =
              "models": [{"name": "ocr", "capabilities": ["vision"]}]},
         ],
         "models": [
-            {"name": "bench-model", "candidates": [{"backend": "emu", "model": "bench-model-awq"}]},
+            {"name": "bench-model", "aliases": ["bench-alias"],
+             "candidates": [{"backend": "emu", "model": "bench-model-awq"}]},
             # audio_url is not taken by llama.cpp: converted to input_audio every time
             {"name": "bench-audio", "candidates": [{"backend": "emu-llama", "model": "audio-gguf"}]},
             # a text-only model: images are described by the aux model (cached after the first)
@@ -292,7 +293,8 @@ def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
             return None
     cfg = {"model_list": [{"model_name": name, "litellm_params": {
         "model": f"openai/{name}", "api_base": f"http://127.0.0.1:{emu_port}/v1",
-        "api_key": "x"}} for name in ("bench-model", "bench-audio", "bench-blind")],
+        "api_key": "x"}} for name in ("bench-model", "bench-alias", "bench-audio",
+                                      "bench-blind")],
         "litellm_settings": {"drop_params": True}}
     (tmp / "litellm.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
@@ -310,7 +312,9 @@ def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
 # ---------------------------------------------------------------- bodies and load
 
 def make_bodies(tmp: Path) -> dict[str, Path]:
-    chat = {"model": "bench-model", "max_tokens": 64, "messages": [
+    # An alias of bench-model (renamed for its backend): the ext_proc path (the fast lane takes
+    # public names only, renaming them itself).
+    chat = {"model": "bench-alias", "max_tokens": 64, "messages": [
         {"role": "system", "content": "You are a helpful assistant. " * 8},
         {"role": "user", "content": "Explain the difference between TCP and UDP. " * 14}]}
     img = base64.b64encode(os.urandom(750_000)).decode()
@@ -330,9 +334,9 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
         {"type": "text", "text": "What is the invoice number?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{shot}"}}]}]}
     out = {}
-    # The same chat for a model served under its public name: the fast lane (Envoy alone); for
+    # The same chat by bench-model's public name: the fast lane (Envoy alone, renaming it); for
     # a model whose first candidate is dead; and as an Anthropic Messages request.
-    fast = {**chat, "model": "plain-model"}
+    fast = {**chat, "model": "bench-model"}
     failover = {**chat, "model": "bench-failover"}
     anthropic = {"model": "bench-messages", "max_tokens": 64, "system": chat["messages"][0][
         "content"], "messages": [chat["messages"][1]]}
@@ -513,8 +517,8 @@ def main() -> int:
         py = sys.executable
         emu = procs.start("emulator", [py, "-m", "extproc_dev.emulators", "--flavour", "vllm",
                                        "--name", "emu", "--models",
-                                       "bench-model-awq,bench-model,bench-audio,bench-blind,"
-                                       "plain-model,bench-failover,bench-messages",
+                                       "bench-model-awq,bench-model,bench-alias,bench-audio,"
+                                       "bench-blind,plain-model,bench-failover,bench-messages",
                                        "--port", str(emu_port), "--no-record-bodies"], emu_port)
         procs.start("emulator-chat", [py, "-m", "extproc_dev.emulators", "--flavour", "openai",
                                       "--name", "emu-chat", "--models", "bench-messages",

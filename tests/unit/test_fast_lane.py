@@ -33,11 +33,15 @@ def config(**extra: Any) -> Config:
 
 def test_which_models_and_why() -> None:
     fast, why = lanes(config())
-    assert set(fast) == {"plain", "renamed-here"}
+    assert set(fast) == {"plain", "renamed-here", "nice"}
+    assert (fast["nice"].served, fast["plain"].served) == ("renamed-here", "plain")
     assert fast["plain"].backend == "v" and fast["plain"].address == "127.0.0.1:8000"
     assert fast["plain"].paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
     assert "2 candidates" in why["shared"]
-    assert "served as 'renamed-here'" in why["nice"]
+    quoted = lanes(Config.model_validate({"backends": [{
+        "name": "q", "url": "http://127.0.0.1:1/v1", "models": [{"name": 'a"b'}]}],
+        "models": [{"name": "ok", "candidates": [{"backend": "q", "model": 'a"b'}]}]}))[1]
+    assert "which JSON would escape" in quoted["ok"]
     assert "key of its own" in why["gpt"]
     assert "not at /v1" in why["deep"]
     assert "attempt timeout" in why["slow"]
@@ -53,7 +57,7 @@ def test_off_when_the_config_says_so() -> None:
 
 
 def test_the_record_is_the_route_stages_shape() -> None:
-    rec = record("plain", "v", "127.0.0.1:8000", "rid", "/v1/embeddings")
+    rec = record("plain", "plain", "v", "127.0.0.1:8000", "rid", "/v1/embeddings")
     assert rec["plan"] == "fast" and rec["api"] == "embeddings" and rec["request_id"] == "rid"
     assert rec["candidates"] == [{"backend": "v", "model": "plain", "address": "127.0.0.1:8000"}]
 
@@ -69,7 +73,8 @@ def test_rendered_filters_and_routes() -> None:
     assert names.index(READ_FILTER) < names.index(DECIDE_FILTER) < names.index("extproc.route")
     lua = next(f for f in h["http_filters"] if f["name"] == DECIDE_FILTER)[
         "typed_config"]["default_source_code"]["inline_string"]
-    assert '["plain"] = {hosts = "127.0.0.1:8000"' in lua and '"nice"' not in lua
+    assert '["plain"] = {hosts = "127.0.0.1:8000"' in lua and '"deep"' not in lua
+    assert '["nice"] = {hosts = "127.0.0.1:8001", backend = "w", served = "renamed-here"' in lua
     assert '"\\"tool_choice\\""' in lua
     routes = h["route_config"]["virtual_hosts"][0]["routes"]
     fast = [r for r in routes if r.get("name", "").startswith("fast_") and r["name"] != "fast_read"]

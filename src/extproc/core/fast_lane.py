@@ -1,16 +1,17 @@
 """The fast lane: requests Envoy routes by itself, their body never crossing gRPC.
 
 A request needs the service only when something about it has to be decided or changed. For a
-public model with one candidate that serves the public name as it is, on a backend without a
-key of its own and with the standard ``/v1`` paths, a plain text request needs nothing: the
-route stage would send it unchanged to that one backend. Envoy can do that alone: its
-``json_to_metadata`` filter reads the body's top-level keys, a small Lua filter checks what the
-keys cannot say (the path, hint headers, media parts) and sets the same metadata the route
-stage would, and a route on that metadata sends it to the direct cluster with the route stage
-off. Measured: ~4.5x the requests per second of the ext_proc path (docs/benchmark.md).
+public model with one candidate, on a backend without a key of its own and with the standard
+``/v1`` paths, a plain text request needs at most its model renamed: the route stage would send
+it otherwise unchanged to that one backend. Envoy can do that alone: its ``json_to_metadata``
+filter reads the body's top-level keys, a small Lua filter checks what the keys cannot say (the
+path, hint headers, media parts), writes the backend's name into the one ``model`` key when it
+differs, and sets the same metadata the route stage would, and a route on that metadata sends
+it to the direct cluster with the route stage off. Measured: ~3x the requests per second of
+the ext_proc path (docs/benchmark.md).
 
 Everything else takes the ext_proc path, and so does any request the lane is unsure of:
-several candidates (health order, failover, judged answers), renamed or aliased models, keys,
+several candidates (health order, failover, judged answers), aliased models, keys,
 forced capabilities, ``response_format``, ``metadata`` (hints), hint headers, any content
 part but text, streams whose usage the gateway would ask for, bodies over
 ``envoy.fast_lane_max_bytes`` or not JSON. What the lane keeps: Envoy's JSON errors, the
@@ -47,7 +48,8 @@ NEED_KEYS = ("tools", "functions", "reasoning", "reasoning_effort")
 class Lane:
     """One public model served in the fast lane."""
 
-    model: str                # the public name, which is also the served name
+    model: str                # the public name
+    served: str               # the backend's name for it (the Lua splices it into the body)
     backend: str
     address: str              # the backend's IP:port in Envoy's pool
     paths: tuple[str, ...]    # the endpoints of PATHS its backend speaks
@@ -81,7 +83,8 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
                       BY_PATH[p].api in table.apis[b.name])
         attempt_s, idle_s = table.limits[(t.backend, t.model)]
         reason = (
-            f"served as {t.model!r}, not by its public name" if t.model != name else
+            f"served as {t.model!r}, which JSON would escape" if t.model != name and
+            orjson.dumps(t.model)[1:-1] != t.model.encode() else
             f"backend {b.name!r} has a key of its own" if b.api_key_env else
             f"backend {b.name!r} gets the client's key" if b.forward_client_auth else
             f"backend {b.name!r} is Azure (deployment paths)" if b.preset == "azure" else
@@ -91,26 +94,28 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
         if reason:
             why[name] = reason
             continue
-        fast[name] = Lane(name, b.name, t.address, paths, int(1000 * idle_s))
+        fast[name] = Lane(name, t.model, b.name, t.address, paths, int(1000 * idle_s))
     return fast, why
 
 
 @lru_cache(maxsize=256)
-def _decided(model: str, backend: str, address: str, api: str) -> dict[str, Any]:
+def _decided(model: str, served: str, backend: str, address: str, api: str
+             ) -> dict[str, Any]:
     """What every fast request for one model, endpoint and API has in common (the access log
     brings one per request: built once, not per request)."""
     return orjson.loads(DecisionRecord(
         request_id="", method="POST", model_requested=model, public_model=model,
-        resolution="exact", candidates=(Target(backend, model, address),), plan="fast",
+        resolution="exact", candidates=(Target(backend, served, address),), plan="fast",
         api=api).to_json())
 
 
-def record(model: str, backend: str, address: str, request_id: str,
+def record(model: str, served: str, backend: str, address: str, request_id: str,
            path: str) -> dict[str, Any]:
     """The decision record of a fast request (from what Envoy logged), as the route stage
     would have written it (the lane takes POSTs only); a new dict, its values shared."""
     endpoint = BY_PATH.get(path.partition("?")[0])
-    return {**_decided(model, backend, address, endpoint.api.value if endpoint else "chat"),
+    return {**_decided(model, served or model, backend, address,
+                       endpoint.api.value if endpoint else "chat"),
             "request_id": request_id, "path": path}
 
 

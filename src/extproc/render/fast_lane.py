@@ -8,7 +8,8 @@ request filters, and the routes they lead to.
   ``stream_options.include_usage`` into metadata.
 - The Lua decides: a fast model, a path its backend speaks, no hint header, nothing but text
   in the body's parts, none of the keys that need the service, one plain ``model`` key; then
-  it sets the metadata the route stage would have set (the endpoint, the names for the
+  it writes the backend's name for the model into that key (a model served by another name)
+  and sets the metadata the route stage would have set (the endpoint, the names for the
   response headers and Envoy's errors) and clears the route cache.
 - The *fast* routes (one per silence limit, and one for whole answers) match that metadata,
   remove the headers the route stage would have removed (a client's x-envoy-* and x-extproc-*
@@ -70,11 +71,19 @@ function envoy_on_request(handle)
     if not TYPES[t] then return end
   end
   -- (objects fetched before a yield, as body() is, are out of scope after it)
+  if lane.served then  -- served by another name: spliced in as the model key's value
+    local _, stop, raw = string.find(text, '^%s*:%s*"([^"\\\\]*)"', first + 7)
+    if raw ~= j.model then return end
+    text = string.sub(text, 1, first + 6) .. ':"' .. lane.served .. '"' ..
+      string.sub(text, stop + 1)
+    body:setBytes(text)
+    handle:headers():replace("content-length", tostring(#text))
+  end
   meta = handle:streamInfo():dynamicMetadata()
   meta:set(NS, "@HOSTS@", lane.hosts)
   meta:set(NS, "@PUBLIC@", j.model)
   meta:set(NS, "@BACKEND@", lane.backend)
-  meta:set(NS, "@MODEL@", j.model)
+  meta:set(NS, "@MODEL@", lane.served or j.model)
   meta:set(NS, "@FAST@", stream and lane.idle or "0")
   handle:clearRouteCache()
 end
@@ -108,8 +117,10 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
     entries = []
     for name, lane in fast.items():
         paths = ", ".join(f'[{_lua(p)}] = true' for p in lane.paths)
+        served = f"served = {_lua(lane.served)}, " if lane.served != name else ""
         entries.append(f'[{_lua(name)}] = {{hosts = {_lua(lane.address)}, backend = '
-                       f'{_lua(lane.backend)}, idle = "{lane.idle_ms}", paths = {{{paths}}}}}')
+                       f'{_lua(lane.backend)}, {served}idle = "{lane.idle_ms}", '
+                       f'paths = {{{paths}}}}}')
     out = _LUA
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
                        "@USAGE@": "true" if cfg.envoy.token_usage else "false",

@@ -56,7 +56,9 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
     elif Meta.FAST in fields:  # the fast lane: Envoy routed it alone (core/fast_lane.py)
         address = common.upstream_remote_address.socket_address
         decided = fast_lane.record(
-            fields[Meta.PUBLIC_MODEL].string_value, fields[Meta.BACKEND].string_value,
+            fields[Meta.PUBLIC_MODEL].string_value,
+            fields[Meta.MODEL].string_value if Meta.MODEL in fields else "",
+            fields[Meta.BACKEND].string_value,
             f"{address.address}:{address.port_value}" if address.address else "",
             entry.request.request_id, entry.request.path)
     else:
