@@ -36,7 +36,8 @@ def test_records_carry_the_outcome(tmp_path) -> None:
                   {"name": "b", "preset": "llamacpp", "models": ["shared-q"]}],
         models=[{"name": "solo", "candidates": [{"backend": "a", "model": "m1"}]},
                 {"name": "two", "candidates": [{"backend": "a", "model": "shared"},
-                                               {"backend": "b", "model": "shared-q"}]}])
+                                               {"backend": "b", "model": "shared-q"}]}],
+        envoy={"fast_lane": False})  # (the route stage's plans; the lane's: test_fast_lane)
     stack = start_stack(tmp_path, cfg)
     try:
         def chat(model: str) -> httpx.Response:

@@ -90,8 +90,9 @@ def hstack(tmp_path_factory: pytest.TempPathFactory, hole: Blackhole) -> Iterato
         expose_backend_models=False,
         health={"interval_s": 0.3, "timeout_s": 0.5, "unhealthy_threshold": 2,
                 "ejection_s": 30},
+        # (fast_lane off: only-a is the ext_proc path's yardstick for failover)
         envoy={"connect_timeout_s": 1, "per_try_timeout_s": 2, "route_timeout_s": 4,
-               "stream_idle_s": 1.5})
+               "stream_idle_s": 1.5, "fast_lane": False})
     stack = start_stack(tmp_path_factory.mktemp("health"), cfg, dead_backends=("dead", "hole"))
     yield stack
     stack.stop()

@@ -187,11 +187,12 @@ def test_bounded_fuzz_through_envoy(sstack: Stack) -> None:
 def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
     """A backend answering with x-extproc-* headers of its own (which backend it is, parts
     converted, a retry trigger...) changes nothing the client or the decision record sees, on
-    every plan: direct, judged (responses only) and per attempt."""
+    every plan: the fast lane, direct, judged (responses only) and per attempt."""
     cfg = stack_config(
         backends=[{"name": "a", "preset": "vllm", "models": ["m1", "same"]},
                   {"name": "b", "preset": "vllm", "models": ["m2", "same"]}],
-        models=[{"name": "solo", "candidates": [{"backend": "a", "model": "m1"}]},
+        models=[{"name": "solo", "aliases": ["solo-alias"],
+                 "candidates": [{"backend": "a", "model": "m1"}]},
                 {"name": "pair", "candidates": [{"backend": "a", "model": "same"},
                                                 {"backend": "b", "model": "same"}]},
                 {"name": "two", "candidates": [{"backend": "a", "model": "m1"},
@@ -203,8 +204,8 @@ def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
              "x-extproc-retry": "spoofed", "x-extproc-attempts": "7"}
     try:
         httpx.post(stack.backend_url("a") + "/_emulator/behaviour", json={"headers": spoof})
-        for model, plan, served in (("solo", "direct", "m1"), ("pair", "judged", "same"),
-                                    ("two", "per_attempt", "m1")):
+        for model, plan, served in (("solo", "fast", "m1"), ("solo-alias", "direct", "m1"),
+                                    ("pair", "judged", "same"), ("two", "per_attempt", "m1")):
             r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
                 "model": model, "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 200, r.text

@@ -15,7 +15,8 @@ from .conftest import stack_config, start_stack
 
 def test_two_workers_share_the_load(tmp_path) -> None:
     cfg = stack_config(backends=[{"name": "a", "preset": "vllm", "models": ["m1"]}],
-                       models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]}])
+                       models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]}],
+                       envoy={"fast_lane": False})  # (the route stage's streams, balanced)
     cfg["service"]["workers"] = 2
     cfg["service"]["port"] = free_port_run(2)  # worker i listens on port + i
     stack = start_stack(tmp_path, cfg)
