@@ -161,7 +161,11 @@ class Planner:
         cfg, data, e = self.config, view.data, d.endpoint
         unstored = bool(data.get("metadata")) and data.get("store") is not True
         aig = cfg.ai_gateway.model_header
-        found = self._prepared(d, unstored, data)
+        # What a translated answer repeats of the request (computed once: it decides whether
+        # the route stage may translate, and it is handed off)
+        tx = e.translator if d.translated and not aig else None
+        echo = tx.echo(data) if tx is not None else None
+        found = self._prepared(d, unstored, echo)
         prepared, work = found if found is not None else (None, None)
         if aig:  # inside Envoy AI Gateway (no attempt stage there): see _in_ai_gateway
             return self._in_ai_gateway(view, d, aig, work)
@@ -200,7 +204,6 @@ class Planner:
         uniform = all(t.model == served for t in d.candidates)
         model_out = served if uniform else None
         body_model = d.requested if d.resolution != "default" else None
-        echo = e.translator.echo(data) if whole_tx and e.translator else None
         if prepared is not None:
             path = target_path(prepared, e, whole_tx, view.path, served)
             plan = header_plan(prepared, path, self.credentials, creds, view.path)
@@ -289,7 +292,7 @@ class Planner:
         out.body = new_body(view, d, d.public_model, reserialise, work)
         return out
 
-    def _prepared(self, d: RouteDecision, unstored: bool, data: dict[str, Any]
+    def _prepared(self, d: RouteDecision, unstored: bool, echo: dict[str, Any] | None
                   ) -> tuple[BackendRuntime, BodyWork | None] | None:
         """The one backend plan (and body work) every candidate would get, so the route stage
         prepares the request whole and no attempt stage is needed on the request side (one to
@@ -302,7 +305,7 @@ class Planner:
         aig = cfg.ai_gateway.model_header
         whole_tx = not aig and bool(d.translated)
         if not aig and (not cfg.envoy.direct_cluster or (
-                whole_tx and not self._translates_alike(d, data))):
+                whole_tx and not self._translates_alike(d, echo))):
             return None
         common = common_backend(d.candidates, self.backends)
         if common is None and aig:
@@ -329,13 +332,12 @@ class Planner:
         return e.translator is not None and e.api in self.lacking and \
             cfg.envoy.direct_cluster and not cfg.ai_gateway.model_header
 
-    def _translates_alike(self, d: RouteDecision, data: dict[str, Any]) -> bool:
+    def _translates_alike(self, d: RouteDecision, echo: dict[str, Any] | None) -> bool:
         """Every candidate spoken to in the same other API by the same kind of server, and
         the answer's echo of the request small enough for the hand-off."""
-        e = d.endpoint
-        return e.translator is not None and len(d.translated) == len(d.candidates) and \
+        return echo is not None and len(d.translated) == len(d.candidates) and \
             len({self.backends[t.backend].preset for t in d.candidates}) == 1 and \
-            len(orjson.dumps(e.translator.echo(data))) <= ECHO_MAX_BYTES
+            len(orjson.dumps(echo)) <= ECHO_MAX_BYTES
 
     def body_work(self, t: Target, sigs: list[Sig] | tuple[Sig, ...], unstored: bool,
                   endpoint: Endpoint = BY_PATH["/v1/chat/completions"], translated: bool = False

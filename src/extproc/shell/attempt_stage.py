@@ -163,7 +163,7 @@ class AttemptStream:
         remove = []
         if self.translated:  # the body changes: its length is not the backend's
             remove.append("content-length")
-            tags.append((RESP_TRANSLATED, f"{self.endpoint.api.value}<-{self.endpoint.via}"))
+            tags.append((RESP_TRANSLATED, self.endpoint.translated_tag))
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(tags, remove))))
 

@@ -18,36 +18,33 @@ from ..core.errors import Reply
 _MODE = processing_mode_pb2.ProcessingMode
 
 
-def attempt_mode(request_body: bool, response_body: bool) -> processing_mode_pb2.ProcessingMode:
-    """The attempt stage's mode for one attempt: bodies only when this attempt needs them."""
+def _modes(request_body: int, response_body: int) -> processing_mode_pb2.ProcessingMode:
+    """Headers both ways, no trailers, the bodies as given."""
     return _MODE(
         request_header_mode=_MODE.SEND, response_header_mode=_MODE.SEND,
-        request_body_mode=_MODE.BUFFERED if request_body else _MODE.NONE,
-        response_body_mode=_MODE.STREAMED if response_body else _MODE.NONE,
+        request_body_mode=request_body, response_body_mode=response_body,
         request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP,
     )
+
+
+def attempt_mode(request_body: bool, response_body: bool) -> processing_mode_pb2.ProcessingMode:
+    """The attempt stage's mode for one attempt: bodies only when this attempt needs them."""
+    return _modes(_MODE.BUFFERED if request_body else _MODE.NONE,
+                  _MODE.STREAMED if response_body else _MODE.NONE)
 
 
 def whole_answer_mode() -> processing_mode_pb2.ProcessingMode:
     """The rest of an attempt once its answer's headers are answered: Envoy buffers the whole
     body and sends it in one message, the headers held back until that is answered (no
     message per chunk, no timeout extension while the body comes)."""
-    return _MODE(
-        request_header_mode=_MODE.SEND, response_header_mode=_MODE.SEND,
-        request_body_mode=_MODE.NONE, response_body_mode=_MODE.BUFFERED,
-        request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP,
-    )
+    return _modes(_MODE.NONE, _MODE.BUFFERED)
 
 
 def route_mode(answer_body: str | None = None) -> processing_mode_pb2.ProcessingMode:
     """The route stage's mode with the answer's headers sent too, and its body as
     ``answer_body`` says ("BUFFERED", "STREAMED"; None: not sent)."""
-    return _MODE(
-        request_header_mode=_MODE.SEND, response_header_mode=_MODE.SEND,
-        request_body_mode=_MODE.BUFFERED,
-        response_body_mode=_MODE.BodySendMode.Value(answer_body) if answer_body else _MODE.NONE,
-        request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP,
-    )
+    return _modes(_MODE.BUFFERED,
+                  _MODE.BodySendMode.Value(answer_body) if answer_body else _MODE.NONE)
 
 
 def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:

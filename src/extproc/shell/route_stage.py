@@ -198,9 +198,8 @@ class RouteStream:
         self.answer_status = int(status) if status.isdigit() else 0
         if msg.end_of_stream:
             return out
-        e = self.endpoint
         out.response_headers.response.header_mutation.CopyFrom(mutation(
-            [(RESP_TRANSLATED, f"{e.api.value}<-{e.via}")], ["content-length"]))
+            [(RESP_TRANSLATED, self.endpoint.translated_tag)], ["content-length"]))
         if "text/event-stream" in h.get("content-type", "") and self.answer_status < 400:
             self.answer_stream = translator.stream(self.answer_echo)
             out.mode_override.CopyFrom(route_mode("STREAMED"))

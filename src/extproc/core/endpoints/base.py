@@ -105,6 +105,11 @@ class Endpoint:
     translator: Translator | None = None
 
     @property
+    def translated_tag(self) -> str:
+        """What ``x-extproc-translated`` says of an answer translated back (``messages<-chat``)."""
+        return f"{self.api.value}<-{self.via.value if self.via else ''}"
+
+    @property
     def suffix(self) -> str:
         """The path under a backend's base path (``/v1`` left out)."""
         return self.path[3:] if self.path.startswith("/v1/") else self.path
