@@ -109,6 +109,41 @@ def test_the_openai_sdk_streams_by_the_fast_lane_with_usage(fstack: Stack) -> No
     assert route_messages(fstack) == before
 
 
+def test_a_stream_not_asking_for_usage_has_it_asked_for_by_the_lane(fstack: Stack) -> None:
+    """As the route stage would: the backend is asked for the usage chunk (and an uncompressed
+    stream), the client never sees that chunk, the record has the usage; renamed too."""
+    reset(fstack, "v")
+    c = openai.OpenAI(base_url=fstack.envoy_url + "/v1", api_key="x", max_retries=0)
+    before = route_messages(fstack)
+    stream = c.chat.completions.with_raw_response.create(
+        model="renamed", stream=True, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"accept-encoding": "gzip"})
+    chunks = list(stream.parse())
+    assert chunks and all(ch.choices and ch.usage is None for ch in chunks)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    rec = wait_line(fstack, "service", stream.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["usage"]["output_tokens"] == 6
+    sent = received(fstack, "v")[-1]
+    assert sent["json"]["model"] == "plain" and sent["json"]["stream"] is True
+    assert sent["json"]["stream_options"] == {"include_usage": True}
+    assert "accept-encoding" not in sent["headers"]
+    assert route_messages(fstack) == before
+
+
+@pytest.mark.parametrize("choice", ["auto", "none", None])
+def test_tools_with_a_tool_choice_forcing_nothing_go_by_the_lane(
+        fstack: Stack, choice: str | None) -> None:
+    before = route_messages(fstack)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}}}}]
+    r, rec = chat(fstack, {"model": "plain", "tools": tools,
+                           **({"tool_choice": choice} if choice else {})})
+    assert r.status_code == 200, r.text
+    assert rec["plan"] == "fast" and route_messages(fstack) == before
+    sent = received(fstack, "v")[-1]["json"]
+    assert sent["tools"] == tools and sent.get("tool_choice") == choice
+
+
 def test_embeddings_go_by_the_fast_lane(fstack: Stack) -> None:
     r = httpx.post(fstack.envoy_url + "/v1/embeddings", timeout=30,
                    json={"model": "plain", "input": "hello"})
@@ -126,12 +161,15 @@ def test_embeddings_go_by_the_fast_lane(fstack: Stack) -> None:
         {"type": "input_text", "text": "hi"}]}]}, {}, "a part vLLM refuses as it is"),
     ({"model": "plain", "tool_choice": "required", "tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object"}}}]}, {}, "a forced tool call"),
+    ({"model": "plain", "tool_choice": {"type": "function", "function": {"name": "f"}},
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, {}, "a named tool call"),
     ({"model": "plain", "response_format": {"type": "json_object"}}, {}, "structured output"),
     ({"model": "plain", "metadata": {"route_intent": "x"}}, {}, "metadata (hints)"),
     ({"model": "plain"}, {"x-route-intent": "x"}, "a hint header"),
     ({"model": "nick"}, {}, "an alias"),
     ({"model": "two"}, {}, "two candidates"),
-    ({"model": "plain", "stream": True}, {}, "a stream whose usage the gateway asks for"),
+    ({"model": "plain", "stream": True, "stream_options": {"include_usage": False}}, {},
+     "a stream with options the gateway merges its own into"),
 ])
 def test_what_the_lane_is_unsure_of_takes_the_ext_proc_path(
         fstack: Stack, body: dict, headers: dict, why: str) -> None:
@@ -139,6 +177,21 @@ def test_what_the_lane_is_unsure_of_takes_the_ext_proc_path(
     _, rec = chat(fstack, body, **headers)
     assert rec["plan"] != "fast", why
     assert route_messages(fstack) > before, why
+
+
+@pytest.mark.parametrize("choices", [(b"auto", b"required"), (b"required", b"auto")])
+def test_a_second_tool_choice_key_takes_the_ext_proc_path(
+        fstack: Stack, choices: tuple[bytes, bytes]) -> None:
+    """Envoy's parser and the backend's may read different ones of two keys: the service
+    decides."""
+    before = route_messages(fstack)
+    raw = (b'{"model": "plain", "tool_choice": "%s", "tool_choice": "%s", "tools": '
+           b'[{"type": "function", "function": {"name": "f"}}], "messages": '
+           b'[{"role": "user", "content": "hi"}]}' % choices)
+    r = httpx.post(fstack.envoy_url + "/v1/chat/completions", content=raw, timeout=30,
+                   headers={"content-type": "application/json"})
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] != "fast" and route_messages(fstack) > before
 
 
 def test_a_malformed_body_gets_our_json_400(fstack: Stack) -> None:

@@ -75,7 +75,8 @@ def test_rendered_filters_and_routes() -> None:
         "typed_config"]["default_source_code"]["inline_string"]
     assert '["plain"] = {hosts = "127.0.0.1:8000"' in lua and '"deep"' not in lua
     assert '["nice"] = {hosts = "127.0.0.1:8001", backend = "w", served = "renamed-here"' in lua
-    assert '"\\"tool_choice\\""' in lua
+    assert '"\\"response_format\\""' in lua and '"\\"tool_choice\\""' not in lua
+    assert "CHOICES = {auto = true, none = true}" in lua  # read, not refused on sight
     routes = h["route_config"]["virtual_hosts"][0]["routes"]
     fast = [r for r in routes if r.get("name", "").startswith("fast_") and r["name"] != "fast_read"]
     assert fast and all(r["route"]["cluster"] == Cluster.DIRECT.value for r in fast)

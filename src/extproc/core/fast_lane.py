@@ -2,22 +2,23 @@
 
 A request needs the service only when something about it has to be decided or changed. For a
 public model with one candidate, on a backend without a key of its own and with the standard
-``/v1`` paths, a plain text request needs at most its model renamed: the route stage would send
-it otherwise unchanged to that one backend. Envoy can do that alone: its ``json_to_metadata``
-filter reads the body's top-level keys, a small Lua filter checks what the keys cannot say (the
-path, hint headers, media parts), writes the backend's name into the one ``model`` key when it
-differs, and sets the same metadata the route stage would, and a route on that metadata sends
-it to the direct cluster with the route stage off. Measured: ~3x the requests per second of
-the ext_proc path (docs/benchmark.md).
+``/v1`` paths, a plain text request needs at most its model renamed and, for a stream, its
+usage asked for: the route stage would send it otherwise unchanged to that one backend. Envoy
+can do that alone: its ``json_to_metadata`` filter reads the body's top-level keys, a small Lua
+filter checks what the keys cannot say (the path, hint headers, media parts), writes the
+backend's name into the one ``model`` key when it differs (and ``stream_options`` into a
+stream that has none), and sets the same metadata the route stage would, and a route on that
+metadata sends it to the direct cluster with the route stage off. Measured: ~3x the requests
+per second of the ext_proc path (docs/benchmark.md).
 
 Everything else takes the ext_proc path, and so does any request the lane is unsure of:
-several candidates (health order, failover, judged answers), aliased models, keys,
-forced capabilities, ``response_format``, ``metadata`` (hints), hint headers, any content
-part but text, streams whose usage the gateway would ask for, bodies over
-``envoy.fast_lane_max_bytes`` or not JSON. What the lane keeps: Envoy's JSON errors, the
-response headers, the decision record (``plan: fast``) and every metric, from the access log.
-What it gives up: our validation of the body (the backend answers a malformed request with
-its own 4xx).
+several candidates (health order, failover, judged answers), aliased models, keys, forced
+capabilities (a ``tool_choice`` but "auto" or "none"), ``response_format``, ``metadata``
+(hints), hint headers, any content part but text, a stream with ``stream_options`` not asking
+for usage, bodies over ``envoy.fast_lane_max_bytes`` or not JSON. What the lane keeps: Envoy's
+JSON errors, the response headers, the decision record (``plan: fast``) and every metric, from
+the access log. What it gives up: our validation of the body (the backend answers a malformed
+request with its own 4xx).
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ from .routing import RoutingTable, Target
 # which the Lua reads (any part other than text sends the request the slow way).
 PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Top-level keys whose presence needs the service: forced capabilities (judged answers),
-# structured output, routing hints and metadata the backend may refuse.
-SLOW_KEYS = ("tool_choice", "function_call", "response_format", "metadata")
+# structured output, routing hints and metadata the backend may refuse. (``tool_choice`` is
+# read: "auto" and "none" force nothing, anything else takes the ext_proc path.)
+SLOW_KEYS = ("function_call", "response_format", "metadata")
+# The tool_choice values that force nothing (core/capabilities.request_needs).
+FREE_CHOICES = ("auto", "none")
 # ...and, where a candidate lacking a needed capability is dropped (an error, not an order),
 # the keys that make a need.
 NEED_KEYS = ("tools", "functions", "reasoning", "reasoning_effort")
@@ -126,4 +130,4 @@ def describe(cfg: Config) -> list[str]:
             f"({why[n]})" for n in sorted({*fast, *why})]
 
 
-__all__ = ["NEED_KEYS", "PATHS", "SLOW_KEYS", "Lane", "describe", "lanes", "record"]
+__all__ = ["FREE_CHOICES", "NEED_KEYS", "PATHS", "SLOW_KEYS", "Lane", "describe", "lanes", "record"]

@@ -4,7 +4,7 @@ request filters, and the routes they lead to.
 - The *reading* route matches requests the lane may serve by their headers alone (a fast path,
   a JSON body no larger than ``envoy.fast_lane_max_bytes``); every other route turns the two
   filters off, so Envoy never parses any other body.
-- ``json_to_metadata`` puts the body's ``model``, ``stream`` and
+- ``json_to_metadata`` puts the body's ``model``, ``stream``, ``tool_choice`` and
   ``stream_options.include_usage`` into metadata.
 - The Lua decides: a fast model, a path its backend speaks, no hint header, nothing but text
   in the body's parts, none of the keys that need the service, one plain ``model`` key; then
@@ -25,7 +25,7 @@ from typing import Any
 from ..config import Config
 from ..contract import META_NS, Cluster, Meta
 from ..core.backends import CLIENT_CREDENTIAL_HEADERS
-from ..core.fast_lane import NEED_KEYS, PATHS, SLOW_KEYS, Lane, lanes
+from ..core.fast_lane import FREE_CHOICES, NEED_KEYS, PATHS, SLOW_KEYS, Lane, lanes
 from .common import EXT_PROC_PER_ROUTE_TYPE, dur
 
 BODY_NS = "extproc.body"  # what json_to_metadata read
@@ -37,7 +37,11 @@ _LUA = """
 local NS, BODY, USAGE = "@NS@", "@BODY@", @USAGE@
 local LANES = {@LANES@}
 local HINTS = {@HINTS@}     -- present: the route stage decides
-local TYPES = {text = true, ["function"] = true}
+-- Every "type" value in the body: text parts, tool calls, and tools' JSON schemas (any other
+-- part takes the ext_proc path)
+local TYPES = {text = true, ["function"] = true, object = true, string = true, number = true,
+               integer = true, boolean = true, array = true, null = true}
+local CHOICES = {@CHOICES@}  -- tool_choice values that force nothing
 -- Anywhere in the body (a false alarm only costs the ext_proc path): media parts' marks, and
 -- the keys that need the service.
 local MARKS = {'"image', '"audio', '"video', '"file', '"input_', '"url"', '"document', @SLOW@}
@@ -49,12 +53,15 @@ function envoy_on_request(handle)
   local lane = LANES[j.model]
   if lane == nil then return end
   local headers = handle:headers()
-  if headers:get(":method") ~= "POST" or not lane.paths[headers:get(":path")] then return end
+  local path = headers:get(":path")
+  if headers:get(":method") ~= "POST" or not lane.paths[path] then return end
   for _, h in ipairs(HINTS) do
     if headers:get(h) ~= nil then return end
   end
   local stream = j.stream == true
-  if stream and USAGE and j.usage ~= true then return end  -- (the gateway asks for usage)
+  -- A stream whose client did not ask for its usage: asked for here (no other stream option:
+  -- the ext_proc path merges them), its chunk dropped by the response Lua
+  local add_usage = stream and USAGE and j.usage ~= true and path ~= "/v1/embeddings"
   local body = handle:body()
   if body == nil then return end
   local text = body:getBytes(0, body:length())
@@ -67,19 +74,36 @@ function envoy_on_request(handle)
   local first = string.find(lower, '"model"', 1, true)
   if first == nil or string.find(lower, '"model"', first + 7, true)
      or string.find(text, "\\\\u00[46]") then return end
+  -- A tool_choice forcing nothing, in one key (a second one could be the one a backend reads)
+  local choice = string.find(lower, '"tool_choice"', 1, true)
+  if choice and (not CHOICES[j.tool_choice]
+                 or string.find(lower, '"tool_choice"', choice + 13, true)) then return end
   for t in string.gmatch(text, '"type"%s*:%s*"([^"]*)"') do
     if not TYPES[t] then return end
   end
+  if add_usage and string.find(lower, '"stream_options"', 1, true) then return end
   -- (objects fetched before a yield, as body() is, are out of scope after it)
   if lane.served then  -- served by another name: spliced in as the model key's value
     local _, stop, raw = string.find(text, '^%s*:%s*"([^"\\\\]*)"', first + 7)
     if raw ~= j.model then return end
     text = string.sub(text, 1, first + 6) .. ':"' .. lane.served .. '"' ..
       string.sub(text, stop + 1)
-    body:setBytes(text)
-    handle:headers():replace("content-length", tostring(#text))
+  end
+  if add_usage then  -- (the object has a member: the model)
+    local _, open = string.find(text, "^%s*{")
+    if open == nil then return end
+    text = '{"stream_options":{"include_usage":true},' .. string.sub(text, open + 1)
   end
   meta = handle:streamInfo():dynamicMetadata()
+  if lane.served or add_usage then
+    body:setBytes(text)
+    headers = handle:headers()
+    headers:replace("content-length", tostring(#text))
+    if add_usage then  -- (the response Lua reads its events: uncompressed)
+      headers:remove("accept-encoding")
+      meta:set(NS, "@ADDED@", "1")
+    end
+  end
   meta:set(NS, "@HOSTS@", lane.hosts)
   meta:set(NS, "@PUBLIC@", j.model)
   meta:set(NS, "@BACKEND@", lane.backend)
@@ -123,12 +147,14 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
                        f'paths = {{{paths}}}}}')
     out = _LUA
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
+                       "@CHOICES@": ", ".join(f"{c} = true" for c in FREE_CHOICES),
                        "@USAGE@": "true" if cfg.envoy.token_usage else "false",
                        "@LANES@": ",\n  ".join(entries), "@HINTS@": _lua_strings(hints),
                        "@SLOW@": _lua_strings(
                            [f'"{k}"' for k in slow]), "@HOSTS@": Meta.HOSTS,
                        "@PUBLIC@": Meta.PUBLIC_MODEL, "@BACKEND@": Meta.BACKEND,
-                       "@MODEL@": Meta.MODEL, "@FAST@": Meta.FAST}.items():
+                       "@MODEL@": Meta.MODEL, "@FAST@": Meta.FAST,
+                       "@ADDED@": Meta.USAGE_ADDED}.items():
         out = out.replace(key, value)
     return out
 
@@ -145,7 +171,7 @@ def filters(cfg: Config) -> list[dict[str, Any]]:
     fast, _ = lanes(cfg)
     if not fast:
         return []
-    rules = [_present("model"), _present("stream"),
+    rules = [_present("model"), _present("stream"), _present("tool_choice"),
              _present("usage", "stream_options", "include_usage")]
     return [{
         "name": READ_FILTER, "typed_config": {
