@@ -72,7 +72,7 @@ def main() -> int:
     procs = Procs(tmp)
     try:
         ports = {"emu": free_port(), "llama": free_port(), "aux": free_port()}
-        emulators = [("emu", "vllm", "bench-model-awq,bench-model,bench-alias,plain-model"),
+        emulators = [("emu", "vllm", "bench-model-awq,bench-model,plain-model"),
                      ("llama", "llamacpp", "audio-gguf,text-gguf"), ("aux", "ocr", "ocr")]
         for name, flavour, models in emulators:
             if name == "emu" or name in NEEDS.get(args.body, ()):

@@ -84,8 +84,7 @@ def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int =
              "models": [{"name": "ocr", "capabilities": ["vision"]}]},
         ],
         "models": [
-            {"name": "bench-model", "aliases": ["bench-alias"],
-             "candidates": [{"backend": "emu", "model": "bench-model-awq"}]},
+            {"name": "bench-model", "candidates": [{"backend": "emu", "model": "bench-model-awq"}]},
             # audio_url is not taken by llama.cpp: converted to input_audio every time
             {"name": "bench-audio", "candidates": [{"backend": "emu-llama", "model": "audio-gguf"}]},
             # a text-only model: images are described by the aux model (cached after the first)
@@ -293,8 +292,7 @@ def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
             return None
     cfg = {"model_list": [{"model_name": name, "litellm_params": {
         "model": f"openai/{name}", "api_base": f"http://127.0.0.1:{emu_port}/v1",
-        "api_key": "x"}} for name in ("bench-model", "bench-alias", "bench-audio",
-                                      "bench-blind")],
+        "api_key": "x"}} for name in ("bench-model", "bench-audio", "bench-blind")],
         "litellm_settings": {"drop_params": True}}
     (tmp / "litellm.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
@@ -312,9 +310,10 @@ def start_litellm(procs: Procs, tmp: Path, emu_port: int) -> str | None:
 # ---------------------------------------------------------------- bodies and load
 
 def make_bodies(tmp: Path) -> dict[str, Path]:
-    # An alias of bench-model (renamed for its backend): the ext_proc path (the fast lane takes
-    # public names only, renaming them itself).
-    chat = {"model": "bench-alias", "max_tokens": 64, "messages": [
+    # bench-model, renamed for its backend, with a response_format: the ext_proc path (one
+    # candidate, nothing judged: the direct plan; without the key, the fast lane takes it).
+    chat = {"model": "bench-model", "max_tokens": 64, "response_format": {"type": "text"},
+            "messages": [
         {"role": "system", "content": "You are a helpful assistant. " * 8},
         {"role": "user", "content": "Explain the difference between TCP and UDP. " * 14}]}
     img = base64.b64encode(os.urandom(750_000)).decode()
@@ -336,7 +335,7 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
     out = {}
     # The same chat by bench-model's public name: the fast lane (Envoy alone, renaming it); for
     # a model whose first candidate is dead; and as an Anthropic Messages request.
-    fast = {**chat, "model": "bench-model"}
+    fast = {k: v for k, v in chat.items() if k != "response_format"}
     failover = {**chat, "model": "bench-failover"}
     anthropic = {"model": "bench-messages", "max_tokens": 64, "system": chat["messages"][0][
         "content"], "messages": [chat["messages"][1]]}
@@ -517,7 +516,7 @@ def main() -> int:
         py = sys.executable
         emu = procs.start("emulator", [py, "-m", "extproc_dev.emulators", "--flavour", "vllm",
                                        "--name", "emu", "--models",
-                                       "bench-model-awq,bench-model,bench-alias,bench-audio,"
+                                       "bench-model-awq,bench-model,bench-audio,"
                                        "bench-blind,plain-model,bench-failover,bench-messages",
                                        "--port", str(emu_port), "--no-record-bodies"], emu_port)
         procs.start("emulator-chat", [py, "-m", "extproc_dev.emulators", "--flavour", "openai",

@@ -81,6 +81,7 @@ class Meta(StrEnum):
     # Set by the fast lane's Lua (render/fast_lane.py) instead of a record: the request went
     # to the backend without the route stage; the value is its route's silence limit (ms).
     FAST = "fast"
+    REQUESTED = "requested"  # ...and for an alias, the name the client asked for
 
 
 def attribute(key: Meta) -> str:

@@ -204,10 +204,13 @@ def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
              "x-extproc-retry": "spoofed", "x-extproc-attempts": "7"}
     try:
         httpx.post(stack.backend_url("a") + "/_emulator/behaviour", json={"headers": spoof})
-        for model, plan, served in (("solo", "fast", "m1"), ("solo-alias", "direct", "m1"),
-                                    ("pair", "judged", "same"), ("two", "per_attempt", "m1")):
+        # (solo with a response_format: the ext_proc path, one candidate: direct)
+        for model, extra, plan, served in (
+                ("solo", {}, "fast", "m1"), ("solo-alias", {}, "fast", "m1"),
+                ("solo", {"response_format": {"type": "text"}}, "direct", "m1"),
+                ("pair", {}, "judged", "same"), ("two", {}, "per_attempt", "m1")):
             r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
-                "model": model, "messages": [{"role": "user", "content": "hi"}]})
+                "model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
             assert r.status_code == 200, r.text
             assert (r.headers["x-extproc-backend"], r.headers["x-extproc-model"]) == \
                 ("a", served), model

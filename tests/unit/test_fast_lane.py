@@ -25,15 +25,18 @@ def config(**extra: Any) -> Config:
             {"name": "prefixed", "preset": "openai", "url": "http://127.0.0.1:8002/api/v1",
              "models": [{"name": "deep"}]},
         ],
-        "models": [{"name": "nice", "aliases": ["nick"],
-                    "candidates": [{"backend": "w", "model": "renamed-here"}]}],
+        "models": [{"name": "nice", "aliases": ["nick", "renamed-here-too"],
+                    "candidates": [{"backend": "w", "model": "renamed-here"}]},
+                   {"name": "both", "aliases": ["either"],
+                    "candidates": [{"backend": "v", "model": "shared"},
+                                   {"backend": "w", "model": "shared"}]}],
     }
     return Config.model_validate({**data, **extra})
 
 
 def test_which_models_and_why() -> None:
     fast, why = lanes(config())
-    assert set(fast) == {"plain", "renamed-here", "nice"}
+    assert set(fast) == {"plain", "renamed-here", "nice", "nick", "renamed-here-too"}
     assert (fast["nice"].served, fast["plain"].served) == ("renamed-here", "plain")
     assert fast["plain"].backend == "v" and fast["plain"].address == "127.0.0.1:8000"
     assert fast["plain"].paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -45,8 +48,11 @@ def test_which_models_and_why() -> None:
     assert "key of its own" in why["gpt"]
     assert "not at /v1" in why["deep"]
     assert "attempt timeout" in why["slow"]
-    assert "nick" not in fast and "nick" not in why  # aliases take the ext_proc path
-    assert describe(config())[0].startswith("deep: ext_proc path")
+    # An alias goes as its public model does, under its own name.
+    assert (fast["nick"].model, fast["nick"].public, fast["nick"].served) == \
+        ("nick", "nice", "renamed-here")
+    assert why["either"] == "an alias of 'both': " + why["both"]
+    assert "deep: ext_proc path (backend 'prefixed' is not at /v1)" in describe(config())
 
 
 def test_off_when_the_config_says_so() -> None:
@@ -57,6 +63,12 @@ def test_off_when_the_config_says_so() -> None:
 
 
 def test_the_record_is_the_route_stages_shape() -> None:
+    alias = record("nice", "renamed-here", "w", "127.0.0.1:8001", "r2", "/v1/chat/completions",
+                   "nick")
+    assert (alias["model_requested"], alias["public_model"], alias["resolution"]) == \
+        ("nick", "nice", "alias")
+    assert record("nice", "renamed-here", "w", "", "r3", "/v1/chat/completions")[
+        "resolution"] == "exact"
     rec = record("plain", "plain", "v", "127.0.0.1:8000", "rid", "/v1/embeddings")
     assert rec["plan"] == "fast" and rec["api"] == "embeddings" and rec["request_id"] == "rid"
     assert rec["candidates"] == [{"backend": "v", "model": "plain", "address": "127.0.0.1:8000"}]
@@ -75,6 +87,8 @@ def test_rendered_filters_and_routes() -> None:
         "typed_config"]["default_source_code"]["inline_string"]
     assert '["plain"] = {hosts = "127.0.0.1:8000"' in lua and '"deep"' not in lua
     assert '["nice"] = {hosts = "127.0.0.1:8001", backend = "w", served = "renamed-here"' in lua
+    assert '["nick"] = {hosts = "127.0.0.1:8001", backend = "w", served = "renamed-here", ' \
+        'public = "nice"' in lua
     assert '"\\"response_format\\""' in lua and '"\\"tool_choice\\""' not in lua
     assert "CHOICES = {auto = true, none = true}" in lua  # read, not refused on sight
     routes = h["route_config"]["virtual_hosts"][0]["routes"]

@@ -12,7 +12,7 @@ metadata sends it to the direct cluster with the route stage off. Measured: ~3x 
 per second of the ext_proc path (docs/benchmark.md).
 
 Everything else takes the ext_proc path, and so does any request the lane is unsure of:
-several candidates (health order, failover, judged answers), aliased models, keys, forced
+several candidates (health order, failover, judged answers), keys, forced
 capabilities (a ``tool_choice`` but "auto" or "none"), ``response_format``, ``metadata``
 (hints), hint headers, any content part but text, a stream with ``stream_options`` not asking
 for usage, bodies over ``envoy.fast_lane_max_bytes`` or not JSON. What the lane keeps: Envoy's
@@ -23,7 +23,7 @@ request with its own 4xx).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -50,9 +50,10 @@ NEED_KEYS = ("tools", "functions", "reasoning", "reasoning_effort")
 
 @dataclass(frozen=True, slots=True)
 class Lane:
-    """One public model served in the fast lane."""
+    """One public model (or an alias of one) served in the fast lane."""
 
-    model: str                # the public name
+    model: str                # the name a client asks for
+    public: str               # the public model it is (an alias's is another)
     served: str               # the backend's name for it (the Lua splices it into the body)
     backend: str
     address: str              # the backend's IP:port in Envoy's pool
@@ -86,9 +87,7 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
         paths = tuple(p for p in PATHS if p in table.routed_paths and
                       BY_PATH[p].api in table.apis[b.name])
         attempt_s, idle_s = table.limits[(t.backend, t.model)]
-        reason = (
-            f"served as {t.model!r}, which JSON would escape" if t.model != name and
-            orjson.dumps(t.model)[1:-1] != t.model.encode() else
+        reason = (t.model != name and _escaped(t.model)) or (
             f"backend {b.name!r} has a key of its own" if b.api_key_env else
             f"backend {b.name!r} gets the client's key" if b.forward_client_auth else
             f"backend {b.name!r} is Azure (deployment paths)" if b.preset == "azure" else
@@ -98,27 +97,42 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
         if reason:
             why[name] = reason
             continue
-        fast[name] = Lane(name, t.model, b.name, t.address, paths, int(1000 * idle_s))
+        fast[name] = Lane(name, name, t.model, b.name, t.address, paths, int(1000 * idle_s))
+    for alias, public in table.aliases.items():  # as their public model, when it is fast
+        lane = fast.get(public)
+        reason = why.get(public, "a virtual model") if lane is None else \
+            lane.served != alias and _escaped(lane.served)
+        if reason:
+            why[alias] = off or f"an alias of {public!r}: {reason}"
+        else:
+            fast[alias] = replace(lane, model=alias)
     return fast, why
 
 
+def _escaped(served: str) -> str:
+    """Why a name the Lua would write into the body cannot be (it writes bytes, not JSON)."""
+    return f"served as {served!r}, which JSON would escape" if \
+        orjson.dumps(served)[1:-1] != served.encode() else ""
+
+
 @lru_cache(maxsize=256)
-def _decided(model: str, served: str, backend: str, address: str, api: str
+def _decided(requested: str, model: str, served: str, backend: str, address: str, api: str
              ) -> dict[str, Any]:
-    """What every fast request for one model, endpoint and API has in common (the access log
+    """What every fast request for one name, endpoint and API has in common (the access log
     brings one per request: built once, not per request)."""
     return orjson.loads(DecisionRecord(
-        request_id="", method="POST", model_requested=model, public_model=model,
-        resolution="exact", candidates=(Target(backend, served, address),), plan="fast",
-        api=api).to_json())
+        request_id="", method="POST", model_requested=requested, public_model=model,
+        resolution="alias" if requested != model else "exact",
+        candidates=(Target(backend, served, address),), plan="fast", api=api).to_json())
 
 
 def record(model: str, served: str, backend: str, address: str, request_id: str,
-           path: str) -> dict[str, Any]:
-    """The decision record of a fast request (from what Envoy logged), as the route stage
-    would have written it (the lane takes POSTs only); a new dict, its values shared."""
+           path: str, requested: str = "") -> dict[str, Any]:
+    """The decision record of a fast request (from what Envoy logged: ``requested`` only for
+    an alias), as the route stage would have written it (the lane takes POSTs only); a new
+    dict, its values shared."""
     endpoint = BY_PATH.get(path.partition("?")[0])
-    return {**_decided(model, served or model, backend, address,
+    return {**_decided(requested or model, model, served or model, backend, address,
                        endpoint.api.value if endpoint else "chat"),
             "request_id": request_id, "path": path}
 

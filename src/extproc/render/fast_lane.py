@@ -105,7 +105,8 @@ function envoy_on_request(handle)
     end
   end
   meta:set(NS, "@HOSTS@", lane.hosts)
-  meta:set(NS, "@PUBLIC@", j.model)
+  meta:set(NS, "@PUBLIC@", lane.public or j.model)
+  if lane.public then meta:set(NS, "@REQUESTED@", j.model) end  -- (an alias)
   meta:set(NS, "@BACKEND@", lane.backend)
   meta:set(NS, "@MODEL@", lane.served or j.model)
   meta:set(NS, "@FAST@", stream and lane.idle or "0")
@@ -142,8 +143,9 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
     for name, lane in fast.items():
         paths = ", ".join(f'[{_lua(p)}] = true' for p in lane.paths)
         served = f"served = {_lua(lane.served)}, " if lane.served != name else ""
+        public = f"public = {_lua(lane.public)}, " if lane.public != name else ""
         entries.append(f'[{_lua(name)}] = {{hosts = {_lua(lane.address)}, backend = '
-                       f'{_lua(lane.backend)}, {served}idle = "{lane.idle_ms}", '
+                       f'{_lua(lane.backend)}, {served}{public}idle = "{lane.idle_ms}", '
                        f'paths = {{{paths}}}}}')
     out = _LUA
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
@@ -154,7 +156,7 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
                            [f'"{k}"' for k in slow]), "@HOSTS@": Meta.HOSTS,
                        "@PUBLIC@": Meta.PUBLIC_MODEL, "@BACKEND@": Meta.BACKEND,
                        "@MODEL@": Meta.MODEL, "@FAST@": Meta.FAST,
-                       "@ADDED@": Meta.USAGE_ADDED}.items():
+                       "@ADDED@": Meta.USAGE_ADDED, "@REQUESTED@": Meta.REQUESTED}.items():
         out = out.replace(key, value)
     return out
 

@@ -60,7 +60,8 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
             fields[Meta.MODEL].string_value if Meta.MODEL in fields else "",
             fields[Meta.BACKEND].string_value,
             f"{address.address}:{address.port_value}" if address.address else "",
-            entry.request.request_id, entry.request.path)
+            entry.request.request_id, entry.request.path,
+            fields[Meta.REQUESTED].string_value if Meta.REQUESTED in fields else "")
     else:
         return None
     timings = {}
