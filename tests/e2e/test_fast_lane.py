@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -157,6 +158,53 @@ def test_tools_with_a_tool_choice_forcing_nothing_go_by_the_lane(
     assert sent["tools"] == tools and sent.get("tool_choice") == choice
 
 
+def claude(stack: Stack) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=stack.envoy_url, api_key="client-key", max_retries=0,
+                               timeout=30)
+
+
+def test_anthropic_messages_go_by_the_lane_to_a_backend_that_speaks_them(fstack: Stack) -> None:
+    """As the route stage passes them natively: only the model renamed; usage recorded; an
+    agent's turn (cached system blocks, tool use and results, tool_choice auto) too."""
+    reset(fstack, "v")
+    before = route_messages(fstack)
+    tools = [{"name": "f", "input_schema": {"type": "object", "properties": {
+        "n": {"type": "integer"}}}}]
+    body: dict[str, Any] = {
+        "model": "renamed", "max_tokens": 64, "tools": tools, "tool_choice": {"type": "auto"},
+        "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "call f"},
+                     {"role": "assistant", "content": [
+                         {"type": "tool_use", "id": "t1", "name": "f", "input": {"n": 1}}]},
+                     {"role": "user", "content": [
+                         {"type": "tool_result", "tool_use_id": "t1", "content": "2"}]}]}
+    r = claude(fstack).messages.with_raw_response.create(**body)
+    msg = r.parse()
+    assert msg.type == "message" and r.headers["x-extproc-model"] == "plain"
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["api"] == "messages"
+    assert rec["usage"]["output_tokens"] == msg.usage.output_tokens
+    sent = received(fstack, "v")[-1]
+    assert sent["path"] == "/v1/messages" and sent["json"] == {**body, "model": "plain"}
+    assert "x-api-key" not in sent["headers"]
+    with claude(fstack).messages.stream(model="plain", max_tokens=64, messages=[
+            {"role": "user", "content": "hi"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text and final.usage.output_tokens
+    assert route_messages(fstack) == before
+
+
+def test_a_forced_anthropic_tool_call_takes_the_ext_proc_path(fstack: Stack) -> None:
+    before = route_messages(fstack)
+    r = claude(fstack).messages.with_raw_response.create(
+        model="plain", max_tokens=64, tool_choice={"type": "any"}, messages=[
+            {"role": "user", "content": "call f"}], tools=[{"name": "f", "input_schema": {
+                "type": "object"}}])
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] != "fast" and route_messages(fstack) > before
+
+
 def test_embeddings_go_by_the_fast_lane(fstack: Stack) -> None:
     r = httpx.post(fstack.envoy_url + "/v1/embeddings", timeout=30,
                    json={"model": "plain", "input": "hello"})
@@ -223,6 +271,15 @@ def test_a_dead_backend_gets_envoys_json_error_and_a_record(fstack: Stack) -> No
     rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
     assert rec["plan"] == "fast" and rec["status"] == 503  # (as the route stage would log it)
     assert rec["outcome"] == "backend_error"
+    # In Anthropic's envelope for an Anthropic client
+    with pytest.raises(anthropic.APIStatusError) as exc:
+        claude(fstack).messages.create(model="deadend", max_tokens=8, messages=[
+            {"role": "user", "content": "hi"}])
+    assert exc.value.status_code == 503 and exc.value.body["type"] == "error"
+    assert "deadend" in exc.value.body["error"]["message"]
+    rec = wait_line(fstack, "service", exc.value.response.headers["x-request-id"],
+                    '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["api"] == "messages"
 
 
 def test_off_when_the_config_says_so(tmp_path_factory: pytest.TempPathFactory) -> None:

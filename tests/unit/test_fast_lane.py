@@ -24,6 +24,8 @@ def config(**extra: Any) -> Config:
              "api_key_env": "KEY", "models": [{"name": "gpt"}]},
             {"name": "prefixed", "preset": "openai", "url": "http://127.0.0.1:8002/api/v1",
              "models": [{"name": "deep"}]},
+            {"name": "oa", "preset": "openai", "url": "http://127.0.0.1:8003/v1",
+             "models": [{"name": "chat-only"}]},
         ],
         "models": [{"name": "nice", "aliases": ["nick", "renamed-here-too"],
                     "candidates": [{"backend": "w", "model": "renamed-here"}]},
@@ -36,10 +38,13 @@ def config(**extra: Any) -> Config:
 
 def test_which_models_and_why() -> None:
     fast, why = lanes(config())
-    assert set(fast) == {"plain", "renamed-here", "nice", "nick", "renamed-here-too"}
+    assert set(fast) == {"plain", "renamed-here", "nice", "nick", "renamed-here-too",
+                         "chat-only"}
     assert (fast["nice"].served, fast["plain"].served) == ("renamed-here", "plain")
     assert fast["plain"].backend == "v" and fast["plain"].address == "127.0.0.1:8000"
-    assert fast["plain"].paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+    assert fast["plain"].paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                   "/v1/messages")
+    assert "/v1/messages" not in fast["chat-only"].paths  # (translated: the ext_proc path)
     assert "2 candidates" in why["shared"]
     quoted = lanes(Config.model_validate({"backends": [{
         "name": "q", "url": "http://127.0.0.1:1/v1", "models": [{"name": 'a"b'}]}],

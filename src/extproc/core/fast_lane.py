@@ -34,14 +34,16 @@ from .decision import DecisionRecord
 from .endpoints import BY_PATH
 from .routing import RoutingTable, Target
 
-# The endpoints a fast request may call: their bodies carry no parts but chat's messages,
-# which the Lua reads (any part other than text sends the request the slow way).
-PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The endpoints a fast request may call (to a backend that speaks them natively): their
+# bodies carry no parts but in chat's or Anthropic's messages (and system), which the Lua
+# reads (any part other than text sends the request the slow way).
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
 # Top-level keys whose presence needs the service: forced capabilities (judged answers),
 # structured output, routing hints and metadata the backend may refuse. (``tool_choice`` is
 # read: "auto" and "none" force nothing, anything else takes the ext_proc path.)
-SLOW_KEYS = ("function_call", "response_format", "metadata")
-# The tool_choice values that force nothing (core/capabilities.request_needs).
+SLOW_KEYS = ("function_call", "response_format", "output_format", "metadata")
+# The tool_choice values that force nothing (core/capabilities.request_needs), as chat's
+# string or Messages' ``{"type": ...}``.
 FREE_CHOICES = ("auto", "none")
 # ...and, where a candidate lacking a needed capability is dropped (an error, not an order),
 # the keys that make a need.
@@ -93,7 +95,8 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
             f"backend {b.name!r} is Azure (deployment paths)" if b.preset == "azure" else
             f"backend {b.name!r} is not at /v1" if backend_endpoint(b.url).base_path != "/v1"
             else "an attempt timeout of its own" if attempt_s != e.per_try_timeout_s else
-            "none of chat, completions, embeddings routed to it" if not paths else None)
+            "none of chat, completions, embeddings, messages routed to it" if not paths
+            else None)
         if reason:
             why[name] = reason
             continue
@@ -144,4 +147,5 @@ def describe(cfg: Config) -> list[str]:
             f"({why[n]})" for n in sorted({*fast, *why})]
 
 
-__all__ = ["FREE_CHOICES", "NEED_KEYS", "PATHS", "SLOW_KEYS", "Lane", "describe", "lanes", "record"]
+__all__ = ["FREE_CHOICES", "NEED_KEYS", "PATHS", "SLOW_KEYS", "Lane", "describe", "lanes",
+           "record"]

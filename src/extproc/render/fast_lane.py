@@ -4,8 +4,8 @@ request filters, and the routes they lead to.
 - The *reading* route matches requests the lane may serve by their headers alone (a fast path,
   a JSON body no larger than ``envoy.fast_lane_max_bytes``); every other route turns the two
   filters off, so Envoy never parses any other body.
-- ``json_to_metadata`` puts the body's ``model``, ``stream``, ``tool_choice`` and
-  ``stream_options.include_usage`` into metadata.
+- ``json_to_metadata`` puts the body's ``model``, ``stream``, ``tool_choice`` (or its
+  ``type``) and ``stream_options.include_usage`` into metadata.
 - The Lua decides: a fast model, a path its backend speaks, no hint header, nothing but text
   in the body's parts, none of the keys that need the service, one plain ``model`` key; then
   it writes the backend's name for the model into that key (a model served by another name)
@@ -37,14 +37,18 @@ _LUA = """
 local NS, BODY, USAGE = "@NS@", "@BODY@", @USAGE@
 local LANES = {@LANES@}
 local HINTS = {@HINTS@}     -- present: the route stage decides
--- Every "type" value in the body: text parts, tool calls, and tools' JSON schemas (any other
--- part takes the ext_proc path)
-local TYPES = {text = true, ["function"] = true, object = true, string = true, number = true,
-               integer = true, boolean = true, array = true, null = true}
+-- Every "type" value in the body: text parts, tool calls and results, tools' JSON schemas,
+-- a Messages tool_choice forcing nothing, prompt caching (any other takes the ext_proc path)
+local TYPES = {text = true, ["function"] = true, tool_use = true, tool_result = true,
+               object = true, string = true, number = true, integer = true, boolean = true,
+               array = true, null = true, auto = true, none = true, ephemeral = true}
+-- The paths where a stream's usage is asked for (Messages streams always carry it)
+local ASKS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
 local CHOICES = {@CHOICES@}  -- tool_choice values that force nothing
 -- Anywhere in the body (a false alarm only costs the ext_proc path): media parts' marks, and
 -- the keys that need the service.
-local MARKS = {'"image', '"audio', '"video', '"file', '"input_', '"url"', '"document', @SLOW@}
+local MARKS = {'"image', '"audio', '"video', '"file', '"input_text', '"input_image',
+               '"input_audio', '"input_file', '"url"', '"document', @SLOW@}
 
 function envoy_on_request(handle)
   local meta = handle:streamInfo():dynamicMetadata()
@@ -61,7 +65,7 @@ function envoy_on_request(handle)
   local stream = j.stream == true
   -- A stream whose client did not ask for its usage: asked for here (no other stream option:
   -- the ext_proc path merges them), its chunk dropped by the response Lua
-  local add_usage = stream and USAGE and j.usage ~= true and path ~= "/v1/embeddings"
+  local add_usage = stream and USAGE and j.usage ~= true and ASKS[path]
   local body = handle:body()
   if body == nil then return end
   local text = body:getBytes(0, body:length())
@@ -76,7 +80,8 @@ function envoy_on_request(handle)
      or string.find(text, "\\\\u00[46]") then return end
   -- A tool_choice forcing nothing, in one key (a second one could be the one a backend reads)
   local choice = string.find(lower, '"tool_choice"', 1, true)
-  if choice and (not CHOICES[j.tool_choice]
+  local tc = path == "/v1/messages" and j.choice_type or j.tool_choice
+  if choice and (not CHOICES[tc]
                  or string.find(lower, '"tool_choice"', choice + 13, true)) then return end
   for t in string.gmatch(text, '"type"%s*:%s*"([^"]*)"') do
     if not TYPES[t] then return end
@@ -173,7 +178,9 @@ def filters(cfg: Config) -> list[dict[str, Any]]:
     fast, _ = lanes(cfg)
     if not fast:
         return []
+    # (json_to_metadata takes values, not objects: Messages' tool_choice by its type)
     rules = [_present("model"), _present("stream"), _present("tool_choice"),
+             _present("choice_type", "tool_choice", "type"),
              _present("usage", "stream_options", "include_usage")]
     return [{
         "name": READ_FILTER, "typed_config": {
