@@ -339,8 +339,11 @@ def make_bodies(tmp: Path) -> dict[str, Path]:
     failover = {**chat, "model": "bench-failover"}
     anthropic = {"model": "bench-messages", "max_tokens": 64, "system": chat["messages"][0][
         "content"], "messages": [chat["messages"][1]]}
+    # ...and for a model whose backend speaks Messages (vLLM): passed natively, the fast lane
+    native = {**anthropic, "model": "bench-model"}
     for name, body in (("chat_1k", chat), ("chat_fast", fast), ("failover", failover),
-                       ("messages", anthropic), ("image_1m", image_1m), ("audio_4m", audio),
+                       ("messages", anthropic), ("messages_native", native),
+                       ("image_1m", image_1m), ("audio_4m", audio),
                        ("vision_hit", vision)):
         p = tmp / f"{name}.json"
         p.write_bytes(orjson.dumps(body))
@@ -586,6 +589,8 @@ def main() -> int:
                  ("chat 1KB fast lane", "chat_fast", 1), ("chat 1KB fast lane", "chat_fast", 8),
                  ("failover, dead first candidate", "failover", 4),
                  ("/v1/messages 1KB, translated", "messages", 4),
+                 ("/v1/messages 1KB to vLLM (ours native, AIGW translates)", "messages_native",
+                  4),
                  ("image 1MB, no change", "image_1m", 4), ("audio_url 4MB, converted",
                                                            "audio_4m", 4),
                  ("aux-vision cache hit", "vision_hit", 4)]
@@ -624,7 +629,7 @@ def path_for(body: str, target: str) -> str:
     """Where a case's requests go: Messages at /v1/messages (bare Envoy and the floor reach the
     vLLM emulator's own; ours translates for a chat-only backend), AIGW's translation at
     /anthropic/v1/messages; everything else at /v1/chat/completions."""
-    if body != "messages":
+    if not body.startswith("messages"):
         return "/v1/chat/completions"
     return "/anthropic/v1/messages" if target.startswith("e ") else "/v1/messages"
 

@@ -172,6 +172,7 @@ def test_anthropic_messages_go_by_the_lane_to_a_backend_that_speaks_them(fstack:
         "n": {"type": "integer"}}}}]
     body: dict[str, Any] = {
         "model": "renamed", "max_tokens": 64, "tools": tools, "tool_choice": {"type": "auto"},
+        "metadata": {"user_id": "user_abc_account_1_session_2"},
         "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
         "messages": [{"role": "user", "content": "call f"},
                      {"role": "assistant", "content": [
@@ -226,6 +227,9 @@ def test_embeddings_go_by_the_fast_lane(fstack: Stack) -> None:
       "tools": [{"type": "function", "function": {"name": "f"}}]}, {}, "a named tool call"),
     ({"model": "plain", "response_format": {"type": "json_object"}}, {}, "structured output"),
     ({"model": "plain", "metadata": {"route_intent": "x"}}, {}, "metadata (hints)"),
+    ({"model": "plain", "metadata": {"user_id": "u", "route_intent": "x"}}, {},
+     "a hint beside the user id"),
+    ({"model": "plain", "metadata": {"user_id": "u" * 513}}, {}, "a user id over the limit"),
     ({"model": "plain"}, {"x-route-intent": "x"}, "a hint header"),
     ({"model": "two"}, {}, "two candidates"),
     ({"model": "plain", "stream": True, "stream_options": {"include_usage": False}}, {},

@@ -128,6 +128,18 @@ def test_need_keys_send_requests_the_slow_way_where_incapable_ones_are_dropped()
     assert '"\\"tools\\""' in lua(config(capability_routing={"incapable": "drop"}))
 
 
+def test_a_user_id_is_plain_metadata_unless_the_hints_read_it() -> None:
+    def meta_key(**hints: Any) -> str:
+        lua = next(f for f in hcm(config(hints=hints))["http_filters"]
+                   if f["name"] == DECIDE_FILTER)["typed_config"]["default_source_code"]
+        return next(line for line in lua["inline_string"].splitlines()
+                    if line.startswith("local META_KEY"))
+
+    assert meta_key().startswith('local META_KEY = "user_id"')
+    assert meta_key(metadata_prefix="user").startswith("local META_KEY = nil")
+    assert meta_key(propagate={"x-user": "user_id"}).startswith("local META_KEY = nil")
+
+
 def test_a_quote_in_a_model_name_does_not_end_the_lua_string() -> None:
     cfg = Config.model_validate({"backends": [
         {"name": "v", "preset": "vllm", "url": "http://127.0.0.1:8000/v1",

@@ -12,13 +12,13 @@ metadata sends it to the direct cluster with the route stage off. Measured: ~3x 
 per second of the ext_proc path (docs/benchmark.md).
 
 Everything else takes the ext_proc path, and so does any request the lane is unsure of:
-several candidates (health order, failover, judged answers), keys, forced
-capabilities (a ``tool_choice`` but "auto" or "none"), ``response_format``, ``metadata``
-(hints), hint headers, any content part but text, a stream with ``stream_options`` not asking
-for usage, bodies over ``envoy.fast_lane_max_bytes`` or not JSON. What the lane keeps: Envoy's
-JSON errors, the response headers, the decision record (``plan: fast``) and every metric, from
-the access log. What it gives up: our validation of the body (the backend answers a malformed
-request with its own 4xx).
+several candidates (health order, failover, judged answers), keys, forced capabilities (a
+``tool_choice`` but "auto" or "none"), ``response_format``, ``metadata`` (hints) other than a
+``user_id`` alone, hint headers, any content part but text, a stream with ``stream_options``
+not asking for usage, bodies over ``envoy.fast_lane_max_bytes`` or not JSON. What the lane
+keeps: Envoy's JSON errors, the response headers, the decision record (``plan: fast``) and
+every metric, from the access log. What it gives up: our validation of the body (the backend
+answers a malformed request with its own 4xx).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from .routing import RoutingTable, Target
 # bodies carry no parts but in chat's or Anthropic's messages (and system), which the Lua
 # reads (any part other than text sends the request the slow way).
 PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
-# Top-level keys whose presence needs the service: forced capabilities (judged answers),
-# structured output, routing hints and metadata the backend may refuse. (``tool_choice`` is
-# read: "auto" and "none" force nothing, anything else takes the ext_proc path.)
-SLOW_KEYS = ("function_call", "response_format", "output_format", "metadata")
+# Top-level keys whose presence needs the service: forced capabilities (judged answers) and
+# structured output. (``tool_choice`` is read: "auto" and "none" force nothing, anything else
+# takes the ext_proc path; so is ``metadata``: routing hints, see ``plain_metadata``.)
+SLOW_KEYS = ("function_call", "response_format", "output_format")
 # The tool_choice values that force nothing (core/capabilities.request_needs), as chat's
 # string or Messages' ``{"type": ...}``.
 FREE_CHOICES = ("auto", "none")
@@ -112,6 +112,15 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
     return fast, why
 
 
+def plain_metadata(cfg: Config) -> str | None:
+    """The one ``metadata`` key a fast request may carry, when the route stage would pass it
+    on untouched (not a routing key, not propagated): Anthropic's ``user_id``, which Claude
+    Code sends with every request. Any other metadata takes the ext_proc path (hints)."""
+    h = cfg.hints
+    key = "user_id"
+    return None if key.startswith(h.metadata_prefix) or key in h.propagate.values() else key
+
+
 def _escaped(served: str) -> str:
     """Why a name the Lua would write into the body cannot be (it writes bytes, not JSON)."""
     return f"served as {served!r}, which JSON would escape" if \
@@ -148,4 +157,4 @@ def describe(cfg: Config) -> list[str]:
 
 
 __all__ = ["FREE_CHOICES", "NEED_KEYS", "PATHS", "SLOW_KEYS", "Lane", "describe", "lanes",
-           "record"]
+           "plain_metadata", "record"]

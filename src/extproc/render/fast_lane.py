@@ -25,7 +25,15 @@ from typing import Any
 from ..config import Config
 from ..contract import META_NS, Cluster, Meta
 from ..core.backends import CLIENT_CREDENTIAL_HEADERS
-from ..core.fast_lane import FREE_CHOICES, NEED_KEYS, PATHS, SLOW_KEYS, Lane, lanes
+from ..core.fast_lane import (
+    FREE_CHOICES,
+    NEED_KEYS,
+    PATHS,
+    SLOW_KEYS,
+    Lane,
+    lanes,
+    plain_metadata,
+)
 from .common import EXT_PROC_PER_ROUTE_TYPE, dur
 
 BODY_NS = "extproc.body"  # what json_to_metadata read
@@ -45,6 +53,7 @@ local TYPES = {text = true, ["function"] = true, tool_use = true, tool_result = 
 -- The paths where a stream's usage is asked for (Messages streams always carry it)
 local ASKS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
 local CHOICES = {@CHOICES@}  -- tool_choice values that force nothing
+local META_KEY = @META@  -- the one metadata key passed on untouched (hints are the service's)
 -- Anywhere in the body (a false alarm only costs the ext_proc path): media parts' marks, and
 -- the keys that need the service.
 local MARKS = {'"image', '"audio', '"video', '"file', '"input_text', '"input_image',
@@ -83,6 +92,14 @@ function envoy_on_request(handle)
   local tc = path == "/v1/messages" and j.choice_type or j.tool_choice
   if choice and (not CHOICES[tc]
                  or string.find(lower, '"tool_choice"', choice + 13, true)) then return end
+  -- metadata: only {"<META_KEY>": "<at most 512 plain characters>"}, in one key
+  local md = string.find(lower, '"metadata"', 1, true)
+  if md then
+    if not META_KEY or string.find(lower, '"metadata"', md + 10, true) then return end
+    local v = string.match(text, '^%s*:%s*{%s*"' .. META_KEY .. '"%s*:%s*"([^"\\\\]*)"%s*}',
+                           md + 10)
+    if v == nil or #v > 512 then return end
+  end
   for t in string.gmatch(text, '"type"%s*:%s*"([^"]*)"') do
     if not TYPES[t] then return end
   end
@@ -153,8 +170,10 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
                        f'{_lua(lane.backend)}, {served}{public}idle = "{lane.idle_ms}", '
                        f'paths = {{{paths}}}}}')
     out = _LUA
+    meta_key = plain_metadata(cfg)
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
                        "@CHOICES@": ", ".join(f"{c} = true" for c in FREE_CHOICES),
+                       "@META@": _lua(meta_key) if meta_key else "nil",
                        "@USAGE@": "true" if cfg.envoy.token_usage else "false",
                        "@LANES@": ",\n  ".join(entries), "@HINTS@": _lua_strings(hints),
                        "@SLOW@": _lua_strings(
