@@ -45,6 +45,8 @@ def test_which_models_and_why() -> None:
     assert fast["plain"].paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                                    "/v1/messages")
     assert "/v1/messages" not in fast["chat-only"].paths  # (translated: the ext_proc path)
+    # OpenAI's API takes metadata only with store (the route stage drops it): not in the lane
+    assert fast["plain"].metadata and not fast["chat-only"].metadata
     assert "2 candidates" in why["shared"]
     quoted = lanes(Config.model_validate({"backends": [{
         "name": "q", "url": "http://127.0.0.1:1/v1", "models": [{"name": 'a"b'}]}],
@@ -91,6 +93,8 @@ def test_rendered_filters_and_routes() -> None:
     lua = next(f for f in h["http_filters"] if f["name"] == DECIDE_FILTER)[
         "typed_config"]["default_source_code"]["inline_string"]
     assert '["plain"] = {hosts = "127.0.0.1:8000"' in lua and '"deep"' not in lua
+    assert '["plain"] = {hosts = "127.0.0.1:8000", backend = "v", metadata = true,' in lua
+    assert '["chat-only"] = {hosts = "127.0.0.1:8003", backend = "oa", idle' in lua
     assert '["nice"] = {hosts = "127.0.0.1:8001", backend = "w", served = "renamed-here"' in lua
     assert '["nick"] = {hosts = "127.0.0.1:8001", backend = "w", served = "renamed-here", ' \
         'public = "nice"' in lua

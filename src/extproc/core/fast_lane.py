@@ -61,6 +61,7 @@ class Lane:
     address: str              # the backend's IP:port in Envoy's pool
     paths: tuple[str, ...]    # the endpoints of PATHS its backend speaks
     idle_ms: int              # a stream's silence limit (one of render.stream_idle_limits)
+    metadata: bool = True     # its backend takes ``metadata`` as it is (OpenAI's: with store)
 
 
 def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
@@ -100,7 +101,8 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
         if reason:
             why[name] = reason
             continue
-        fast[name] = Lane(name, name, t.model, b.name, t.address, paths, int(1000 * idle_s))
+        fast[name] = Lane(name, name, t.model, b.name, t.address, paths, int(1000 * idle_s),
+                          table.profiles[b.name].metadata == "accept")
     for alias, public in table.aliases.items():  # as their public model, when it is fast
         lane = fast.get(public)
         reason = why.get(public, "a virtual model") if lane is None else \
@@ -114,8 +116,9 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
 
 def plain_metadata(cfg: Config) -> str | None:
     """The one ``metadata`` key a fast request may carry, when the route stage would pass it
-    on untouched (not a routing key, not propagated): Anthropic's ``user_id``, which Claude
-    Code sends with every request. Any other metadata takes the ext_proc path (hints)."""
+    on untouched (not a routing key, not propagated; to a backend that takes metadata without
+    ``store``: ``Lane.metadata``): Anthropic's ``user_id``, which Claude Code sends with every
+    request. Any other metadata takes the ext_proc path (hints)."""
     h = cfg.hints
     key = "user_id"
     return None if key.startswith(h.metadata_prefix) or key in h.propagate.values() else key

@@ -95,7 +95,8 @@ function envoy_on_request(handle)
   -- metadata: only {"<META_KEY>": "<at most 512 plain characters>"}, in one key
   local md = string.find(lower, '"metadata"', 1, true)
   if md then
-    if not META_KEY or string.find(lower, '"metadata"', md + 10, true) then return end
+    if not (META_KEY and lane.metadata) or string.find(lower, '"metadata"', md + 10, true)
+    then return end
     local v = string.match(text, '^%s*:%s*{%s*"' .. META_KEY .. '"%s*:%s*"([^"\\\\]*)"%s*}',
                            md + 10)
     if v == nil or #v > 512 then return end
@@ -166,9 +167,10 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
         paths = ", ".join(f'[{_lua(p)}] = true' for p in lane.paths)
         served = f"served = {_lua(lane.served)}, " if lane.served != name else ""
         public = f"public = {_lua(lane.public)}, " if lane.public != name else ""
+        metadata = "metadata = true, " if lane.metadata else ""
         entries.append(f'[{_lua(name)}] = {{hosts = {_lua(lane.address)}, backend = '
-                       f'{_lua(lane.backend)}, {served}{public}idle = "{lane.idle_ms}", '
-                       f'paths = {{{paths}}}}}')
+                       f'{_lua(lane.backend)}, {served}{public}{metadata}idle = '
+                       f'"{lane.idle_ms}", paths = {{{paths}}}}}')
     out = _LUA
     meta_key = plain_metadata(cfg)
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
