@@ -24,24 +24,26 @@ from .conftest import demo_config_on_free_ports, write_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def snippet_blocks() -> list[dict]:
-    """The YAML blocks `extproc envoy --config config/demo.yaml --snippets` prints."""
-    text = render_snippets(load_config(ROOT / "config" / "demo.yaml"))
+def snippet_blocks(path: Path) -> list[dict]:
+    """The YAML blocks `extproc envoy --config PATH --snippets` prints."""
+    text = render_snippets(load_config(path))
     return [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
 
 
 def test_snippets_pasted_into_a_plain_envoy_route_traffic(tmp_path: Path) -> None:
-    filters, route, pool, service = snippet_blocks()
+    # The service and emulators: the demo config (the service at its demo address), rendered
+    # into snippets as a user would from the config the service runs (the fast lane's routes
+    # name the backends' addresses).
+    cfg = demo_config_on_free_ports()
+    cfg["service"]["port"] = load_config(ROOT / "config" / "demo.yaml").service.port
+    path = write_config(tmp_path, cfg)
+    filters, route, pool, service = snippet_blocks(path)
     svc_addr = service["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
         "address"]["socket_address"]
     with socket.socket() as s:  # the snippets name the demo's service address
         if s.connect_ex((svc_addr["address"], svc_addr["port_value"])) == 0:
             pytest.fail(f"{svc_addr} is busy (is `make run` running?); this test needs it")
-    # The service and emulators: the demo config, with the service where the snippets say.
-    cfg = demo_config_on_free_ports()
-    cfg["service"]["port"] = svc_addr["port_value"]
-    stack = Stack(write_config(tmp_path, cfg), workdir=str(tmp_path),
-                  env={"DEMO_OPENAI_KEY": "sk-x"})
+    stack = Stack(path, workdir=str(tmp_path), env={"DEMO_OPENAI_KEY": "sk-x"})
     endpoints = []
     for b in cfg["backends"]:
         host, port = b["url"].split("//")[1].split("/")[0].split(":")
