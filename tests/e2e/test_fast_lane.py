@@ -206,6 +206,41 @@ def test_a_forced_anthropic_tool_call_takes_the_ext_proc_path(fstack: Stack) -> 
     assert rec["plan"] != "fast" and route_messages(fstack) > before
 
 
+def test_openai_responses_go_by_the_lane_to_a_backend_that_speaks_them(fstack: Stack) -> None:
+    """Passed natively with only the model renamed, as the route stage does: input_text parts
+    (Responses' own; on chat they are converted for vLLM, so the slow way), function calls
+    and their outputs, a stream (its usage comes in response.completed)."""
+    reset(fstack, "v")
+    before = route_messages(fstack)
+    c = openai.OpenAI(base_url=fstack.envoy_url + "/v1", api_key="x", max_retries=0)
+    body: dict[str, Any] = {
+        "model": "renamed", "instructions": "be brief", "tool_choice": "auto", "store": False,
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "call f"}]},
+                  {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "c1", "output": "2"}]}
+    r = c.responses.with_raw_response.create(**body)
+    assert r.parse().output_text and r.headers["x-extproc-model"] == "plain"
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["api"] == "responses"
+    assert rec["usage"]["output_tokens"] == r.parse().usage.output_tokens
+    sent = received(fstack, "v")[-1]
+    assert sent["path"] == "/v1/responses" and sent["json"] == {**body, "model": "plain"}
+    with c.responses.with_streaming_response.create(model="plain", input="hi",
+                                                    stream=True) as s:
+        text = s.read().decode()
+        rid = s.headers["x-request-id"]
+    assert "response.completed" in text
+    rec = wait_line(fstack, "service", rid, '"routing.decision"')
+    assert rec["plan"] == "fast" and rec["usage"]["output_tokens"]
+    assert route_messages(fstack) == before
+    # An image part: the slow way (fetch policy, vision)
+    r = c.responses.with_raw_response.create(model="plain", input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}"}]}])
+    rec = wait_line(fstack, "service", r.headers["x-request-id"], '"routing.decision"')
+    assert rec["plan"] != "fast" and route_messages(fstack) > before
+
+
 def test_embeddings_go_by_the_fast_lane(fstack: Stack) -> None:
     r = httpx.post(fstack.envoy_url + "/v1/embeddings", timeout=30,
                    json={"model": "plain", "input": "hello"})

@@ -43,8 +43,9 @@ def test_which_models_and_why() -> None:
     assert (fast["nice"].served, fast["plain"].served) == ("renamed-here", "plain")
     assert fast["plain"].backend == "v" and fast["plain"].address == "127.0.0.1:8000"
     assert fast["plain"].paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                                   "/v1/messages")
+                                   "/v1/messages", "/v1/responses")
     assert "/v1/messages" not in fast["chat-only"].paths  # (translated: the ext_proc path)
+    assert "/v1/responses" in fast["chat-only"].paths  # (OpenAI's API speaks it)
     # OpenAI's API takes metadata only with store (the route stage drops it): not in the lane
     assert fast["plain"].metadata and not fast["chat-only"].metadata
     assert "2 candidates" in why["shared"]

@@ -35,9 +35,10 @@ from .endpoints import BY_PATH
 from .routing import RoutingTable, Target
 
 # The endpoints a fast request may call (to a backend that speaks them natively): their
-# bodies carry no parts but in chat's or Anthropic's messages (and system), which the Lua
-# reads (any part other than text sends the request the slow way).
-PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages")
+# bodies carry no parts but in chat's, Anthropic's or Responses' messages (and system), which
+# the Lua reads (any part other than text sends the request the slow way).
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+         "/v1/responses")
 # Top-level keys whose presence needs the service: forced capabilities (judged answers) and
 # structured output. (``tool_choice`` is read: "auto" and "none" force nothing, anything else
 # takes the ext_proc path; so is ``metadata``: routing hints, see ``plain_metadata``.)
@@ -96,8 +97,8 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
             f"backend {b.name!r} is Azure (deployment paths)" if b.preset == "azure" else
             f"backend {b.name!r} is not at /v1" if backend_endpoint(b.url).base_path != "/v1"
             else "an attempt timeout of its own" if attempt_s != e.per_try_timeout_s else
-            "none of chat, completions, embeddings, messages routed to it" if not paths
-            else None)
+            "none of chat, completions, embeddings, messages, responses routed to it"
+            if not paths else None)
         if reason:
             why[name] = reason
             continue
