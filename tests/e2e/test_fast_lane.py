@@ -165,7 +165,8 @@ def claude(stack: Stack) -> anthropic.Anthropic:
 
 def test_anthropic_messages_go_by_the_lane_to_a_backend_that_speaks_them(fstack: Stack) -> None:
     """As the route stage passes them natively: only the model renamed; usage recorded; an
-    agent's turn (cached system blocks, tool use and results, tool_choice auto) too."""
+    agent's turn (cached system blocks, extended thinking, tool use and results, tool_choice
+    auto, a user id) too."""
     reset(fstack, "v")
     before = route_messages(fstack)
     tools = [{"name": "f", "input_schema": {"type": "object", "properties": {
@@ -173,9 +174,11 @@ def test_anthropic_messages_go_by_the_lane_to_a_backend_that_speaks_them(fstack:
     body: dict[str, Any] = {
         "model": "renamed", "max_tokens": 64, "tools": tools, "tool_choice": {"type": "auto"},
         "metadata": {"user_id": "user_abc_account_1_session_2"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
         "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
         "messages": [{"role": "user", "content": "call f"},
                      {"role": "assistant", "content": [
+                         {"type": "thinking", "thinking": "f it is", "signature": "sig"},
                          {"type": "tool_use", "id": "t1", "name": "f", "input": {"n": 1}}]},
                      {"role": "user", "content": [
                          {"type": "tool_result", "tool_use_id": "t1", "content": "2"}]}]}

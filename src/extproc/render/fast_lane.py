@@ -50,10 +50,14 @@ local HINTS = {@HINTS@}     -- present: the route stage decides
 local TYPES = {text = true, ["function"] = true, tool_use = true, tool_result = true,
                object = true, string = true, number = true, integer = true, boolean = true,
                array = true, null = true, auto = true, none = true, ephemeral = true}
--- ...and on Responses (passed natively), its text parts and items
+-- ...and per API passed natively: Responses' text parts and items, Messages' extended
+-- thinking (its setting and the blocks an agent sends back)
 local RESPONSES = "/v1/responses"
-local ITEMS = {input_text = true, output_text = true, message = true, function_call = true,
-               function_call_output = true}
+local OWN_TYPES = {
+  [RESPONSES] = {input_text = true, output_text = true, message = true, function_call = true,
+                 function_call_output = true},
+  ["/v1/messages"] = {thinking = true, redacted_thinking = true, enabled = true,
+                      disabled = true, adaptive = true}}
 local OWN = {['"input_text'] = true, ['"function_call"'] = true}  -- (not chat's: no mark)
 -- The paths where a stream's usage is asked for (Messages and Responses streams carry it)
 local ASKS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
@@ -83,7 +87,7 @@ function envoy_on_request(handle)
   local body = handle:body()
   if body == nil then return end
   local text = body:getBytes(0, body:length())
-  local responses = path == RESPONSES
+  local responses, own = path == RESPONSES, OWN_TYPES[path] or {}
   for _, m in ipairs(MARKS) do
     if string.find(text, m, 1, true) and not (responses and OWN[m]) then
       return
@@ -110,7 +114,7 @@ function envoy_on_request(handle)
     if v == nil or #v > 512 then return end
   end
   for t in string.gmatch(text, '"type"%s*:%s*"([^"]*)"') do
-    if not (TYPES[t] or responses and ITEMS[t]) then return end
+    if not (TYPES[t] or own[t]) then return end
   end
   if add_usage and string.find(lower, '"stream_options"', 1, true) then return end
   -- (objects fetched before a yield, as body() is, are out of scope after it)
