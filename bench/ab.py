@@ -28,6 +28,7 @@ from bench import (
     extproc_config,
     lua_script,
     make_bodies,
+    path_for,
     run_wrk,
     wait_idle,
 )
@@ -35,12 +36,12 @@ from extproc_dev.stack import envoy_binary, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # The emulators a body needs besides the vLLM one (bench.py's configuration).
-NEEDS = {"audio_4m": ("llama",), "vision_hit": ("llama", "aux")}
+NEEDS = {"audio_4m": ("llama",), "vision_hit": ("llama", "aux"), "messages": ("chat",)}
 
 
 def start_side(procs: Procs, tmp: Path, name: str, src: Path, ports: dict[str, int]) -> str:
     """One service + Envoy from the code under ``src``; returns Envoy's URL."""
-    cfg = extproc_config(ports["emu"], ports["llama"], ports["aux"])
+    cfg = extproc_config(ports["emu"], ports["llama"], ports["aux"], chat_port=ports.get("chat"))
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {"PYTHONPATH": str(src)}
@@ -60,7 +61,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", default="HEAD~1", help="the 'before' git revision")
     ap.add_argument("--body", default="chat_1k",
-                    choices=["chat_1k", "chat_fast", "image_1m", "audio_4m", "vision_hit"])
+                    choices=["chat_1k", "chat_fast", "image_1m", "audio_4m", "vision_hit",
+                             "messages"])
     ap.add_argument("--conc", default="1,8")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=float, default=5.0)
@@ -71,9 +73,11 @@ def main() -> int:
                     args.against], check=True, capture_output=True)
     procs = Procs(tmp)
     try:
-        ports = {"emu": free_port(), "llama": free_port(), "aux": free_port()}
+        ports = {"emu": free_port(), "llama": free_port(), "aux": free_port(),
+                 **({"chat": free_port()} if "chat" in NEEDS.get(args.body, ()) else {})}
         emulators = [("emu", "vllm", "bench-model-awq,bench-model,plain-model"),
-                     ("llama", "llamacpp", "audio-gguf,text-gguf"), ("aux", "ocr", "ocr")]
+                     ("llama", "llamacpp", "audio-gguf,text-gguf"), ("aux", "ocr", "ocr"),
+                     ("chat", "openai", "bench-messages")]
         for name, flavour, models in emulators:
             if name == "emu" or name in NEEDS.get(args.body, ()):
                 procs.start(name, [sys.executable, "-m", "extproc_dev.emulators", "--flavour",
@@ -83,9 +87,10 @@ def main() -> int:
         sides = {"before": start_side(procs, tmp, "before", before / "src", ports),
                  "after": start_side(procs, tmp, "after", ROOT / "src", ports)}
         body = make_bodies(tmp)[args.body]
+        path = path_for(args.body, "c")  # (Messages: translated for a chat-only backend)
         script = lua_script(tmp, body, ports["emu"])
         for url in sides.values():  # warm caches (the aux-vision one above all)
-            httpx.post(url + "/v1/chat/completions", content=body.read_bytes(), timeout=60,
+            httpx.post(url + path, content=body.read_bytes(), timeout=60,
                        headers={"content-type": "application/json",
                                 "authorization": f"Bearer {CLIENT_KEY}"})
         print(f"before = {args.against}, after = this checkout; body {args.body}; "
@@ -93,13 +98,13 @@ def main() -> int:
         for conc in (int(c) for c in args.conc.split(",")):
             runs: dict[str, list[dict]] = {s: [] for s in sides}
             for url in sides.values():
-                run_wrk(url, script, conc, 1)
+                run_wrk(url, script, conc, 1, path)
             for _ in range(args.rounds):
                 for side, url in sides.items():
                     pids = [procs.procs[f"service-{side}"].pid, procs.procs[f"envoy-{side}"].pid]
                     wait_idle()
                     cpu0 = [cpu_seconds([p]) for p in pids]
-                    r = run_wrk(url, script, conc, args.duration)
+                    r = run_wrk(url, script, conc, args.duration, path)
                     n = max(1, r["requests"])
                     r["service_ms"], r["envoy_ms"] = (
                         (cpu_seconds([p]) - c) * 1000 / n for p, c in zip(pids, cpu0, strict=True))
