@@ -50,15 +50,15 @@ local HINTS = {@HINTS@}     -- present: the route stage decides
 local TYPES = {text = true, ["function"] = true, tool_use = true, tool_result = true,
                object = true, string = true, number = true, integer = true, boolean = true,
                array = true, null = true, auto = true, none = true, ephemeral = true}
--- ...and per API passed natively: Responses' text parts and items, Messages' extended
--- thinking (its setting and the blocks an agent sends back)
-local RESPONSES = "/v1/responses"
+-- ...and per API passed natively: Responses' text parts and items (the marks of chat's that
+-- are its own), Messages' extended thinking (its setting and the blocks an agent sends back)
+local MESSAGES, RESPONSES = "/v1/messages", "/v1/responses"
 local OWN_TYPES = {
   [RESPONSES] = {input_text = true, output_text = true, message = true, function_call = true,
                  function_call_output = true},
-  ["/v1/messages"] = {thinking = true, redacted_thinking = true, enabled = true,
-                      disabled = true, adaptive = true}}
-local OWN = {['"input_text'] = true, ['"function_call"'] = true}  -- (not chat's: no mark)
+  [MESSAGES] = {thinking = true, redacted_thinking = true, enabled = true, disabled = true,
+                adaptive = true}}
+local OWN_MARKS = {[RESPONSES] = {['"input_text'] = true, ['"function_call"'] = true}}
 -- The paths where a stream's usage is asked for (Messages and Responses streams carry it)
 local ASKS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
 local CHOICES = {@CHOICES@}  -- tool_choice values that force nothing
@@ -87,11 +87,9 @@ function envoy_on_request(handle)
   local body = handle:body()
   if body == nil then return end
   local text = body:getBytes(0, body:length())
-  local responses, own = path == RESPONSES, OWN_TYPES[path] or {}
+  local own, own_marks = OWN_TYPES[path] or {}, OWN_MARKS[path] or {}
   for _, m in ipairs(MARKS) do
-    if string.find(text, m, 1, true) and not (responses and OWN[m]) then
-      return
-    end
+    if not own_marks[m] and string.find(text, m, 1, true) then return end
   end
   -- One model key, as the route stage would make it: a second one (any case), or a key with
   -- a letter escaped (as \\u006d), could make the backend read another model.
@@ -101,7 +99,7 @@ function envoy_on_request(handle)
      or string.find(text, "\\\\u00[46]") then return end
   -- A tool_choice forcing nothing, in one key (a second one could be the one a backend reads)
   local choice = string.find(lower, '"tool_choice"', 1, true)
-  local tc = path == "/v1/messages" and j.choice_type or j.tool_choice
+  local tc = path == MESSAGES and j.choice_type or j.tool_choice
   if choice and (not CHOICES[tc]
                  or string.find(lower, '"tool_choice"', choice + 13, true)) then return end
   -- metadata: only {"<META_KEY>": "<at most 512 plain characters>"}, in one key

@@ -42,6 +42,7 @@ from ..logs import log_event
 from ..runtime import Runtime
 from .adapting import adapt
 from .protocol import (
+    answer_status,
     attempt_mode,
     attribute_values,
     body_answer,
@@ -169,11 +170,7 @@ class AttemptStream:
 
     async def _on_response_headers(self, msg: pb.HttpHeaders) -> Out:
         h = headers_dict(msg)
-        try:
-            status = int(h.get(":status", "0"))
-        except ValueError:
-            status = 0
-        self.status = status
+        self.status = status = answer_status(h)
         plan = self.rt.planner.response(status, h, msg.end_of_stream, self.needs, self.last,
                                         time.time(), self.translated)
         if plan.rate_limited:

@@ -54,6 +54,12 @@ def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def answer_status(headers: dict[str, str]) -> int:
+    """An answer's status from its headers (0 when it is missing or not a number)."""
+    status = headers.get(":status", "0")
+    return int(status) if status.isdigit() else 0
+
+
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Most header settings repeat request after request (cluster, retries, credentials): build
 # each once. Bounded; values that vary (content-length) are not kept.

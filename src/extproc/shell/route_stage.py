@@ -33,6 +33,7 @@ from ..effects.adapt import BodyAdapter
 from ..runtime import Runtime
 from .adapting import adapt
 from .protocol import (
+    answer_status,
     body_answer,
     headers_dict,
     immediate,
@@ -194,8 +195,7 @@ class RouteStream:
         if self.answer_echo is None or translator is None:
             return out
         h = headers_dict(msg)
-        status = h.get(":status", "0")
-        self.answer_status = int(status) if status.isdigit() else 0
+        self.answer_status = answer_status(h)
         if msg.end_of_stream:
             return out
         out.response_headers.response.header_mutation.CopyFrom(mutation(
