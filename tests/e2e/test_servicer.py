@@ -1,4 +1,5 @@
-"""The gRPC servicer over a real grpc.aio channel, fed the messages Envoy sends."""
+"""The gRPC servicer, served by our own gRPC server, over a real grpc.aio channel (gRPC's own
+client: the server must speak HTTP/2 as it expects), fed the messages Envoy sends."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from google.protobuf import struct_pb2
 from extproc.config import parse_config
 from extproc.contract import ATTR_ADDRESS, ATTR_ATTEMPT, Meta, attribute
 from extproc.runtime import Runtime
+from extproc.shell.grpc_server import GrpcServer
 from extproc.shell.server import Processor
 
 CFG = parse_config({
@@ -36,11 +38,9 @@ def hdrs(pairs: dict[str, str], eos: bool = False) -> pb.HttpHeaders:
 
 @pytest.fixture
 async def stub() -> AsyncIterator[pb_grpc.ExternalProcessorStub]:
-    server = grpc.aio.server()
-    pb_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(Runtime.build(CFG, env={"B_KEY": "sek"})), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server = GrpcServer({Processor.PATH: Processor(Runtime.build(CFG, env={"B_KEY": "sek"})).open},
+                        1 << 20)
+    port = await server.start("127.0.0.1", 0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         yield pb_grpc.ExternalProcessorStub(ch)
     await server.stop(None)
@@ -180,10 +180,8 @@ async def test_ai_gateway_mode_sets_model_header_and_canonical_body_model() -> N
         "models": [{"name": "canonical", "aliases": ["nick"],
                     "candidates": [{"backend": "a", "model": "m1"}]}],
         "ai_gateway": {"model_header": "x-ai-eg-model"}})
-    server = grpc.aio.server()
-    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(Runtime.build(cfg, env={})), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server = GrpcServer({Processor.PATH: Processor(Runtime.build(cfg, env={})).open}, 1 << 20)
+    port = await server.start("127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             body = b'{"model": "nick", "messages": [] }'

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 import orjson
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import duration_pb2
 
 from .. import metrics
@@ -102,32 +101,37 @@ def account(rec: dict[str, Any]) -> None:
         metrics.HINTS.labels("-", "refused").inc()
 
 
-class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
-    """Receives Envoy's access log stream (one per Envoy worker thread, batched entries)."""
+class DecisionLog:
+    """Receives Envoy's access log streams (one per Envoy worker thread, batched entries):
+    each message is taken as it arrives, and the stream's one reply comes at its end."""
+
+    PATH = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 
     def __init__(self, runtime: Callable[[], Runtime], log: logging.Logger):
         self.runtime, self.log = runtime, log
 
-    async def StreamAccessLogs(
-        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
-        context: grpc.aio.ServicerContext,
-    ) -> als_pb2.StreamAccessLogsResponse:
-        async for msg in request_iterator:
-            rt = self.runtime()
-            done = []
-            mono, wall = time.monotonic(), time.time()
-            for entry in msg.http_logs.log_entry:
-                try:
-                    rec = finish(entry, rt)
-                    if rec is not None:
-                        account(rec)
-                        done.append(rec)
-                        retry_after = entry.response.response_headers.get("retry-after")
-                        for backend, state in observe(rt.health, rec, retry_after, mono, wall):
-                            done.append(health_event(rt, backend, state, mono))
-                except Exception:  # one odd entry must not end the stream
-                    self.log.exception("access log entry", extra={"fields": {
-                        "event": "decision_log.error",
-                        "request_id": entry.request.request_id}})
-            write_events(self.log, done)
-        return als_pb2.StreamAccessLogsResponse()
+    def open(self, headers: dict[bytes, bytes]) -> DecisionLog:
+        return self  # nothing is kept between messages
+
+    def message(self, data: bytes) -> None:
+        msg = als_pb2.StreamAccessLogsMessage.FromString(data)
+        rt = self.runtime()
+        done = []
+        mono, wall = time.monotonic(), time.time()
+        for entry in msg.http_logs.log_entry:
+            try:
+                rec = finish(entry, rt)
+                if rec is not None:
+                    account(rec)
+                    done.append(rec)
+                    retry_after = entry.response.response_headers.get("retry-after")
+                    for backend, state in observe(rt.health, rec, retry_after, mono, wall):
+                        done.append(health_event(rt, backend, state, mono))
+            except Exception:  # one odd entry must not end the stream
+                self.log.exception("access log entry", extra={"fields": {
+                    "event": "decision_log.error",
+                    "request_id": entry.request.request_id}})
+        write_events(self.log, done)
+
+    def end(self) -> bytes:
+        return als_pb2.StreamAccessLogsResponse().SerializeToString()
