@@ -2,7 +2,8 @@
 
 Benchmark case (b): Envoy + this processor (request headers SEND, body BUFFERED) -> emulator.
 Whatever llm-extproc costs above this is our own work; below it is the price of a Python gRPC
-stream per request (docs/benchmark.md).
+stream per request, on the same gRPC server the service runs (extproc.shell.grpc_server; until
+2026-12-04 both ran grpc.aio, 3-6x the CPU per stream: docs/benchmark.md).
 
     python bench/empty_extproc.py --port 50099
 """
@@ -11,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator
 
-import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from extproc.shell.grpc_server import Answer, GrpcServer
 
 _ANSWERS = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
@@ -23,24 +23,25 @@ _ANSWERS = {
     "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
     "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
 }
+_BYTES = {kind: answer.SerializeToString() for kind, answer in _ANSWERS.items()}
 
 
-class Empty(pb_grpc.ExternalProcessorServicer):
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
-        async for req in request_iterator:
-            answer = _ANSWERS.get(req.WhichOneof("request") or "")
-            if answer is not None:
-                yield answer
+class Empty:
+    def open(self, headers: dict[bytes, bytes]) -> Empty:
+        return self
+
+    def message(self, data: bytes) -> Answer:
+        return _BYTES.get(pb.ProcessingRequest.FromString(data).WhichOneof("request") or "")
+
+    def end(self) -> None:
+        return None
 
 
 async def serve(port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                      ("grpc.max_send_message_length", 64 << 20)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(Empty(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+    server = GrpcServer({"/envoy.service.ext_proc.v3.ExternalProcessor/Process": Empty().open},
+                        64 << 20)
+    await server.start("127.0.0.1", port)
+    await asyncio.Event().wait()
 
 
 if __name__ == "__main__":

@@ -132,8 +132,8 @@ class _Link(asyncio.Protocol):
             return
         try:
             self.served[ev.stream_id] = _Served(method(ev.headers))
-        except GrpcStatus as st:
-            self.wire.finish(ev.stream_id, st.code, st.message)
+        except Exception as exc:
+            self._failed(ev.stream_id, exc)
 
     def _failed(self, stream_id: int, exc: BaseException) -> None:
         if isinstance(exc, GrpcStatus):

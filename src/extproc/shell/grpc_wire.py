@@ -29,7 +29,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x3
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 
@@ -67,11 +67,15 @@ _GRPC_TYPE = _literal(b"content-type", b"application/grpc")
 RESPONSE_HEADERS = _TABLE_ZERO + _STATUS_200 + _GRPC_TYPE
 
 
+# gRPC's grpc-message: printable ASCII as is, but '%'; the rest percent-encoded UTF-8.
+_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)
+
+
 def _trailers(status: int, message: str, trailers_only: bool) -> bytes:
     block = RESPONSE_HEADERS if trailers_only else _TABLE_ZERO
     block += _literal(b"grpc-status", str(status).encode())
     if message:  # percent-encoded as gRPC says; bounded so that one literal holds it
-        block += _literal(b"grpc-message", quote(message[:80], safe=" ").encode()[:120])
+        block += _literal(b"grpc-message", quote(message[:80], safe=_MESSAGE_SAFE).encode()[:120])
     return block
 
 
@@ -294,6 +298,9 @@ class Connection:
             del buf[:pos]
         except _ConnectionError as exc:
             self._fail(exc.code, str(exc), events)
+            return events
+        except Exception as exc:  # a case this code did not foresee: the peer is told, we go on
+            self._fail(INTERNAL_ERROR, exc.__class__.__name__, events)
             return events
         if self.recv_uncredited * 2 >= CONNECTION_WINDOW:
             self.out.append(frame(WINDOW_UPDATE, 0, 0, self.recv_uncredited.to_bytes(4, "big")))
