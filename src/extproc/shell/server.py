@@ -182,9 +182,9 @@ class Reloader:
 
 def tune_allocator() -> Callable[[], None] | None:
     """glibc malloc, for a process whose multi-MB bodies come and go: two arenas (not 8 per
-    core) bound what gRPC's threads hold, and the returned ``trim`` (run every few seconds)
-    gives freed heap pages back to the OS, so resident memory stays flat without paying an
-    mmap per body. Measured with ``make soak``. None elsewhere."""
+    core) bound what the worker threads (audio decoding) hold, and the returned ``trim`` (run
+    every few seconds) gives freed heap pages back to the OS, so resident memory stays flat
+    without paying an mmap per body. Measured with ``make soak``. None elsewhere."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
