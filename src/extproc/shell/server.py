@@ -84,17 +84,7 @@ class _RouteCall:
             return out.SerializeToString()
         if out is None:
             return None
-        return self._waited(out, req, t0)
-
-    async def _waited(self, answers: AsyncIterator[pb.ProcessingResponse],
-                      req: pb.ProcessingRequest, t0: float) -> AsyncIterator[bytes]:
-        try:
-            async for answer in answers:
-                yield answer.SerializeToString()
-        except Exception:
-            _failed("route", self.handler.request_id)
-            yield self.handler.fail().SerializeToString()
-        _observe("route", req, t0)
+        return _encoded("route", self.handler, out, req, t0)
 
     def end(self) -> None:
         return None
@@ -109,20 +99,26 @@ class _AttemptCall:
         self.handler = handler
 
     def message(self, data: bytes) -> Answer:
-        return self._answers(pb.ProcessingRequest.FromString(data))
-
-    async def _answers(self, req: pb.ProcessingRequest) -> AsyncIterator[bytes]:
         t0 = time.perf_counter()
-        try:
-            async for out in self.handler.handle(req):
-                yield out.SerializeToString()
-        except Exception:
-            _failed("attempt", self.handler.request_id)
-            yield self.handler.fail().SerializeToString()
-        _observe("attempt", req, t0)
+        req = pb.ProcessingRequest.FromString(data)
+        return _encoded("attempt", self.handler, self.handler.handle(req), req, t0)
 
     def end(self) -> None:
         return None
+
+
+async def _encoded(stage: str, handler: RouteStream | AttemptStream,
+                   answers: AsyncIterator[pb.ProcessingResponse], req: pb.ProcessingRequest,
+                   t0: float) -> AsyncIterator[bytes]:
+    """Answers that wait, each encoded as it comes; a failure is logged and answered with the
+    handler's JSON 500."""
+    try:
+        async for answer in answers:
+            yield answer.SerializeToString()
+    except Exception:
+        _failed(stage, handler.request_id)
+        yield handler.fail().SerializeToString()
+    _observe(stage, req, t0)
 
 
 def _observe(stage: str, req: pb.ProcessingRequest, t0: float) -> None:
