@@ -112,18 +112,21 @@ def main() -> int:
             print(f"concurrency {conc}")
             for side, rs in runs.items():
                 med = {k: statistics.median(r[k] for r in rs)
-                       for k in ("p50_ms", "rps", "service_ms", "envoy_ms")}
+                       for k in ("p50_ms", "p99_ms", "rps", "service_ms", "envoy_ms")}
                 errors = sum(r["non_2xx"] for r in rs)
-                print(f"  {side:7} p50 {med['p50_ms']:6.2f} ms  {med['rps']:7.0f} req/s  CPU per "
+                print(f"  {side:7} p50 {med['p50_ms']:6.2f} ms  p99 {med['p99_ms']:6.2f} ms  "
+                      f"{med['rps']:7.0f} req/s  CPU per "
                       f"request: service {med['service_ms']:.3f} ms, Envoy {med['envoy_ms']:.3f} "
                       f"ms  rounds {[round(r['rps']) for r in rs]}"
                       + (f"  NON-2XX {errors}" if errors else ""))
             pairs = list(zip(runs["before"], runs["after"], strict=True))
             rps = sorted(a["rps"] / b["rps"] for b, a in pairs)
             p50 = sorted(a["p50_ms"] / b["p50_ms"] for b, a in pairs)
+            p99 = sorted(a["p99_ms"] / b["p99_ms"] for b, a in pairs)
             print(f"  after/before by round: req/s {[round(x, 2) for x in rps]} (median "
                   f"{statistics.median(rps):.3f}), p50 {[round(x, 2) for x in p50]} (median "
-                  f"{statistics.median(p50):.3f})")
+                  f"{statistics.median(p50):.3f}), p99 {[round(x, 2) for x in p99]} (median "
+                  f"{statistics.median(p99):.3f})")
     finally:
         procs.stop()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)],

@@ -10,9 +10,10 @@ replica can finish it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -27,6 +28,9 @@ from ..core.decision import complete, usage
 from ..core.health import observe
 from ..logs import write_events
 from ..runtime import Runtime
+from .grpc_server import Answer
+
+_SLICE = 32  # access log entries taken between two looks at the event loop
 
 # What the response-side Lua noted (token usage, stream timestamps).
 _FIGURES = (Meta.USAGE_IN, Meta.USAGE_OUT, Meta.FIRST_TOKEN_US, Meta.LAST_US)
@@ -113,12 +117,29 @@ class DecisionLog:
     def open(self, headers: dict[bytes, bytes]) -> DecisionLog:
         return self  # nothing is kept between messages
 
-    def message(self, data: bytes) -> None:
-        msg = als_pb2.StreamAccessLogsMessage.FromString(data)
+    def message(self, data: bytes) -> Answer:
+        entries = als_pb2.StreamAccessLogsMessage.FromString(data).http_logs.log_entry
+        if len(entries) <= _SLICE:
+            self._take(entries)
+            return None
+        return self._in_slices(entries)
+
+    async def _in_slices(self, entries: Sequence[Any]) -> AsyncIterator[bytes]:
+        """A large batch a slice at a time, the event loop free in between: the requests in
+        flight are not held up behind it (Envoy flushes every 0.25 s; at 2,500 req/s a batch
+        of ~300 entries took ~15 ms at once). Answers nothing."""
+        for i in range(0, len(entries), _SLICE):
+            if i:
+                await asyncio.sleep(0)
+            self._take(entries[i:i + _SLICE])
+        return
+        yield b""  # (an async generator: the server runs it as a task)
+
+    def _take(self, entries: Iterable[Any]) -> None:
         rt = self.runtime()
         done = []
         mono, wall = time.monotonic(), time.time()
-        for entry in msg.http_logs.log_entry:
+        for entry in entries:
             try:
                 rec = finish(entry, rt)
                 if rec is not None:
