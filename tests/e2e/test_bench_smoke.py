@@ -30,7 +30,9 @@ def test_ab_runs_both_revisions_side_by_side() -> None:
     sides = [line.split() for line in r.stdout.splitlines()
              if line.strip().startswith(("before ", "after ")) and "req/s" in line]
     assert [s[0] for s in sides] == ["before", "after"]
-    assert all(float(s[4]) > 0 and "NON-2XX" not in s for s in sides)  # req/s, no errors
+    assert all(float(s[s.index("req/s") - 1]) > 0 and "NON-2XX" not in s
+               for s in sides)  # req/s, no errors
+    assert all(float(s[s.index("p99") + 1]) > 0 for s in sides)
     assert "after/before by round: req/s" in r.stdout
     listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
                             text=True).stdout
