@@ -132,7 +132,6 @@ class _Stream:
     __slots__ = (
         "answering",
         "chunks",
-        "finished",
         "pending",
         "recv_window",
         "remote_open",
@@ -152,7 +151,6 @@ class _Stream:
         self.trailers: bytes | None = None  # sent once ``pending`` is empty
         self.answering = False        # our headers are sent
         self.remote_open = True
-        self.finished = False         # our trailers are sent
 
 
 class Connection:
@@ -198,7 +196,7 @@ class Connection:
     def reply(self, stream_id: int, message: bytes) -> None:
         """Send one message on the stream (our headers first); dropped if it was reset."""
         st = self.streams.get(stream_id)
-        if st is None or st.finished or st.trailers is not None:
+        if st is None or st.trailers is not None:
             return
         if not st.answering:
             st.answering = True
@@ -209,7 +207,7 @@ class Connection:
     def finish(self, stream_id: int, status: int = OK, message: str = "") -> None:
         """End the stream with a gRPC status (after whatever is still waiting for window)."""
         st = self.streams.get(stream_id)
-        if st is None or st.finished or st.trailers is not None:
+        if st is None or st.trailers is not None:
             return
         st.trailers = _trailers(status, message, not st.answering)
         st.answering = True
@@ -243,9 +241,8 @@ class Connection:
             self.send_window -= n
             st.send_window -= n
             self.out.append(frame(DATA, 0, stream_id, chunk))
-        if st.trailers is not None and not st.finished:
+        if st.trailers is not None:  # sent, the stream is over on our side: forgotten
             self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, stream_id, st.trailers))
-            st.finished = True
             if st.remote_open:  # answered before the client was done: it stops sending
                 self.out.append(frame(RST_STREAM, 0, stream_id, NO_ERROR.to_bytes(4, "big")))
             self._forget(stream_id)

@@ -61,15 +61,26 @@ def _failed(stage: str, request_id: str) -> None:
         "event": "servicer.error", "stage": stage, "request_id": request_id}})
 
 
-class _RouteCall:
+class _StageCall:
+    """One stage's stream as a gRPC call: its handler answers each message; nothing is sent
+    at the end."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: RouteStream | AttemptStream):
+        self.handler = handler
+
+    def end(self) -> None:
+        return None
+
+
+class _RouteCall(_StageCall):
     """The route stage: one answer per message, computed at once (the hot path), except for a
     body adapted here (its answers may wait on aux calls or fetches). Never raises: a failure
     is logged and answered with a JSON 500 naming the request id."""
 
-    __slots__ = ("handler",)
-
-    def __init__(self, handler: RouteStream):
-        self.handler = handler
+    __slots__ = ()
+    handler: RouteStream
 
     def message(self, data: bytes) -> Answer:
         t0 = time.perf_counter()
@@ -86,25 +97,17 @@ class _RouteCall:
             return None
         return _encoded("route", self.handler, out, req, t0)
 
-    def end(self) -> None:
-        return None
 
-
-class _AttemptCall:
+class _AttemptCall(_StageCall):
     """The attempt stage: its answers as the handler yields them; never raises (as above)."""
 
-    __slots__ = ("handler",)
-
-    def __init__(self, handler: AttemptStream):
-        self.handler = handler
+    __slots__ = ()
+    handler: AttemptStream
 
     def message(self, data: bytes) -> Answer:
         t0 = time.perf_counter()
         req = pb.ProcessingRequest.FromString(data)
         return _encoded("attempt", self.handler, self.handler.handle(req), req, t0)
-
-    def end(self) -> None:
-        return None
 
 
 async def _encoded(stage: str, handler: RouteStream | AttemptStream,
