@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,6 +107,35 @@ def test_any_split_of_the_bytes_gives_the_same_events(cuts: list[int], padded: b
     events += c.send(wire[pos:])
     assert [e for e in events if not isinstance(e, w.Started)] == [
         w.Message(1, body), w.Message(1, b"x"), w.HalfClosed(1)]
+
+
+def test_a_repeated_header_block_is_decoded_once_while_the_table_holds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Envoy opens every stream with the same bytes; the same bytes mean other headers once
+    the dynamic table entry they point at has been replaced."""
+    c = Client()
+    decoded: list[bytes] = []
+    real = c.conn.decoder.decode
+    monkeypatch.setattr(c.conn.decoder, "decode",
+                        lambda block, raw: decoded.append(block) or real(block, raw=raw))
+    fixed = Encoder().encode([NeverIndexedHeaderTuple(k, v) for k, v in (
+        (":method", "POST"), (":path", "/s/M"), ("content-type", "application/grpc"))])
+
+    def stored(value: bytes) -> bytes:  # literal with incremental indexing: entry 62
+        return bytes([0x40, 7]) + b"x-stage" + bytes([len(value)]) + value
+
+    point = fixed + bytes([0x80 | 62])  # indexed: the newest dynamic entry, whatever it is
+
+    def stage(sid: int, block: bytes) -> list[bytes]:
+        events = c.send(frame(w.HEADERS, w.END_HEADERS, sid, block))
+        return [e.headers[b"x-stage"] for e in events if isinstance(e, w.Started)]
+
+    assert stage(1, fixed + stored(b"route")) == [b"route"]
+    assert [stage(sid, point) for sid in (3, 5, 7)] == [[b"route"]] * 3
+    assert decoded.count(point) == 1  # streams 5 and 7 took stream 3's decoding
+    assert stage(9, fixed + stored(b"attempt")) == [b"attempt"]
+    assert stage(11, point) == [b"attempt"]  # the very same bytes, decoded afresh
+    assert decoded.count(point) == 2
 
 
 def test_answers_wait_for_the_peers_windows_and_frame_size() -> None:
