@@ -121,6 +121,19 @@ class BodyAdapter:
             (2 * vision.cfg.timeout_s if describe and vision is not None else 0.0)
         return min(wait, cfg.envoy.max_message_timeout_ms / 1000)
 
+    def at_once(self) -> bool:
+        """Whether the planned work waits on nothing (a translation, parts reshaped in place,
+        metadata dropped): ``run_now`` then does it without a task or a turn of the loop."""
+        return not self.images and not self.fetch and \
+            not transcodes(self.rt.table.profiles[self.backend], self.report)
+
+    def run_now(self) -> bytes:
+        """``run`` for work that waits on nothing (``at_once``)."""
+        cfg = self.rt.config
+        return self._adapted(convert_body(self.data, self.report,
+                                          self.rt.table.profiles[self.backend], {},
+                                          cfg.service.max_decoded_audio_bytes))
+
     async def run(self) -> bytes:
         """The adapted body. Raises Refusal (400/4xx/5xx replies; with ``on_failure: reject``,
         also when the aux model fails)."""
@@ -136,6 +149,12 @@ class BodyAdapter:
                                                     fetched, limit)
         else:
             converted = convert_body(data, self.report, profile, fetched, limit)
+        return self._adapted(converted)
+
+    def _adapted(self, converted: int) -> bytes:
+        """The body once its parts are converted (``converted`` of them): written back in the
+        client's API when it was read through a chat view, serialised, its size checked."""
+        data, cfg = self.data, self.rt.config
         if converted:
             self.tags.append((RESP_CONVERTED, str(converted)))
             metrics.PART_CONVERSIONS.labels(self.backend).inc(converted)

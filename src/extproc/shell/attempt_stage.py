@@ -150,7 +150,7 @@ class AttemptStream:
         if self.translated and translator is not None:
             self.echo = translator.echo(data)
         adapter = BodyAdapter(self.rt, self.work, self.request_id)
-        async for extension in adapt(adapter, data):
+        async for extension in adapt(adapter, adapter.plan(data)):
             yield extension
         self.tags += adapter.tags
         yield body_answer([("content-length", str(len(adapter.body)))], [], adapter.body)

@@ -147,8 +147,14 @@ class RouteStream:
         if plan.body is None and plan.work is None and renamed:
             plan.body = body  # an Azure-style upload now names its model
         self.record.plan = plan.kind
-        if plan.work is not None or plan.url_checks:
+        if plan.url_checks:
             return self._completed(plan, data, decision.parts)
+        if plan.work is not None:
+            adapter = BodyAdapter(self.rt, plan.work, self.request_id)
+            wait = adapter.plan(data, decision.parts)
+            if adapter.at_once():  # (answered in this read: no task, no turn of the loop)
+                return self._adapted(plan, adapter, adapter.run_now())
+            return self._adapting(plan, adapter, wait)
         return self._body_answer(plan, plan.body)
 
     def _body_answer(self, plan: RoutePlan, body: bytes | None) -> pb.ProcessingResponse:
@@ -164,26 +170,41 @@ class RouteStream:
         return body_answer(set_headers, plan.remove_headers, body, meta, clear_route_cache=True)
 
     async def _completed(self, plan: RoutePlan, data: dict[str, Any], parts: list[Part]) -> Out:
-        """The answer once what waits on the network is done: URLs a backend will fetch itself
-        checked against the fetch policy, then the body work done once for every candidate
-        (what was done travels as metadata, for Envoy's route to tell the client)."""
-        body = plan.body
+        """The answer once URLs a backend will fetch itself are checked against the fetch
+        policy (within Envoy's message timeout: no extension for a lookup), then the body
+        work."""
         try:
-            if plan.url_checks:  # within Envoy's message timeout: no extension for a lookup
-                limit = 0.8 * self.rt.config.envoy.message_timeout_ms / 1000
-                await asyncio.gather(*(self.rt.fetcher.check(url, param, limit)
-                                       for url, param in plan.url_checks))
-            if plan.work is not None:
-                adapter = BodyAdapter(self.rt, plan.work, self.request_id)
-                async for extension in adapt(adapter, data, parts):
-                    yield extension
-                body = adapter.body
-                for header, value in adapter.tags:
-                    plan.metadata[TAG_META[header]] = value
+            limit = 0.8 * self.rt.config.envoy.message_timeout_ms / 1000
+            await asyncio.gather(*(self.rt.fetcher.check(url, param, limit)
+                                   for url, param in plan.url_checks))
+            if plan.work is None:
+                yield self._body_answer(plan, plan.body)
+                return
+            adapter = BodyAdapter(self.rt, plan.work, self.request_id)
+            wait = adapter.plan(data, parts)
         except Refusal as refused:
             yield self._reject(refused.reply)
             return
-        yield self._body_answer(plan, body)
+        async for out in self._adapting(plan, adapter, wait):
+            yield out
+
+    async def _adapting(self, plan: RoutePlan, adapter: BodyAdapter, wait: float) -> Out:
+        """Body work that waits on the network (aux calls, fetches, audio decoded off the
+        loop), done once for every candidate."""
+        try:
+            async for extension in adapt(adapter, wait):
+                yield extension
+        except Refusal as refused:
+            yield self._reject(refused.reply)
+            return
+        yield self._adapted(plan, adapter, adapter.body)
+
+    def _adapted(self, plan: RoutePlan, adapter: BodyAdapter, body: bytes
+                 ) -> pb.ProcessingResponse:
+        """What was done travels as metadata, for Envoy's route to tell the client."""
+        for header, value in adapter.tags:
+            plan.metadata[TAG_META[header]] = value
+        return self._body_answer(plan, body)
 
     # ------------------------------------------------------------ answers (translated only)
 
