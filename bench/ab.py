@@ -42,6 +42,7 @@ NEEDS = {"audio_4m": ("llama",), "vision_hit": ("llama", "aux"), "messages": ("c
 def start_side(procs: Procs, tmp: Path, name: str, src: Path, ports: dict[str, int]) -> str:
     """One service + Envoy from the code under ``src``; returns Envoy's URL."""
     cfg = extproc_config(ports["emu"], ports["llama"], ports["aux"], chat_port=ports.get("chat"))
+    cfg["service"].pop("unix_socket")  # (TCP both sides: older revisions have no socket)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {"PYTHONPATH": str(src)}

@@ -61,12 +61,14 @@ CLIENT_KEY = "sk-bench-master-key-not-a-secret"
 
 def extproc_config(emu_port: int, llama_port: int, aux_port: int, workers: int = 1,
                    dead_port: int | None = None, chat_port: int | None = None) -> dict:
-    """Ours; with ``dead_port``, bench-failover's first candidate is a backend nobody serves
-    there; with ``chat_port``, bench-messages is served by a chat-only (OpenAI) emulator, so
-    /v1/messages is translated."""
+    """Ours (reached by Envoy on a Unix socket); with ``dead_port``, bench-failover's first
+    candidate is a backend nobody serves there; with ``chat_port``, bench-messages is served by
+    a chat-only (OpenAI) emulator, so /v1/messages is translated."""
+    port = free_port_run(workers)
     cfg = {
-        "service": {"port": free_port_run(workers),
-                    "metrics_port": free_port(), "workers": workers},
+        # Envoy reaches the service by a Unix socket, as AIGW's Envoy reaches its ext_proc
+        "service": {"port": port, "metrics_port": free_port(), "workers": workers,
+                    "unix_socket": f"{tempfile.gettempdir()}/llm-extproc-bench-{port}.sock"},
         "envoy": {"listen_port": free_port(), "admin_port": free_port(), "access_log": False},
         "backends": [
             {"name": "emu", "preset": "vllm", "url": f"http://127.0.0.1:{emu_port}/v1",

@@ -68,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return supervise(args.config, cfg, workers)
     metrics_port = 0 if args.worker is not None else None  # the supervisor serves them
     asyncio.run(serve(rt, args.host, args.port, config_path=args.config,
-                      metrics_port=metrics_port, trim=tune_allocator()))
+                      metrics_port=metrics_port, trim=tune_allocator(),
+                      unix_socket=cfg.service.socket_path(args.worker or 0)))
     return 0
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from collections.abc import AsyncIterator
 
@@ -182,3 +183,29 @@ async def test_stop_lets_open_streams_finish_and_takes_no_new_one(served) -> Non
         await asyncio.wait_for(stopping, 5)
         late = chat(ch)()
         assert await late.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_unix_socket_serves_too_and_is_gone_at_stop(tmp_path) -> None:
+    """A socket left by an earlier run is replaced; any other file at the path is never
+    removed."""
+    path = tmp_path / "svc.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # (a socket file nobody listens on)
+    server = GrpcServer({Health.PATH: Health().open}, 1 << 20)
+    await server.start("127.0.0.1", 0)
+    await server.start_unix(str(path))
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{path}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:  # (nothing set: NOT_FOUND)
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=5)
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop(None)
+    assert not path.exists()
+    path.write_text("not a socket")
+    other = GrpcServer({}, 1 << 20)
+    with pytest.raises(FileExistsError):
+        await other.start_unix(str(path))
+    assert path.read_text() == "not a socket"

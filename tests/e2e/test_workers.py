@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -14,13 +16,28 @@ from .conftest import stack_config, start_stack
 
 
 def test_two_workers_share_the_load(tmp_path) -> None:
+    assert two_workers(tmp_path) == 0
+
+
+def test_two_workers_on_unix_sockets(tmp_path) -> None:
+    """Envoy reaches each worker by its own socket (path, path.1); the sockets go at stop."""
+    path = str(tmp_path / "svc.sock")
+    assert two_workers(tmp_path, unix_socket=path) == 0
+    assert not Path(path).exists() and not Path(path + ".1").exists()
+
+
+def two_workers(tmp_path: Path, **service: Any) -> int | None:
+    """40 requests through two workers: both decide, metrics summed; the supervisor's exit."""
     cfg = stack_config(backends=[{"name": "a", "preset": "vllm", "models": ["m1"]}],
                        models=[{"name": "pub", "candidates": [{"backend": "a", "model": "m1"}]}],
                        envoy={"fast_lane": False})  # (the route stage's streams, balanced)
-    cfg["service"]["workers"] = 2
-    cfg["service"]["port"] = free_port_run(2)  # worker i listens on port + i
+    cfg["service"].update(workers=2, port=free_port_run(2), **service)  # worker i: port + i
     stack = start_stack(tmp_path, cfg)
     try:
+        if "unix_socket" in service:
+            assert Path(service["unix_socket"]).is_socket()
+            assert Path(service["unix_socket"] + ".1").is_socket()
+
         def send(_: int) -> int:
             return httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
                 "model": "pub", "messages": [{"role": "user", "content": "hi"}]}).status_code
@@ -40,4 +57,4 @@ def test_two_workers_share_the_load(tmp_path) -> None:
         supervisor = stack.procs["service"]
     finally:
         stack.stop()
-    assert supervisor.returncode == 0
+    return supervisor.returncode

@@ -110,3 +110,11 @@ def test_grpc_limit_must_hold_the_largest_body() -> None:
     assert problem.startswith("service.max_message_bytes: 8388608 is below envoy.max_body_bytes")
     parse_config({**base(), "service": {"max_message_bytes": 8 * 1024 * 1024},
                   "envoy": {"max_body_bytes": 4 * 1024 * 1024}})
+
+
+def test_a_unix_socket_path_must_fit_a_socket_address() -> None:
+    (problem,) = problems({**base(), "service": {"unix_socket": "/tmp/" + "s" * 100}})
+    assert problem.startswith("service.unix_socket:") and "104 bytes" in problem
+    cfg = parse_config({**base(), "service": {"unix_socket": "/tmp/x.sock", "workers": 3}})
+    assert [cfg.service.socket_path(i) for i in range(3)] == \
+        ["/tmp/x.sock", "/tmp/x.sock.1", "/tmp/x.sock.2"]

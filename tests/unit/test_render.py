@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from extproc.config import load_config
-from extproc.contract import ATTEMPT_ATTRIBUTES, Cluster, Meta, attribute
+from extproc.contract import ATTEMPT_ATTRIBUTES, SERVICE_CLUSTER, Cluster, Meta, attribute
 from extproc.render import render, render_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,3 +75,20 @@ def test_the_response_side_lua_is_there_only_when_something_needs_it() -> None:
     assert "local USAGE = false" in (lua(token_usage=False) or "")
     assert "local HOLD = false" in (lua(whole_responses=False) or "")
     assert lua(token_usage=False, whole_responses=False) is None
+
+
+def test_the_service_is_reached_by_its_unix_sockets_when_it_has_them() -> None:
+    demo = load_config(ROOT / "config" / "demo.yaml")
+
+    def addresses(**service: object) -> list[dict]:
+        cfg = demo.model_copy(update={"service": demo.service.model_copy(update={
+            "workers": 2, **service})})
+        svc = next(c for c in render(cfg)["static_resources"]["clusters"]
+                   if c["name"] == SERVICE_CLUSTER)
+        return [e["endpoint"]["address"] for e in svc["load_assignment"]["endpoints"][0][
+            "lb_endpoints"]]
+
+    assert addresses(unix_socket="/run/llm/svc.sock") == [
+        {"pipe": {"path": "/run/llm/svc.sock"}}, {"pipe": {"path": "/run/llm/svc.sock.1"}}]
+    assert [a["socket_address"]["port_value"] for a in addresses()] == \
+        [demo.service.port, demo.service.port + 1]

@@ -76,7 +76,7 @@ def backend_clusters(cfg: Config) -> list[dict[str, Any]]:
 
 
 def service_cluster(cfg: Config) -> dict[str, Any]:
-    """The service, over HTTP/2, one endpoint per worker."""
+    """The service, over HTTP/2, one endpoint per worker (its Unix socket when it has one)."""
     e = cfg.envoy
     host = e.service_host or cfg.service.host
     if host in ("0.0.0.0", "::"):
@@ -92,8 +92,10 @@ def service_cluster(cfg: Config) -> dict[str, Any]:
         # Each client request holds up to two streams here (route and attempt stages).
         "circuit_breakers": circuit_breakers(cfg),
         "load_assignment": {"cluster_name": SERVICE_CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": sock(host, cfg.service.port + i)}}
-            for i in range(cfg.service.workers)]}]},
+            {"endpoint": {"address": sock(host, cfg.service.port + i) if path is None
+                          else {"pipe": {"path": path}}}}
+            for i, path in ((i, cfg.service.socket_path(i))
+                            for i in range(cfg.service.workers))]}]},
         "typed_extension_protocol_options": {PROTOCOL_OPTIONS: {
             "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
             "explicit_http_config": {"http2_protocol_options": {}},

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -205,25 +207,41 @@ class _Link(asyncio.Protocol):
 
 
 class GrpcServer:
-    """Methods by path (``/package.Service/Method``), served on one TCP address."""
+    """Methods by path (``/package.Service/Method``), served on a TCP address and, if asked,
+    a Unix socket."""
 
     def __init__(self, methods: dict[str, Method], max_message: int):
         self.methods = {path.encode(): method for path, method in methods.items()}
         self.max_message = max_message
         self.links: set[_Link] = set()
-        self.listener: asyncio.base_events.Server | None = None
+        self.listeners: list[asyncio.base_events.Server] = []
+        self.unix_path: str | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; the port bound (``port`` 0: a free one)."""
         loop = asyncio.get_running_loop()
-        self.listener = await loop.create_server(lambda: _Link(self), host, port)
-        return int(self.listener.sockets[0].getsockname()[1])
+        listener = await loop.create_server(lambda: _Link(self), host, port)
+        self.listeners.append(listener)
+        return int(listener.sockets[0].getsockname()[1])
+
+    async def start_unix(self, path: str) -> None:
+        """Listen on a Unix socket too. A socket an earlier run left at ``path`` is replaced;
+        any other file there is an error (never removed)."""
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket")
+            os.unlink(path)
+        loop = asyncio.get_running_loop()
+        self.listeners.append(await loop.create_unix_server(lambda: _Link(self), path))
+        self.unix_path = path
 
     async def stop(self, grace: float | None) -> None:
         """Stop listening, tell every client no new stream (GOAWAY), let open streams finish
         for up to ``grace`` seconds, then cut what is left."""
-        if self.listener is not None:
-            self.listener.close()
+        for listener in self.listeners:
+            listener.close()
+        if self.unix_path is not None and os.path.lexists(self.unix_path):
+            os.unlink(self.unix_path)
         for link in list(self.links):
             link.wire.shutdown()
             link.flush()

@@ -291,8 +291,9 @@ async def discover_models(processor: Processor) -> None:
 
 async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
                 config_path: str | None = None, metrics_port: int | None = None,
-                trim: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; in-flight streams get the configured grace period."""
+                trim: Callable[[], None] | None = None, unix_socket: str | None = None) -> None:
+    """Run until SIGTERM/SIGINT; in-flight streams get the configured grace period. Serves on
+    ``unix_socket`` too, when given."""
     cfg = rt.config.service
     max_bytes = cfg.max_message_bytes
     processor = Processor(rt)
@@ -303,11 +304,13 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
         Health.PATH: health.open,
     }, max_bytes)
     addr = f"{host or cfg.host}:{port or cfg.port}"
+    if unix_socket:  # (first: once the port answers, the socket is there too)
+        await server.start_unix(unix_socket)
     await server.start(host or cfg.host, port or cfg.port)
     metrics.start(cfg.metrics_port if metrics_port is None else metrics_port, cfg.host)
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         health.set(name, True)
-    log_event(log, {"event": "service.started", "address": addr,
+    log_event(log, {"event": "service.started", "address": addr, "unix_socket": unix_socket,
                     "metrics_port": cfg.metrics_port or None,
                     "models": rt.table.public_names()})
     stop = asyncio.Event()
