@@ -37,3 +37,17 @@ def test_ab_runs_both_revisions_side_by_side() -> None:
     listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
                             text=True).stdout
     assert len(listed.splitlines()) == 1  # its checkout of the other revision is gone
+
+
+def test_lane_parts_measures_each_variant() -> None:
+    """bench/lane_parts.py edits the rendered config by its filters' names: every variant must
+    still serve the request (a renamed filter would leave a variant measuring nothing)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "lane_parts.py"), "--rounds", "1",
+                        "--duration", "1", "--conc", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {line[:12].strip(): line[12:].split() for line in r.stdout.splitlines()
+            if line.startswith("  ") and not line.strip().startswith("variant")}
+    assert list(rows) == ["bare", "routing", "+ record", "+ answers", "+ both", "lane"]
+    assert all(float(v[0]) > 0 and "NON-2XX" not in v for v in rows.values())
+    assert float(rows["routing"][4]) < float(rows["+ record"][4])  # the service: records only
