@@ -189,8 +189,8 @@ class RouteStream:
             yield out
 
     async def _adapting(self, plan: RoutePlan, adapter: BodyAdapter, wait: float) -> Out:
-        """Body work that waits on the network (aux calls, fetches, audio decoded off the
-        loop), done once for every candidate."""
+        """Body work as a task (it waits on the network: aux calls, fetches, audio decoded off
+        the loop; or it follows URL checks that did), done once for every candidate."""
         try:
             async for extension in adapt(adapter, wait):
                 yield extension
