@@ -37,6 +37,10 @@ def two_workers(tmp_path: Path, **service: Any) -> int | None:
         if "unix_socket" in service:
             assert Path(service["unix_socket"]).is_socket()
             assert Path(service["unix_socket"] + ".1").is_socket()
+            clusters = httpx.get(f"http://127.0.0.1:{cfg['envoy']['admin_port']}/clusters").text
+            hosts = {line.split("::")[1] for line in clusters.splitlines()
+                     if line.startswith("extproc_service::") and "::cx_total::" in line}
+            assert hosts == {service["unix_socket"], service["unix_socket"] + ".1"}  # Envoy's
 
         def send(_: int) -> int:
             return httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
