@@ -53,6 +53,15 @@ def _hcms(env: Config) -> list[Config]:
             if "http_filters" in f["typed_config"]]
 
 
+def _rule(key: Meta, value: str | None = None) -> Config:
+    """A json_to_metadata rule: when the body has a model, ``key`` set to ``value`` (the model
+    itself when None)."""
+    pair: Config = {"metadata_namespace": META_NS, "key": key.value}
+    if value is not None:
+        pair["value"] = value
+    return {"selectors": [{"key": "model"}], "on_present": pair}
+
+
 def _without(env: Config, *, record: bool, answers: bool, host: str, backend: str) -> Config:
     """The lane minus its deciding Lua (json_to_metadata sets its metadata, for one model),
     minus the response Lua and the decision log unless kept."""
@@ -62,14 +71,9 @@ def _without(env: Config, *, record: bool, answers: bool, host: str, backend: st
             if f["name"] == DECIDE_FILTER or (f["name"] == "extproc.responses" and not answers):
                 continue
             if f["name"] == READ_FILTER:
-                def put(key: Meta, value: str | None = None) -> Config:
-                    pair: Config = {"metadata_namespace": META_NS, "key": key.value}
-                    if value is not None:
-                        pair["value"] = value
-                    return {"selectors": [{"key": "model"}], "on_present": pair}
                 f["typed_config"]["request_rules"]["rules"] += [
-                    put(Meta.FAST, "0"), put(Meta.HOSTS, host), put(Meta.BACKEND, backend),
-                    put(Meta.PUBLIC_MODEL), put(Meta.MODEL)]
+                    _rule(Meta.FAST, "0"), _rule(Meta.HOSTS, host),
+                    _rule(Meta.BACKEND, backend), _rule(Meta.PUBLIC_MODEL), _rule(Meta.MODEL)]
             kept.append(f)
         hcm["http_filters"] = kept
         if not record:

@@ -477,11 +477,15 @@ class Connection:
         if known is not None:
             return known
         table = self.decoder.header_table
-        entries = table.dynamic_entries
-        before = (table.maxsize, len(entries), entries[0] if entries else None)
+
+        def state() -> tuple[int, int, object]:  # (the newest entry compared by identity)
+            entries = table.dynamic_entries
+            return table.maxsize, len(entries), entries[0] if entries else None
+
+        before = state()
         headers = self.decoder.decode(block, raw=True)
-        if (table.maxsize, len(entries)) == before[:2] and (entries[0] if entries else None) \
-                is before[2]:
+        after = state()
+        if after[:2] == before[:2] and after[2] is before[2]:
             if len(self.decoded) < _DECODED_BLOCKS and len(block) <= _DECODED_BLOCK_BYTES:
                 self.decoded[block] = headers
         else:
