@@ -11,6 +11,13 @@ lane model). Answers "could a compiled lane reach 0.8x bare Envoy?" by measuring
     + answers       routing + the response Lua (whole answers held, token usage read)
     + both          routing + record + answers: a lane whose decision costs nothing
     lane            the lane as rendered (the deciding Lua too)
+    probe: decide   the lane with its two request filters (json_to_metadata, the deciding Lua)
+                    replaced by bench/lane_probe.c, compiled
+                    here into an Envoy dynamic module (built with cc; skipped, saying so,
+                    without one): the same kinds of work on a reduced rule set
+    probe: all      the probe also holding answers and reading their usage (the response Lua
+                    gone) and sending each request's record to a Unix datagram socket in
+                    batches (the gRPC access log gone); this script receives and counts them
 
     python bench/lane_parts.py [--conc 8] [--rounds 5] [--duration 4]
 """
@@ -18,10 +25,13 @@ lane model). Answers "could a compiled lane reach 0.8x bare Envoy?" by measuring
 from __future__ import annotations
 
 import argparse
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,13 +92,102 @@ def _without(env: Config, *, record: bool, answers: bool, host: str, backend: st
     return env
 
 
-def variants(host: str) -> dict[str, Callable[[Config], Config] | None]:
+def _probe(env: Config, settings: str) -> Config:
+    """The lane with bench/lane_probe.c in place of its two request filters (``settings``:
+    the probe's config line); with "record" in it, no response Lua and no gRPC access log
+    either."""
+    whole = "record" in settings
+    for hcm in _hcms(env):
+        kept = []
+        for f in hcm["http_filters"]:
+            if f["name"] == READ_FILTER or (f["name"] == "extproc.responses" and whole):
+                continue
+            if f["name"] == DECIDE_FILTER:
+                f = {"name": DECIDE_FILTER, "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                             "dynamic_modules.v3.DynamicModuleFilter",
+                    "dynamic_module_config": {"name": "lane_probe"},
+                    "filter_name": "lane_probe",
+                    "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                      "value": settings}}}
+            kept.append(f)
+        hcm["http_filters"] = kept
+        if whole:
+            hcm["access_log"] = [a for a in hcm.get("access_log", [])
+                                 if a["name"] != "envoy.access_loggers.http_grpc"]
+    return env
+
+
+def variants(host: str, records: Path | None) -> dict[str, Callable[[Config], Config] | None]:
+    """Each variant's change to the rendered config (None: bare Envoy); the probe's with
+    ``records`` (its socket), when it was built."""
     def part(record: bool, answers: bool) -> Callable[[Config], Config]:
         return lambda env: _without(env, record=record, answers=answers, host=host,
                                     backend="emu")
-    return {"bare": None, "routing": part(False, False), "+ record": part(True, False),
-            "+ answers": part(False, True), "+ both": part(True, True),
-            "lane": lambda env: env}
+
+    def probe(parts: str) -> Callable[[Config], Config]:
+        return lambda env: _probe(env, "\t".join(["bench-model", host, "emu", str(records),
+                                                   parts]))
+    found: dict[str, Callable[[Config], Config] | None] = {
+        "bare": None, "routing": part(False, False), "+ record": part(True, False),
+        "+ answers": part(False, True), "+ both": part(True, True), "lane": lambda env: env}
+    if records is not None:
+        found |= {"probe: decide": probe("decide"), "probe: all": probe("decide,answers,record")}
+    return found
+
+
+def build_probe(tmp: Path) -> bool:
+    """liblane_probe.so in ``tmp`` (Envoy finds it there: ENVOY_DYNAMIC_MODULES_SEARCH_PATH)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("no C compiler (cc): the probe variants are left out")
+        return False
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp / "liblane_probe.so"),
+                    str(Path(__file__).with_name("lane_probe.c"))], check=True)
+    return True
+
+
+def receive(path: str) -> None:
+    """The probe's records: received, parsed and counted by (status, model, backend) as a
+    service keeping metrics would; the count written beside the socket as it grows."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(path)
+    sock.settimeout(0.5)
+    counts: dict[tuple[bytes, ...], int] = {}
+    tokens: dict[bytes, int] = {}
+    seen = written = 0
+    while True:
+        try:
+            batch = sock.recv(1 << 16)
+        except TimeoutError:
+            batch = b""
+        for line in batch.splitlines():
+            code, model, backend, used_in, used_out = line.split(b"\t")
+            counts[code, model, backend] = counts.get((code, model, backend), 0) + 1
+            tokens[model] = tokens.get(model, 0) + int(used_in or 0) + int(used_out or 0)
+            seen += 1
+        if seen != written:
+            answered = sum(n for (code, _, _), n in counts.items() if code != b"0")
+            Path(path + ".count").write_text(f"{answered} {seen - answered}")
+            written = seen
+
+
+def received(records: Path) -> tuple[int, int]:
+    """The probe's records so far (after the receiver's next look): of answered requests, and
+    of requests the client left unanswered (status 0: wrk's connections closed at its end)."""
+    time.sleep(0.6)
+    count = Path(f"{records}.count")
+    answered, left = count.read_text().split() if count.exists() else (0, 0)
+    return int(answered), int(left)
+
+
+def route_stage_requests(metrics_port: int) -> float:
+    """How many requests the service's route stage was asked about (0 on the lane)."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("llm_extproc_processing_seconds_count")
+               and 'phase="request_headers"' in line and 'stage="route"' in line)
 
 
 def main() -> int:
@@ -97,7 +196,10 @@ def main() -> int:
     ap.add_argument("--conc", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--receive", help=argparse.SUPPRESS)  # (the probe's records, in a process)
     args = ap.parse_args()
+    if args.receive:
+        receive(args.receive)
     tmp = Path(tempfile.mkdtemp(prefix="extproc-lane-parts-"))
     procs = Procs(tmp)
     try:
@@ -105,8 +207,12 @@ def main() -> int:
         procs.start("emu", [sys.executable, "-m", "extproc_dev.emulators", "--flavour", "vllm",
                             "--name", "emu", "--models", "bench-model-awq,bench-model",
                             "--port", str(emu), "--no-record-bodies"], emu, timeout=120)
-        urls, pids = {}, {}
-        for n, (name, change) in enumerate(variants(f"127.0.0.1:{emu}").items()):
+        records = tmp / "records.sock" if build_probe(tmp) else None
+        if records is not None:
+            procs.procs["records"] = subprocess.Popen(
+                [sys.executable, __file__, "--receive", str(records)], start_new_session=True)
+        urls, pids, metrics = {}, {}, {}
+        for n, (name, change) in enumerate(variants(f"127.0.0.1:{emu}", records).items()):
             cfg = extproc_config(emu, free_port(), free_port())
             listen = cfg["envoy"]["listen_port"]
             cfg_path, envoy_path = tmp / f"{n}.yaml", tmp / f"{n}-envoy.yaml"
@@ -119,21 +225,27 @@ def main() -> int:
                 env = change(yaml.safe_load(envoy_path.read_text()))
                 procs.start(f"service-{n}", [sys.executable, "-m", "extproc.cli", "serve",
                                              "--config", str(cfg_path)], cfg["service"]["port"])
+                metrics[name] = cfg["service"]["metrics_port"]
             envoy_path.write_text(yaml.safe_dump(env))
             procs.start(f"envoy-{n}", [envoy_binary(), "-c", str(envoy_path), "--concurrency",
                                        "1", "--log-level", "error", "--base-id",
-                                       str(free_port())], listen)
+                                       str(free_port())], listen,
+                        env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(tmp)})
             urls[name] = f"http://127.0.0.1:{listen}"
             pids[name] = [procs.procs[f"envoy-{n}"].pid] + (
-                [procs.procs[f"service-{n}"].pid] if change is not None else [])
+                [procs.procs[f"service-{n}"].pid] if change is not None else []) + (
+                [procs.procs["records"].pid] if name == "probe: all" else [])
         body = make_bodies(tmp)["chat_fast"]
         script = lua_script(tmp, body, emu)
-        for url in urls.values():
+        warm = {}
+        for name, url in urls.items():
             r = httpx.post(url + "/v1/chat/completions", content=body.read_bytes(), timeout=30,
                            headers={"content-type": "application/json",
                                     "authorization": f"Bearer {CLIENT_KEY}"})
             r.raise_for_status()
-            run_wrk(url, script, args.conc, 1)
+            warm[name] = 1 + run_wrk(url, script, args.conc, 1)["requests"]
+        # every variant but bare serves the request by the lane: the route stage never asked
+        off = [name for name, port in metrics.items() if route_stage_requests(port)]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
         for _ in range(args.rounds):
             for name, url in urls.items():
@@ -143,21 +255,27 @@ def main() -> int:
                 n = max(1, r["requests"])
                 cpu = [(cpu_seconds([p]) - c) * 1000 / n for p, c in zip(pids[name], cpu0,
                                                                         strict=True)]
-                runs[name].append({**r, "envoy_ms": cpu[0],
-                                   "service_ms": cpu[1] if len(cpu) > 1 else 0.0})
+                runs[name].append({**r, "envoy_ms": cpu[0], "service_ms": sum(cpu[1:])})
         print(f"1 KB chat for a lane model, concurrency {args.conc}, {args.rounds} interleaved "
               f"rounds of {args.duration:.0f} s; Envoy --concurrency 1")
-        print(f"  {'variant':10} {'req/s':>7} {'/bare':>6} {'p50 ms':>7}  CPU ms per request: "
-              "Envoy, service")
+        print(f"  {'variant':14} {'req/s':>7} {'/bare':>6} {'p50 ms':>7}  CPU ms per request: "
+              "Envoy, service (and the probe's records)")
         for name, rs in runs.items():
             paired = statistics.median(r["rps"] / b["rps"] for r, b in zip(rs, runs["bare"],
                                                                           strict=True))
             med = {k: statistics.median(r[k] for r in rs)
                    for k in ("rps", "p50_ms", "envoy_ms", "service_ms")}
             errors = sum(r["non_2xx"] for r in rs)
-            print(f"  {name:10} {med['rps']:7.0f} {paired:6.2f} {med['p50_ms']:7.2f}  "
+            print(f"  {name:14} {med['rps']:7.0f} {paired:6.2f} {med['p50_ms']:7.2f}  "
                   f"{med['envoy_ms']:.3f}, {med['service_ms']:.3f}"
-                  + (f"  NON-2XX {errors}" if errors else ""))
+                  + (f"  NON-2XX {errors}" if errors else "")
+                  + ("  OFF THE LANE (the route stage was asked)" if name in off else ""))
+        if records is not None:
+            sent = warm["probe: all"] + sum(r["requests"] for r in runs["probe: all"])
+            answered, left = received(records)
+            print(f"probe records received: {answered} of {sent} answered requests (a batch "
+                  "held when the last round stops is not sent: the probe has no timer), and "
+                  f"{left} of requests wrk left unanswered at its end")
     finally:
         procs.stop()
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +42,19 @@ def test_ab_runs_both_revisions_side_by_side() -> None:
 
 def test_lane_parts_measures_each_variant() -> None:
     """bench/lane_parts.py edits the rendered config by its filters' names: every variant must
-    still serve the request (a renamed filter would leave a variant measuring nothing)."""
+    still serve the request by the lane (a renamed filter would leave a variant measuring
+    nothing, or the ext_proc path), and the compiled probe's records must arrive."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "lane_parts.py"), "--rounds", "1",
                         "--duration", "1", "--conc", "2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = {line[:12].strip(): line[12:].split() for line in r.stdout.splitlines()
+    rows = {line[:16].strip(): line[16:].split() for line in r.stdout.splitlines()
             if line.startswith("  ") and not line.strip().startswith("variant")}
-    assert list(rows) == ["bare", "routing", "+ record", "+ answers", "+ both", "lane"]
+    # (make installs a C compiler: the probe is built)
+    assert list(rows) == ["bare", "routing", "+ record", "+ answers", "+ both", "lane",
+                          "probe: decide", "probe: all"], r.stdout
     assert all(float(v[0]) > 0 and "NON-2XX" not in v for v in rows.values())
+    assert "OFF THE LANE" not in r.stdout, r.stdout
     assert float(rows["routing"][4]) < float(rows["+ record"][4])  # the service: records only
+    got, sent = re.search(r"probe records received: (\d+) of (\d+)", r.stdout).groups()
+    assert 0 < int(got) <= int(sent)
