@@ -12,7 +12,7 @@ lane model). Answers "could a compiled lane reach 0.8x bare Envoy?" by measuring
     + both          routing + record + answers: a lane whose decision costs nothing
     lane            the lane as rendered (the deciding Lua too)
     probe: decide   the lane with its two request filters (json_to_metadata, the deciding Lua)
-                    replaced by bench/lane_probe.c, compiled
+                    replaced by bench/lane_probe.c (no response Lua, no record), compiled
                     here into an Envoy dynamic module (built with cc; skipped, saying so,
                     without one): the same kinds of work on a reduced rule set
     probe: all      the probe also holding answers and reading their usage (the response Lua
@@ -93,14 +93,13 @@ def _without(env: Config, *, record: bool, answers: bool, host: str, backend: st
 
 
 def _probe(env: Config, settings: str) -> Config:
-    """The lane with bench/lane_probe.c in place of its two request filters (``settings``:
-    the probe's config line); with "record" in it, no response Lua and no gRPC access log
-    either."""
-    whole = "record" in settings
+    """The lane with bench/lane_probe.c in place of its two request filters, and no response
+    Lua and no gRPC access log (``settings``, the probe's config line, says whether it holds
+    answers and sends records instead)."""
     for hcm in _hcms(env):
         kept = []
         for f in hcm["http_filters"]:
-            if f["name"] == READ_FILTER or (f["name"] == "extproc.responses" and whole):
+            if f["name"] in (READ_FILTER, "extproc.responses"):
                 continue
             if f["name"] == DECIDE_FILTER:
                 f = {"name": DECIDE_FILTER, "typed_config": {
@@ -112,9 +111,8 @@ def _probe(env: Config, settings: str) -> Config:
                                       "value": settings}}}
             kept.append(f)
         hcm["http_filters"] = kept
-        if whole:
-            hcm["access_log"] = [a for a in hcm.get("access_log", [])
-                                 if a["name"] != "envoy.access_loggers.http_grpc"]
+        hcm["access_log"] = [a for a in hcm.get("access_log", [])
+                             if a["name"] != "envoy.access_loggers.http_grpc"]
     return env
 
 
