@@ -197,7 +197,8 @@ def main() -> int:
     ap.add_argument("--receive", help=argparse.SUPPRESS)  # (the probe's records, in a process)
     args = ap.parse_args()
     if args.receive:
-        receive(args.receive)
+        receive(args.receive)  # (until stopped)
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="extproc-lane-parts-"))
     procs = Procs(tmp)
     try:
@@ -273,7 +274,7 @@ def main() -> int:
             answered, left = received(records)
             print(f"probe records received: {answered} of {sent} answered requests (a batch "
                   "held when the last round stops is not sent: the probe has no timer), and "
-                  f"{left} of requests wrk left unanswered at its end")
+                  f"{left} for requests wrk left unanswered at its end")
     finally:
         procs.stop()
     return 0
