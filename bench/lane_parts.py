@@ -165,9 +165,10 @@ def receive(path: str) -> None:
             counts[code, model, backend] = counts.get((code, model, backend), 0) + 1
             tokens[model] = tokens.get(model, 0) + int(used_in or 0) + int(used_out or 0)
             seen += 1
-        if seen != written:
+        if seen != written:  # (replaced whole: a reader never sees it half written)
             answered = sum(n for (code, _, _), n in counts.items() if code != b"0")
-            Path(path + ".count").write_text(f"{answered} {seen - answered}")
+            Path(path + ".part").write_text(f"{answered} {seen - answered}")
+            Path(path + ".part").replace(path + ".count")
             written = seen
 
 
@@ -272,9 +273,10 @@ def main() -> int:
         if records is not None:
             sent = warm["probe: all"] + sum(r["requests"] for r in runs["probe: all"])
             answered, left = received(records)
-            print(f"probe records received: {answered} of {sent} answered requests (a batch "
-                  "held when the last round stops is not sent: the probe has no timer), and "
-                  f"{left} for requests wrk left unanswered at its end")
+            print(f"probe records received: {answered} for {sent} requests wrk saw answered "
+                  "(fewer: a batch held when the last round stops is not sent, the probe has "
+                  "no timer; more: wrk does not count what was in flight when it stopped), "
+                  f"and {left} for requests wrk left unanswered")
     finally:
         procs.stop()
     return 0

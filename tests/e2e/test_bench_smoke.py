@@ -56,5 +56,7 @@ def test_lane_parts_measures_each_variant() -> None:
     assert all(float(v[0]) > 0 and "NON-2XX" not in v for v in rows.values())
     assert "OFF THE LANE" not in r.stdout, r.stdout
     assert float(rows["routing"][4]) < float(rows["+ record"][4])  # the service: records only
-    got, sent = re.search(r"probe records received: (\d+) of (\d+)", r.stdout).groups()
-    assert 0 < int(got) <= int(sent)
+    got, sent = re.search(r"probe records received: (\d+) for (\d+)", r.stdout).groups()
+    # (wrk does not count the requests in flight when it stops, up to its concurrency in each
+    # of its two runs, a warm-up and a round: Envoy answered and recorded them)
+    assert 0 < int(got) <= int(sent) + 2 * 2
