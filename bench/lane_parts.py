@@ -72,6 +72,12 @@ def _rule(key: Meta, value: str | None = None) -> Config:
     return {"selectors": [{"key": "model"}], "on_present": pair}
 
 
+def _without_record(hcm: Config) -> None:
+    """No decision log: the gRPC access log back to the service taken out."""
+    hcm["access_log"] = [a for a in hcm.get("access_log", [])
+                         if a["name"] != "envoy.access_loggers.http_grpc"]
+
+
 def _without(env: Config, *, record: bool, answers: bool, host: str, backend: str) -> Config:
     """The lane minus its deciding Lua (json_to_metadata sets its metadata, for one model),
     minus the response Lua and the decision log unless kept."""
@@ -87,8 +93,7 @@ def _without(env: Config, *, record: bool, answers: bool, host: str, backend: st
             kept.append(f)
         hcm["http_filters"] = kept
         if not record:
-            hcm["access_log"] = [a for a in hcm.get("access_log", [])
-                                 if a["name"] != "envoy.access_loggers.http_grpc"]
+            _without_record(hcm)
     return env
 
 
@@ -111,8 +116,7 @@ def _probe(env: Config, settings: str) -> Config:
                                       "value": settings}}}
             kept.append(f)
         hcm["http_filters"] = kept
-        hcm["access_log"] = [a for a in hcm.get("access_log", [])
-                             if a["name"] != "envoy.access_loggers.http_grpc"]
+        _without_record(hcm)
     return env
 
 
