@@ -50,7 +50,9 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .core.backends import MissingCredential
+    from .core.fast_lane import record_socket
     from .logs import setup_logging
+    from .render.fast_lane import compiled
     from .runtime import Runtime
     from .shell.server import serve, tune_allocator
 
@@ -69,7 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics_port = 0 if args.worker is not None else None  # the supervisor serves them
     asyncio.run(serve(rt, args.host, args.port, config_path=args.config,
                       metrics_port=metrics_port, trim=tune_allocator(),
-                      unix_socket=cfg.service.socket_path(args.worker or 0)))
+                      unix_socket=cfg.service.socket_path(args.worker or 0),
+                      lane_socket=record_socket(cfg, args.worker or 0)
+                      if compiled(cfg) else None))
     return 0
 
 

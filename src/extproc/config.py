@@ -533,6 +533,23 @@ class EnvoySettings(_Strict):
     fast_lane_max_bytes: int = Field(
         default=256 * 1024, ge=1024, description="largest request body the fast lane reads "
         "(Envoy parses it for the model); larger ones take the ext_proc path")
+    fast_lane_compiled: bool = Field(
+        default=False, description="the fast lane as an Envoy dynamic module (C, built with "
+        "the system's C compiler, for Envoy 1.40 only) instead of Lua and the gRPC access log: "
+        "~0.9x bare Envoy's req/s instead of ~0.65x (docs/benchmark.md); Envoy must run on the "
+        "service's host (records come back over a Unix socket)")
+    fast_lane_records: str | None = Field(
+        default=None, description="the Unix datagram socket the compiled lane sends its "
+        "records to (worker i of several: path.i); default: llm-extproc-lane-<service "
+        "port>.sock in the temporary directory")
+
+    @field_validator("fast_lane_records")
+    @classmethod
+    def _records_path(cls, v: str | None) -> str | None:
+        # (a Unix socket's path is at most 107 bytes; a worker adds up to 3)
+        if v is not None and not 1 <= len(v.encode()) <= 100:
+            raise ValueError("must be a path of 1 to 100 bytes")
+        return v
 
 
 class HealthSettings(_Strict):

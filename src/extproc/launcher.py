@@ -26,7 +26,9 @@ from typing import IO
 import httpx
 
 from .config import Config, load_config
+from .lane.build import environment
 from .render import render_yaml
+from .render.fast_lane import compiled
 
 
 def envoy_binary() -> str:
@@ -97,6 +99,8 @@ class Launcher:
                                       self.config_path])
         envoy_yaml = self.workdir / "envoy.yaml"
         envoy_yaml.write_text(render_yaml(cfg, Path(self.config_path).name))
+        if compiled(cfg):  # (built before Envoy starts: it loads the module with its config)
+            self.env.update(environment(envoy_binary()))
         envoy = self._spawn("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--concurrency",
                                       str(self.envoy_workers), "--log-level", "warn",
                                       "--disable-hot-restart",

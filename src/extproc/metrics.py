@@ -23,6 +23,10 @@ VISION = Counter(
 HINTS = Counter(
     "llm_extproc_hints", "Routing hints seen, by kind and what became of them",
     ["kind", "result"], registry=REGISTRY)
+LANE_RECORDS_LOST = Counter(
+    "llm_extproc_lane_records_lost", "Compiled fast lane records not received (unsent or "
+    "unreadable): requests missing from the other metrics and the decision log",
+    registry=REGISTRY)
 STAGE_SECONDS = Histogram(
     "llm_extproc_processing_seconds", "Time the service spent on one ext_proc message",
     ["stage", "phase"], registry=REGISTRY,

@@ -23,8 +23,11 @@ PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGA
        "RU5ErkJggg==")
 
 
-@pytest.fixture(scope="module")
-def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["lua", "compiled"])
+def fstack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Stack]:
+    """The same stack with the lane in Lua and compiled (lane/lane.c): every test runs on
+    both."""
     cfg = stack_config(
         backends=[{"name": "v", "preset": "vllm", "models": ["plain", "two"]},
                   {"name": "w", "preset": "vllm", "models": ["two"]},
@@ -32,7 +35,7 @@ def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                   {"name": "stall", "preset": "vllm", "models": ["stuck"], "stream_idle_s": 1}],
         models=[{"name": "renamed", "aliases": ["nick"],
                  "candidates": [{"backend": "v", "model": "plain"}]}],
-        envoy={"per_try_timeout_s": 2})
+        envoy={"per_try_timeout_s": 2, "fast_lane_compiled": request.param == "compiled"})
     stack = start_stack(tmp_path_factory.mktemp("fast"), cfg, dead_backends=("gone",))
     try:
         yield stack

@@ -23,8 +23,10 @@ answers a malformed request with its own 4xx).
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -43,6 +45,25 @@ PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messa
 # structured output. (``tool_choice`` is read: "auto" and "none" force nothing, anything else
 # takes the ext_proc path; so is ``metadata``: routing hints, see ``plain_metadata``.)
 SLOW_KEYS = ("function_call", "response_format", "output_format")
+# Anywhere in the body (a false alarm only costs the ext_proc path): media parts' marks (with
+# SLOW_KEYS quoted, and NEED_KEYS where they make a need, the marks the lane looks for).
+MARKS = ('"image', '"audio', '"video', '"file', '"input_text', '"input_image', '"input_audio',
+         '"input_file', '"url"', '"document')
+# Every "type" value the lane takes: text parts, tool calls and results, tools' JSON schemas,
+# a Messages tool_choice forcing nothing, prompt caching (any other takes the ext_proc path)...
+TYPES = ("text", "function", "tool_use", "tool_result", "object", "string", "number", "integer",
+         "boolean", "array", "null", "auto", "none", "ephemeral")
+# ...and per API passed natively: Responses' text parts and items (the marks of chat's that are
+# its own), Messages' extended thinking (its setting and the blocks an agent sends back).
+MESSAGES, RESPONSES = "/v1/messages", "/v1/responses"
+OWN_TYPES = {RESPONSES: ("input_text", "output_text", "message", "function_call",
+                         "function_call_output"),
+             MESSAGES: ("thinking", "redacted_thinking", "enabled", "disabled", "adaptive")}
+OWN_MARKS = {RESPONSES: ('"input_text', '"function_call"')}
+# The paths where a stream's usage is asked for (Messages and Responses streams carry it), and
+# where tool_choice is an object read by its type (Messages).
+ASKS = ("/v1/chat/completions", "/v1/completions")
+TYPED_CHOICE = (MESSAGES,)
 # The tool_choice values that force nothing (core/capabilities.request_needs), as chat's
 # string or Messages' ``{"type": ...}``.
 FREE_CHOICES = ("auto", "none")
@@ -91,7 +112,7 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
         paths = tuple(p for p in PATHS if p in table.routed_paths and
                       BY_PATH[p].api in table.apis[b.name])
         attempt_s, idle_s = table.limits[(t.backend, t.model)]
-        reason = (t.model != name and _escaped(t.model)) or (
+        reason = (t.model != name and json_escaped(t.model)) or (
             f"backend {b.name!r} has a key of its own" if b.api_key_env else
             f"backend {b.name!r} gets the client's key" if b.forward_client_auth else
             f"backend {b.name!r} is Azure (deployment paths)" if b.preset == "azure" else
@@ -107,7 +128,7 @@ def lanes(cfg: Config) -> tuple[dict[str, Lane], dict[str, str]]:
     for alias, public in table.aliases.items():  # as their public model, when it is fast
         lane = fast.get(public)
         reason = why.get(public, "a virtual model") if lane is None else \
-            lane.served != alias and _escaped(lane.served)
+            lane.served != alias and json_escaped(lane.served)
         if reason:
             why[alias] = off or f"an alias of {public!r}: {reason}"
         else:
@@ -125,7 +146,23 @@ def plain_metadata(cfg: Config) -> str | None:
     return None if key.startswith(h.metadata_prefix) or key in h.propagate.values() else key
 
 
-def _escaped(served: str) -> str:
+def marks(cfg: Config) -> list[str]:
+    """What in a body sends it the ext_proc path: media parts' marks, the keys that need the
+    service."""
+    slow = [*SLOW_KEYS, *(NEED_KEYS if cfg.capability_routing.incapable == "drop" else ())]
+    return [*MARKS, *(f'"{k}"' for k in slow)]
+
+
+def record_socket(cfg: Config, worker: int) -> str:
+    """Where the compiled lane sends service worker ``worker`` its records: a Unix datagram
+    socket (``envoy.fast_lane_records``, worker i's with ``.i`` added; by default in the
+    temporary directory, named after the service's port)."""
+    base = cfg.envoy.fast_lane_records or str(
+        Path(tempfile.gettempdir()) / f"llm-extproc-lane-{cfg.service.port}.sock")
+    return base if worker == 0 else f"{base}.{worker}"
+
+
+def json_escaped(served: str) -> str:
     """Why a name the Lua would write into the body cannot be (it writes bytes, not JSON)."""
     return f"served as {served!r}, which JSON would escape" if \
         orjson.dumps(served)[1:-1] != served.encode() else ""
@@ -160,5 +197,6 @@ def describe(cfg: Config) -> list[str]:
             f"({why[n]})" for n in sorted({*fast, *why})]
 
 
-__all__ = ["FREE_CHOICES", "NEED_KEYS", "PATHS", "SLOW_KEYS", "Lane", "describe", "lanes",
-           "plain_metadata", "record"]
+__all__ = ["ASKS", "FREE_CHOICES", "MESSAGES", "NEED_KEYS", "OWN_MARKS", "OWN_TYPES", "PATHS",
+           "SLOW_KEYS", "TYPED_CHOICE", "TYPES", "Lane", "describe", "json_escaped", "lanes", "marks",
+           "plain_metadata", "record", "record_socket"]

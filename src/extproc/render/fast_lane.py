@@ -20,53 +20,50 @@ request filters, and the routes they lead to.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ..config import Config
-from ..contract import META_NS, Cluster, Meta
+from ..contract import META_NS, RESP_BACKEND, RESP_MODEL, Cluster, Meta
 from ..core.backends import CLIENT_CREDENTIAL_HEADERS
 from ..core.fast_lane import (
+    ASKS,
     FREE_CHOICES,
-    NEED_KEYS,
+    OWN_MARKS,
+    OWN_TYPES,
     PATHS,
-    SLOW_KEYS,
+    TYPED_CHOICE,
+    TYPES,
     Lane,
+    json_escaped,
     lanes,
+    marks,
     plain_metadata,
+    record_socket,
 )
+from ..lane.build import MODULE
 from .common import EXT_PROC_PER_ROUTE_TYPE, dur
 
 BODY_NS = "extproc.body"  # what json_to_metadata read
 READ_FILTER = "extproc.fast.read"
 DECIDE_FILTER = "extproc.fast.decide"
+LANE_FILTER = "extproc.fast.lane"  # compiled: the two above and more, in one (lane/lane.c)
+RESPONSES_FILTER = "extproc.responses"
 FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 
 _LUA = """
 local NS, BODY, USAGE = "@NS@", "@BODY@", @USAGE@
 local LANES = {@LANES@}
 local HINTS = {@HINTS@}     -- present: the route stage decides
--- Every "type" value in the body: text parts, tool calls and results, tools' JSON schemas,
--- a Messages tool_choice forcing nothing, prompt caching (any other takes the ext_proc path)
-local TYPES = {text = true, ["function"] = true, tool_use = true, tool_result = true,
-               object = true, string = true, number = true, integer = true, boolean = true,
-               array = true, null = true, auto = true, none = true, ephemeral = true}
--- ...and per API passed natively: Responses' text parts and items (the marks of chat's that
--- are its own), Messages' extended thinking (its setting and the blocks an agent sends back)
-local MESSAGES, RESPONSES = "/v1/messages", "/v1/responses"
-local OWN_TYPES = {
-  [RESPONSES] = {input_text = true, output_text = true, message = true, function_call = true,
-                 function_call_output = true},
-  [MESSAGES] = {thinking = true, redacted_thinking = true, enabled = true, disabled = true,
-                adaptive = true}}
-local OWN_MARKS = {[RESPONSES] = {['"input_text'] = true, ['"function_call"'] = true}}
--- The paths where a stream's usage is asked for (Messages and Responses streams carry it)
-local ASKS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
-local CHOICES = {@CHOICES@}  -- tool_choice values that force nothing
+-- (core/fast_lane.py says what each of these is)
+local TYPES = {@TYPES@}
+local MESSAGES = "@MESSAGES@"
+local OWN_TYPES = {@OWN_TYPES@}
+local OWN_MARKS = {@OWN_MARKS@}
+local ASKS = {@ASKS@}
+local CHOICES = {@CHOICES@}
 local META_KEY = @META@  -- the one metadata key passed on untouched (hints are the service's)
--- Anywhere in the body (a false alarm only costs the ext_proc path): media parts' marks, and
--- the keys that need the service.
-local MARKS = {'"image', '"audio', '"video', '"file', '"input_text', '"input_image',
-               '"input_audio', '"input_file', '"url"', '"document', @SLOW@}
+local MARKS = {@MARKS@}
 
 function envoy_on_request(handle)
   local meta = handle:streamInfo():dynamicMetadata()
@@ -99,7 +96,7 @@ function envoy_on_request(handle)
      or string.find(text, "\\\\u00[46]") then return end
   -- A tool_choice forcing nothing, in one key (a second one could be the one a backend reads)
   local choice = string.find(lower, '"tool_choice"', 1, true)
-  local tc = path == MESSAGES and j.choice_type or j.tool_choice
+  local tc = path == MESSAGES and j.choice_type or j.tool_choice  -- (TYPED_CHOICE)
   if choice and (not CHOICES[tc]
                  or string.find(lower, '"tool_choice"', choice + 13, true)) then return end
   -- metadata: only {"<META_KEY>": "<at most 512 plain characters>"}, in one key
@@ -168,10 +165,17 @@ def removed(cfg: Config) -> list[str]:
                                *([h.intent_header] if h.intent_header else [])]))
 
 
-def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
+def hint_headers(cfg: Config) -> list[str]:
+    """The request headers whose presence sends a request to the route stage (hints)."""
     h = cfg.hints
-    hints = [n for n in h.headers.model_dump().values() if n] if h.headers_enabled else []
-    slow = [*SLOW_KEYS, *(NEED_KEYS if cfg.capability_routing.incapable == "drop" else ())]
+    return [n for n in h.headers.model_dump().values() if n] if h.headers_enabled else []
+
+
+def _lua_set(items: Iterable[str]) -> str:
+    return ", ".join(f"[{_lua(i)}] = true" for i in items)
+
+
+def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
     entries = []
     for name, lane in fast.items():
         paths = ", ".join(f'[{_lua(p)}] = true' for p in lane.paths)
@@ -184,12 +188,17 @@ def decide_lua(cfg: Config, fast: dict[str, Lane]) -> str:
     out = _LUA
     meta_key = plain_metadata(cfg)
     for key, value in {"@NS@": META_NS, "@BODY@": BODY_NS,
-                       "@CHOICES@": ", ".join(f"{c} = true" for c in FREE_CHOICES),
+                       "@CHOICES@": _lua_set(FREE_CHOICES), "@TYPES@": _lua_set(TYPES),
+                       "@MESSAGES@": TYPED_CHOICE[0], "@ASKS@": _lua_set(ASKS),
+                       "@OWN_TYPES@": ", ".join(f"[{_lua(p)}] = {{{_lua_set(v)}}}"
+                                                for p, v in OWN_TYPES.items()),
+                       "@OWN_MARKS@": ", ".join(f"[{_lua(p)}] = {{{_lua_set(v)}}}"
+                                                for p, v in OWN_MARKS.items()),
                        "@META@": _lua(meta_key) if meta_key else "nil",
                        "@USAGE@": "true" if cfg.envoy.token_usage else "false",
-                       "@LANES@": ",\n  ".join(entries), "@HINTS@": _lua_strings(hints),
-                       "@SLOW@": _lua_strings(
-                           [f'"{k}"' for k in slow]), "@HOSTS@": Meta.HOSTS,
+                       "@LANES@": ",\n  ".join(entries),
+                       "@HINTS@": _lua_strings(hint_headers(cfg)),
+                       "@MARKS@": _lua_strings(marks(cfg)), "@HOSTS@": Meta.HOSTS,
                        "@PUBLIC@": Meta.PUBLIC_MODEL, "@BACKEND@": Meta.BACKEND,
                        "@MODEL@": Meta.MODEL, "@FAST@": Meta.FAST,
                        "@ADDED@": Meta.USAGE_ADDED, "@REQUESTED@": Meta.REQUESTED}.items():
@@ -203,12 +212,62 @@ def _present(key: str, *path: str) -> dict[str, Any]:
                            "type": "PROTOBUF_VALUE"}}
 
 
+def compiled(cfg: Config) -> bool:
+    """Whether the lane is the compiled module (and there is a lane at all)."""
+    return cfg.envoy.fast_lane_compiled and bool(lanes(cfg)[0])
+
+
+def module_config(cfg: Config, fast: dict[str, Lane]) -> str:
+    """The compiled lane's rules, one per line (lane/lane.c reads them): the same lists the
+    Lua is rendered from. Names that JSON would escape, or that hold a tab or newline, never
+    match a body read raw: such a lane is left out (its requests take the ext_proc path)."""
+    def plain(*names: str) -> bool:
+        return all(not json_escaped(n) and "\t" not in n and "\n" not in n for n in names)
+
+    meta_key = plain_metadata(cfg)
+    lines = [["ns", META_NS],
+             ["keys", Meta.HOSTS, Meta.PUBLIC_MODEL, Meta.REQUESTED, Meta.BACKEND, Meta.MODEL,
+              Meta.FAST, Meta.USAGE_ADDED, Meta.USAGE_IN, Meta.USAGE_OUT, Meta.FIRST_TOKEN_US,
+              Meta.LAST_US],
+             ["usage", str(int(cfg.envoy.token_usage))],
+             ["hold", str(int(cfg.envoy.whole_responses))],
+             ["max", str(cfg.envoy.fast_lane_max_bytes)],
+             *([["meta", meta_key]] if meta_key else []),
+             ["client", cfg.hints.client_header], ["answer", RESP_BACKEND, RESP_MODEL],
+             *(["hint", h] for h in hint_headers(cfg)), *(["mark", m] for m in marks(cfg)),
+             *(["type", t] for t in TYPES), *(["choice", c] for c in FREE_CHOICES),
+             *([["path", p, *(["ask"] if p in ASKS else []),
+                 *(["typed_choice"] if p in TYPED_CHOICE else [])] for p in PATHS]),
+             *(["own_type", p, t] for p, ts in OWN_TYPES.items() for t in ts),
+             *(["own_mark", p, m] for p, ms in OWN_MARKS.items() for m in ms),
+             *(["lane", name, lane.public, lane.served, lane.backend, lane.address,
+                str(lane.idle_ms), str(int(lane.metadata)), ",".join(lane.paths)]
+               for name, lane in fast.items()
+               if plain(name, lane.public, lane.served, lane.backend)),
+             *(["socket", record_socket(cfg, i)] for i in range(cfg.service.workers))]
+    return "\n".join("\t".join(line) for line in lines)
+
+
+def module_filter(cfg: Config, name: str, role: str) -> dict[str, Any]:
+    """The compiled lane's module as a filter: ``lane`` (the request filters' place: the fast
+    requests, whole) or ``answers`` (the response Lua's place: every other answer)."""
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                 "DynamicModuleFilter",
+        "dynamic_module_config": {"name": MODULE},
+        "filter_name": role,
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                          "value": module_config(cfg, lanes(cfg)[0])}}}
+
+
 def filters(cfg: Config) -> list[dict[str, Any]]:
-    """The two request filters, before the route stage (every route but the reading one turns
-    them off: ``skipped``)."""
+    """The two request filters (or the compiled one), before the route stage (every route but
+    the reading one turns them off: ``skipped``)."""
     fast, _ = lanes(cfg)
     if not fast:
         return []
+    if cfg.envoy.fast_lane_compiled:
+        return [module_filter(cfg, LANE_FILTER, "lane")]
     # (json_to_metadata takes values, not objects: Messages' tool_choice by its type)
     rules = [_present("model"), _present("stream"), _present("tool_choice"),
              _present("choice_type", "tool_choice", "type"),
@@ -262,5 +321,6 @@ def skipped(cfg: Config) -> dict[str, Any]:
     filter's off switch per route, not an on switch for a filter off by default)."""
     if not lanes(cfg)[0]:
         return {}
+    names = (LANE_FILTER,) if cfg.envoy.fast_lane_compiled else (READ_FILTER, DECIDE_FILTER)
     return {"typed_per_filter_config": {name: {"@type": FILTER_CONFIG, "disabled": True}
-                                        for name in (READ_FILTER, DECIDE_FILTER)}}
+                                        for name in names}}

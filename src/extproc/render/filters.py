@@ -194,7 +194,9 @@ def responses_lua(cfg: Config) -> str:
 def responses(cfg: Config) -> list[dict[str, Any]]:
     if not (cfg.envoy.whole_responses or cfg.envoy.token_usage):
         return []
-    return [{"name": "extproc.responses", "typed_config": {
+    if fast_lane.compiled(cfg):  # (the same work, compiled: lane/lane.c)
+        return [fast_lane.module_filter(cfg, fast_lane.RESPONSES_FILTER, "answers")]
+    return [{"name": fast_lane.RESPONSES_FILTER, "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
         "default_source_code": {"inline_string": responses_lua(cfg)}}}]
 
@@ -264,12 +266,16 @@ def decision_log(cfg: Config) -> dict[str, Any]:
     """Envoy's gRPC access log to the service: each request's decision record (dynamic
     metadata set by the route stage) comes back with the outcome, batched, off the request's
     path; the service writes the decision line and the request metrics from it."""
+    # (the route stage's record, or the Lua lane's mark: the service writes its record; the
+    # compiled lane sends its own)
+    keys = (Meta.RECORD,) if fast_lane.compiled(cfg) else (Meta.RECORD, Meta.FAST)
+    # (a key not found matches unless told otherwise: Envoy 1.40 logged every request)
+    present = [{"metadata_filter": {"matcher": {
+        "filter": META_NS, "path": [{"key": key.value}], "value": {"present_match": True}},
+        "match_if_key_not_found": False}} for key in keys]
     return {
         "name": "envoy.access_loggers.http_grpc",
-        # (the route stage's record, or the fast lane's mark: the service writes its record)
-        "filter": {"or_filter": {"filters": [{"metadata_filter": {"matcher": {
-            "filter": META_NS, "path": [{"key": key.value}],
-            "value": {"present_match": True}}}} for key in (Meta.RECORD, Meta.FAST)]}},
+        "filter": present[0] if len(present) == 1 else {"or_filter": {"filters": present}},
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
                      "HttpGrpcAccessLogConfig",

@@ -11,7 +11,10 @@ replica can finish it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
@@ -22,7 +25,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import duration_pb2
 
 from .. import metrics
-from ..contract import META_NS, Meta
+from ..contract import META_NS, RESP_BACKEND, RESP_MODEL, Meta
 from ..core import fast_lane
 from ..core.decision import complete, usage
 from ..core.health import observe
@@ -83,6 +86,33 @@ def finish(entry: accesslog_pb2.HTTPAccessLogEntry, rt: Runtime) -> dict[str, An
     return rec
 
 
+# A compiled lane record's fields (lane/lane.c, one tab-separated line per fast request).
+LANE_FIELDS = ("version", "request_id", "path", "requested", "public", "served", "backend",
+               "upstream", "status", "attempts", "start_us", "to_first_backend_byte",
+               "to_first_client_byte", "total", Meta.USAGE_IN, Meta.USAGE_OUT,
+               Meta.FIRST_TOKEN_US, Meta.LAST_US, "client", "retry_after", RESP_BACKEND,
+               RESP_MODEL)
+
+
+def lane_record(line: str, rt: Runtime) -> tuple[dict[str, Any], str | None]:
+    """The completed record of one compiled lane line, as ``finish`` makes it from an access
+    log entry, and the answer's Retry-After (ValueError: not such a line)."""
+    values = line.split("\t")
+    if len(values) != len(LANE_FIELDS) or values[0] != "L1":
+        raise ValueError("not a lane record")
+    f = dict(zip(LANE_FIELDS, values, strict=True))
+    decided = fast_lane.record(f["public"], f["served"], f["backend"], f["upstream"],
+                               f["request_id"], f["path"],
+                               f["requested"] if f["requested"] != f["public"] else "")
+    timings = {k: float(f[k]) for k, _ in _TIMINGS if f[k]}
+    headers = {k: f[k] for k in (RESP_BACKEND, RESP_MODEL) if f[k]}
+    rec = complete(decided, int(f["status"]), headers, int(f["attempts"]) or None, timings,
+                   rt.notes.pop(f["request_id"], []) if rt.notes else [])
+    rec["usage"] = usage({k: f[k] for k in _FIGURES if f[k]}, int(f["start_us"]))
+    rec["client"] = f["client"] or None
+    return rec, f["retry_after"] or None
+
+
 def health_event(rt: Runtime, backend: str, state: str, mono: float) -> dict[str, Any]:
     """The log line of a backend's health changing (also what ``/extproc/health`` shows)."""
     return {"event": "backend.health", **rt.health.state(backend, mono), "became": state}
@@ -138,21 +168,68 @@ class DecisionLog:
     def _take(self, entries: Iterable[Any]) -> None:
         rt = self.runtime()
         done = []
-        mono, wall = time.monotonic(), time.time()
         for entry in entries:
             try:
                 rec = finish(entry, rt)
                 if rec is not None:
-                    account(rec)
-                    done.append(rec)
-                    retry_after = entry.response.response_headers.get("retry-after")
-                    for backend, state in observe(rt.health, rec, retry_after, mono, wall):
-                        done.append(health_event(rt, backend, state, mono))
+                    done.append((rec, entry.response.response_headers.get("retry-after")))
             except Exception:  # one odd entry must not end the stream
                 self.log.exception("access log entry", extra={"fields": {
                     "event": "decision_log.error",
                     "request_id": entry.request.request_id}})
-        write_events(self.log, done)
+        self.write(rt, done)
+
+    def write(self, rt: Runtime, done: Iterable[tuple[dict[str, Any], str | None]]) -> None:
+        """Each completed record counted, logged, and told to the backends' health."""
+        events = []
+        mono, wall = time.monotonic(), time.time()
+        for rec, retry_after in done:
+            try:
+                account(rec)
+                events.append(rec)
+                for backend, state in observe(rt.health, rec, retry_after, mono, wall):
+                    events.append(health_event(rt, backend, state, mono))
+            except Exception:  # one odd record must not end the stream
+                self.log.exception("decision record", extra={"fields": {
+                    "event": "decision_log.error", "request_id": rec.get("request_id")}})
+        write_events(self.log, events)
 
     def end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
+
+
+class LaneRecords(asyncio.DatagramProtocol):
+    """The compiled lane's records (lane/lane.c): batches of lines on a Unix datagram socket,
+    each completed as the access log's entries are. A line that is not a record (anyone on
+    the host may write to the socket) is counted as lost, as are the lines the lane could not
+    send (its ``D`` line says how many)."""
+
+    def __init__(self, log: DecisionLog):
+        self.log = log
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        rt = self.log.runtime()
+        done = []
+        for raw in data.decode("utf-8", "replace").splitlines():
+            if raw.startswith("D\t") and raw[2:].isdigit():
+                metrics.LANE_RECORDS_LOST.inc(int(raw[2:]))
+                continue
+            try:
+                done.append(lane_record(raw, rt))
+            except (ValueError, KeyError):
+                metrics.LANE_RECORDS_LOST.inc()
+        self.log.write(rt, done)
+
+
+async def receive_lane_records(path: str, log: DecisionLog) -> asyncio.DatagramTransport:
+    """Binds the compiled lane's socket (a stale one from an earlier run is replaced; only
+    this user may write to it)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: LaneRecords(log), sock=sock)
+    return transport

@@ -30,7 +30,7 @@ from ..logs import log_event
 from ..render import render
 from ..runtime import Runtime
 from .attempt_stage import AttemptStream
-from .decision_log import DecisionLog
+from .decision_log import DecisionLog, receive_lane_records
 from .grpc_server import Answer, Call, GrpcServer, Health
 from .route_stage import RouteStream
 
@@ -291,21 +291,25 @@ async def discover_models(processor: Processor) -> None:
 
 async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
                 config_path: str | None = None, metrics_port: int | None = None,
-                trim: Callable[[], None] | None = None, unix_socket: str | None = None) -> None:
+                trim: Callable[[], None] | None = None, unix_socket: str | None = None,
+                lane_socket: str | None = None) -> None:
     """Run until SIGTERM/SIGINT; in-flight streams get the configured grace period. Serves on
-    ``unix_socket`` too, when given."""
+    ``unix_socket`` too, when given, and receives the compiled lane's records on
+    ``lane_socket``."""
     cfg = rt.config.service
     max_bytes = cfg.max_message_bytes
     processor = Processor(rt)
     health = Health()
+    decision_log = DecisionLog(lambda: processor.rt, log)
     server = GrpcServer({
         Processor.PATH: processor.open,
-        DecisionLog.PATH: DecisionLog(lambda: processor.rt, log).open,
+        DecisionLog.PATH: decision_log.open,
         Health.PATH: health.open,
     }, max_bytes)
     addr = f"{host or cfg.host}:{port or cfg.port}"
     if unix_socket:  # (first: once the port answers, the socket is there too)
         await server.start_unix(unix_socket)
+    lane = await receive_lane_records(lane_socket, decision_log) if lane_socket else None
     await server.start(host or cfg.host, port or cfg.port)
     metrics.start(cfg.metrics_port if metrics_port is None else metrics_port, cfg.host)
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
@@ -335,6 +339,8 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         health.set(name, False)
     await server.stop(cfg.shutdown_grace_s)
+    if lane:
+        lane.close()
     warming.cancel()
     await processor.rt.schema_judge.close()
     log_event(log, {"event": "service.stopped"})

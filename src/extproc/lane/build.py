@@ -1,0 +1,69 @@
+"""Builds the compiled fast lane (``lane.c``) for Envoy with the system's C compiler.
+
+Envoy loads a dynamic module by name, ``lib<name>.so``, from the directory in
+``ENVOY_DYNAMIC_MODULES_SEARCH_PATH``: ``build`` returns that directory. The library is built
+once per source (its hash names the directory, under ~/.cache/llm-extproc), so a changed
+``lane.c`` is rebuilt and an unchanged one costs nothing. The module speaks Envoy 1.40's ABI
+(v0.2.0), which another Envoy may load without complaint and then call wrongly: ``check_envoy``
+refuses any other version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("lane.c")
+MODULE = "extproc_lane"  # (the name the rendered config loads)
+ENVOY_VERSION = "1.40"
+SEARCH_PATH = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH"
+
+
+class LaneBuildError(RuntimeError):
+    pass
+
+
+def build(cache: Path | None = None) -> Path:
+    """The directory holding lib<MODULE>.so for the current source (built if missing)."""
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    root = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
+        "llm-extproc" / "lane"
+    out = root / digest
+    lib = out / f"lib{MODULE}.so"
+    if lib.exists():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise LaneBuildError("envoy.fast_lane_compiled needs a C compiler (cc): "
+                             "apt-get install gcc, or set CC")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        built = Path(tmp) / lib.name
+        done = subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-pthread", "-o",
+                               str(built), str(SOURCE)], capture_output=True, text=True)
+        if done.returncode:
+            raise LaneBuildError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        built.replace(lib)  # (whole or not at all: another process may be loading it)
+    return out
+
+
+def check_envoy(binary: str) -> None:
+    """Refuses an Envoy whose module ABI the lane was not written for."""
+    text = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"/(\d+\.\d+)\.\d+/", text)
+    if not found or found.group(1) != ENVOY_VERSION:
+        raise LaneBuildError(f"envoy.fast_lane_compiled is written for Envoy {ENVOY_VERSION}; "
+                             f"{binary} is {found.group(1) if found else 'of unknown version'}"
+                             " (turn it off to use the Lua lane)")
+
+
+def environment(binary: str) -> dict[str, str]:
+    """What Envoy's environment needs for the rendered config to load the lane."""
+    check_envoy(binary)
+    return {SEARCH_PATH: str(build())}
