@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## wrk (Debian package) drives the benchmark and its smoke test; a C compiler builds the
-## benchmark's compiled-lane probe (bench/lane_probe.c)
+## compiled fast lane (src/extproc/lane/lane.c: envoy.fast_lane_compiled), which tests run
 tools:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
 	  || { echo "could not install wrk (needs root or sudo): apt-get install wrk"; exit 1; }

@@ -1,6 +1,6 @@
 """What each part of the fast lane costs, against bare Envoy: the rendered config with parts
 taken out, side by side, interleaved round by round, on one emulated backend (1 KB chat for a
-lane model). Answers "could a compiled lane reach 0.8x bare Envoy?" by measuring the bound:
+lane model): where the lane's cost is, and what the compiled lane leaves of it.
 
     bare            Envoy alone (bench.py's target a)
     routing         the lane's routing with no decision at all: json_to_metadata's rules set
@@ -11,13 +11,10 @@ lane model). Answers "could a compiled lane reach 0.8x bare Envoy?" by measuring
     + answers       routing + the response Lua (whole answers held, token usage read)
     + both          routing + record + answers: a lane whose decision costs nothing
     lane            the lane as rendered (the deciding Lua too)
-    probe: decide   the lane with its two request filters (json_to_metadata, the deciding Lua)
-                    replaced by bench/lane_probe.c (no response Lua, no record), compiled
-                    here into an Envoy dynamic module (built with cc; skipped, saying so,
-                    without one): the same kinds of work on a reduced rule set
-    probe: all      the probe also holding answers and reading their usage (the response Lua
-                    gone) and sending each request's record to a Unix datagram socket in
-                    batches (the gRPC access log gone); this script receives and counts them
+    lane compiled   the lane as rendered with envoy.fast_lane_compiled: lane/lane.c, an Envoy
+                    dynamic module, in place of the two request filters, the response Lua and
+                    the access log entry (its records come to the service over a Unix socket:
+                    their count is checked against the requests answered)
 
     python bench/lane_parts.py [--conc 8] [--rounds 5] [--duration 4]
 """
@@ -25,8 +22,6 @@ lane model). Answers "could a compiled lane reach 0.8x bare Envoy?" by measuring
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +46,7 @@ from bench import (
     wait_idle,
 )
 from extproc.contract import META_NS, Meta
+from extproc.lane.build import SEARCH_PATH, build
 from extproc.render.fast_lane import DECIDE_FILTER, READ_FILTER
 from extproc_dev.stack import envoy_binary, free_port
 
@@ -97,92 +93,26 @@ def _without(env: Config, *, record: bool, answers: bool, host: str, backend: st
     return env
 
 
-def _probe(env: Config, settings: str) -> Config:
-    """The lane with bench/lane_probe.c in place of its two request filters, and no response
-    Lua and no gRPC access log (``settings``, the probe's config line, says whether it holds
-    answers and sends records instead)."""
-    for hcm in _hcms(env):
-        kept = []
-        for f in hcm["http_filters"]:
-            if f["name"] in (READ_FILTER, "extproc.responses"):
-                continue
-            if f["name"] == DECIDE_FILTER:
-                f = {"name": DECIDE_FILTER, "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                             "dynamic_modules.v3.DynamicModuleFilter",
-                    "dynamic_module_config": {"name": "lane_probe"},
-                    "filter_name": "lane_probe",
-                    "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                      "value": settings}}}
-            kept.append(f)
-        hcm["http_filters"] = kept
-        _without_record(hcm)
-    return env
-
-
-def variants(host: str, records: Path | None) -> dict[str, Callable[[Config], Config] | None]:
-    """Each variant's change to the rendered config (None: bare Envoy); the probe's with
-    ``records`` (its socket), when it was built."""
+def variants(host: str) -> dict[str, Callable[[Config], Config] | None]:
+    """Each variant's change to the rendered config (None: bare Envoy); ``COMPILED`` says
+    which variants are rendered with the compiled lane."""
     def part(record: bool, answers: bool) -> Callable[[Config], Config]:
         return lambda env: _without(env, record=record, answers=answers, host=host,
                                     backend="emu")
 
-    def probe(parts: str) -> Callable[[Config], Config]:
-        return lambda env: _probe(env, "\t".join(["bench-model", host, "emu", str(records),
-                                                   parts]))
-    found: dict[str, Callable[[Config], Config] | None] = {
-        "bare": None, "routing": part(False, False), "+ record": part(True, False),
-        "+ answers": part(False, True), "+ both": part(True, True), "lane": lambda env: env}
-    if records is not None:
-        found |= {"probe: decide": probe("decide"), "probe: all": probe("decide,answers,record")}
-    return found
+    return {"bare": None, "routing": part(False, False), "+ record": part(True, False),
+            "+ answers": part(False, True), "+ both": part(True, True),
+            "lane": lambda env: env, "lane compiled": lambda env: env}
 
 
-def build_probe(tmp: Path) -> bool:
-    """liblane_probe.so in ``tmp`` (Envoy finds it there: ENVOY_DYNAMIC_MODULES_SEARCH_PATH)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        print("no C compiler (cc): the probe variants are left out")
-        return False
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp / "liblane_probe.so"),
-                    str(Path(__file__).with_name("lane_probe.c"))], check=True)
-    return True
+COMPILED = ("lane compiled",)
 
 
-def receive(path: str) -> None:
-    """The probe's records: received, parsed and counted by (status, model, backend) as a
-    service keeping metrics would; the count written beside the socket as it grows."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.bind(path)
-    sock.settimeout(0.5)
-    counts: dict[tuple[bytes, ...], int] = {}
-    tokens: dict[bytes, int] = {}
-    seen = written = 0
-    while True:
-        try:
-            batch = sock.recv(1 << 16)
-        except TimeoutError:
-            batch = b""
-        for line in batch.splitlines():
-            code, model, backend, used_in, used_out = line.split(b"\t")
-            counts[code, model, backend] = counts.get((code, model, backend), 0) + 1
-            tokens[model] = tokens.get(model, 0) + int(used_in or 0) + int(used_out or 0)
-            seen += 1
-        if seen != written:  # (replaced whole: a reader never sees it half written)
-            answered = sum(n for (code, _, _), n in counts.items() if code != b"0")
-            Path(path + ".part").write_text(f"{answered} {seen - answered}")
-            Path(path + ".part").replace(path + ".count")
-            written = seen
-
-
-def received(records: Path) -> tuple[int, int]:
-    """The probe's records so far (after the receiver's next look): of answered requests, and
-    of requests the client left unanswered (status 0: wrk's connections closed at its end)."""
-    time.sleep(0.6)
-    count = Path(f"{records}.count")
-    answered, left = count.read_text().split() if count.exists() else (0, 0)
-    return int(answered), int(left)
+def recorded(metrics_port: int) -> float:
+    """Requests the service has a record of (its request counter)."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("llm_extproc_requests_total"))
 
 
 def route_stage_requests(metrics_port: int) -> float:
@@ -199,11 +129,7 @@ def main() -> int:
     ap.add_argument("--conc", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=float, default=4.0)
-    ap.add_argument("--receive", help=argparse.SUPPRESS)  # (the probe's records, in a process)
     args = ap.parse_args()
-    if args.receive:
-        receive(args.receive)  # (until stopped)
-        return 0
     tmp = Path(tempfile.mkdtemp(prefix="extproc-lane-parts-"))
     procs = Procs(tmp)
     try:
@@ -211,13 +137,11 @@ def main() -> int:
         procs.start("emu", [sys.executable, "-m", "extproc_dev.emulators", "--flavour", "vllm",
                             "--name", "emu", "--models", "bench-model-awq,bench-model",
                             "--port", str(emu), "--no-record-bodies"], emu, timeout=120)
-        records = tmp / "records.sock" if build_probe(tmp) else None
-        if records is not None:
-            procs.procs["records"] = subprocess.Popen(
-                [sys.executable, __file__, "--receive", str(records)], start_new_session=True)
+        module = {SEARCH_PATH: str(build())}
         urls, pids, metrics = {}, {}, {}
-        for n, (name, change) in enumerate(variants(f"127.0.0.1:{emu}", records).items()):
+        for n, (name, change) in enumerate(variants(f"127.0.0.1:{emu}").items()):
             cfg = extproc_config(emu, free_port(), free_port())
+            cfg["envoy"]["fast_lane_compiled"] = name in COMPILED
             listen = cfg["envoy"]["listen_port"]
             cfg_path, envoy_path = tmp / f"{n}.yaml", tmp / f"{n}-envoy.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg))
@@ -234,11 +158,10 @@ def main() -> int:
             procs.start(f"envoy-{n}", [envoy_binary(), "-c", str(envoy_path), "--concurrency",
                                        "1", "--log-level", "error", "--base-id",
                                        str(free_port())], listen,
-                        env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(tmp)})
+                        env=module)
             urls[name] = f"http://127.0.0.1:{listen}"
             pids[name] = [procs.procs[f"envoy-{n}"].pid] + (
-                [procs.procs[f"service-{n}"].pid] if change is not None else []) + (
-                [procs.procs["records"].pid] if name == "probe: all" else [])
+                [procs.procs[f"service-{n}"].pid] if change is not None else [])
         body = make_bodies(tmp)["chat_fast"]
         script = lua_script(tmp, body, emu)
         warm = {}
@@ -263,7 +186,7 @@ def main() -> int:
         print(f"1 KB chat for a lane model, concurrency {args.conc}, {args.rounds} interleaved "
               f"rounds of {args.duration:.0f} s; Envoy --concurrency 1")
         print(f"  {'variant':14} {'req/s':>7} {'/bare':>6} {'p50 ms':>7}  CPU ms per request: "
-              "Envoy, service (and the probe's records)")
+              "Envoy, service")
         for name, rs in runs.items():
             paired = statistics.median(r["rps"] / b["rps"] for r, b in zip(rs, runs["bare"],
                                                                           strict=True))
@@ -274,13 +197,12 @@ def main() -> int:
                   f"{med['envoy_ms']:.3f}, {med['service_ms']:.3f}"
                   + (f"  NON-2XX {errors}" if errors else "")
                   + ("  OFF THE LANE (the route stage was asked)" if name in off else ""))
-        if records is not None:
-            sent = warm["probe: all"] + sum(r["requests"] for r in runs["probe: all"])
-            answered, left = received(records)
-            print(f"probe records received: {answered} for {sent} requests wrk saw answered "
-                  "(fewer: a batch held when the last round stops is not sent, the probe has "
-                  "no timer; more: wrk does not count what was in flight when it stopped), "
-                  f"and {left} for requests wrk left unanswered")
+        for name in COMPILED:
+            sent = warm[name] + sum(r["requests"] for r in runs[name])
+            time.sleep(0.5)  # (the module's last batch: sent within 20 ms)
+            print(f"{name}: records received {recorded(metrics[name]):.0f} for {sent} requests "
+                  "wrk saw answered (more: wrk does not count what was in flight when it "
+                  "stopped)")
     finally:
         procs.stop()
     return 0

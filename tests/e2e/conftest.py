@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -30,7 +31,10 @@ def stack_config(backends: list[dict[str, Any]], models: list[dict[str, Any]],
     cfg: dict[str, Any] = {
         "service": {"host": "127.0.0.1", "port": free_port(), "log_level": "info",
                     "metrics_port": free_port()},
-        "envoy": {"listen_port": free_port(), "admin_port": free_port()},
+        # (EXTPROC_TEST_LANE=compiled: every stack with the compiled lane, unless a test says)
+        "envoy": {"listen_port": free_port(), "admin_port": free_port(),
+                  **({"fast_lane_compiled": True}
+                     if os.environ.get("EXTPROC_TEST_LANE") == "compiled" else {})},
         "backends": out_backends,
         "models": models,
     }

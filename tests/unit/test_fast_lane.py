@@ -3,13 +3,17 @@ two filters run only on the reading route, the fast routes turn the route stage 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from extproc.config import Config
 from extproc.contract import Cluster, Meta
-from extproc.core.fast_lane import describe, lanes, record
+from extproc.core.fast_lane import describe, lanes, marks, record, record_socket
 from extproc.render import render
-from extproc.render.fast_lane import DECIDE_FILTER, READ_FILTER
+from extproc.render.fast_lane import DECIDE_FILTER, LANE_FILTER, READ_FILTER, RESPONSES_FILTER
+from extproc.shell.decision_log import lane_record
 
 
 def config(**extra: Any) -> Config:
@@ -100,7 +104,7 @@ def test_rendered_filters_and_routes() -> None:
     assert '["nick"] = {hosts = "127.0.0.1:8001", backend = "w", served = "renamed-here", ' \
         'public = "nice"' in lua
     assert '"\\"response_format\\""' in lua and '"\\"tool_choice\\""' not in lua
-    assert "CHOICES = {auto = true, none = true}" in lua  # read, not refused on sight
+    assert 'CHOICES = {["auto"] = true, ["none"] = true}' in lua  # read, not refused on sight
     routes = h["route_config"]["virtual_hosts"][0]["routes"]
     fast = [r for r in routes if r.get("name", "").startswith("fast_") and r["name"] != "fast_read"]
     assert fast and all(r["route"]["cluster"] == Cluster.DIRECT.value for r in fast)
@@ -152,3 +156,68 @@ def test_a_quote_in_a_model_name_does_not_end_the_lua_string() -> None:
     lua = next(f for f in hcm(cfg)["http_filters"] if f["name"] == DECIDE_FILTER)[
         "typed_config"]["default_source_code"]["inline_string"]
     assert '["we\\"ird\\\\name"] = {hosts' in lua
+
+
+def module_lines(cfg: Config, name: str = LANE_FILTER) -> list[list[str]]:
+    f = next(f for f in hcm(cfg)["http_filters"] if f["name"] == name)["typed_config"]
+    return [line.split("\t") for line in f["filter_config"]["value"].splitlines()]
+
+
+def test_the_compiled_lane_is_rendered_from_the_same_rules() -> None:
+    """One module in two places: the lane (the request filters' place) and the answers (the
+    response Lua's); its rules the lists the Lua is rendered from; the access log no longer
+    brings fast requests (the module sends their records)."""
+    cfg = config(envoy={"fast_lane_compiled": True})
+    h = hcm(cfg)
+    names = [f["name"] for f in h["http_filters"]]
+    assert READ_FILTER not in names and DECIDE_FILTER not in names
+    assert names.index(LANE_FILTER) < names.index("extproc.route") < \
+        names.index(RESPONSES_FILTER)
+    roles = {f["name"]: f["typed_config"]["filter_name"] for f in h["http_filters"]
+             if "dynamic_module_config" in f["typed_config"]}
+    assert roles == {LANE_FILTER: "lane", RESPONSES_FILTER: "answers"}
+    lines = module_lines(cfg)
+    assert lines == module_lines(cfg, RESPONSES_FILTER)
+    assert ["lane", "nick", "nice", "renamed-here", "w", "127.0.0.1:8001", "30000", "1",
+            ",".join(lanes(cfg)[0]["nick"].paths)] in lines
+    assert [m for k, m in (x for x in lines if len(x) == 2) if k == "mark"] == marks(cfg)
+    assert ["path", "/v1/chat/completions", "ask"] in lines
+    assert ["path", "/v1/messages", "typed_choice"] in lines
+    assert ["socket", record_socket(cfg, 0)] in lines and ["meta", "user_id"] in lines
+    routes = h["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[-1]["typed_per_filter_config"][LANE_FILTER]["disabled"]
+    log = h["access_log"][0]["filter"]
+    assert log["metadata_filter"]["matcher"]["path"] == [{"key": Meta.RECORD.value}]
+    assert log["metadata_filter"]["match_if_key_not_found"] is False
+
+
+def test_the_decision_log_takes_only_requests_with_a_record_or_the_lane_mark() -> None:
+    """Envoy 1.40 takes a key not found as a match unless told: every request was logged."""
+    log = hcm(config())["access_log"][0]["filter"]["or_filter"]["filters"]
+    assert [f["metadata_filter"]["match_if_key_not_found"] for f in log] == [False, False]
+
+
+def test_a_compiled_lane_record_is_completed_as_the_access_log_would() -> None:
+    rt = SimpleNamespace(notes={})
+    rec, retry_after = lane_record("\t".join([
+        "L1", "rid", "/v1/chat/completions", "nick", "nice", "renamed-here", "w",
+        "127.0.0.1:8001", "200", "1", "1796371019567515", "1.5", "1.6", "2.25", "10", "6",
+        "1796371019568515", "1796371019569515", "team-a", "", "w", "renamed-here"]), rt)
+    assert retry_after is None
+    assert (rec["plan"], rec["outcome"], rec["status"], rec["model_requested"],
+            rec["public_model"]) == ("fast", "ok", 200, "nick", "nice")
+    assert rec["attempts"] == [{"n": 1, "backend": "w", "model": "renamed-here",
+                                "address": "127.0.0.1:8001", "status": 200}]
+    assert rec["timings_ms"] == {"to_first_backend_byte": 1.5, "to_first_client_byte": 1.6,
+                                 "total": 2.25}
+    assert rec["usage"] == {"input_tokens": 10, "output_tokens": 6, "ttft_ms": 1.0,
+                            "tpot_ms": 0.2}
+    assert rec["client"] == "team-a"
+    dead, after = lane_record("\t".join([
+        "L1", "r2", "/v1/embeddings", "plain", "plain", "plain", "v", "", "503", "1",
+        "1796371019567515", "", "3.0", "3.5", "", "", "", "", "", "7", "", ""]), rt)
+    assert (dead["outcome"], dead["model_requested"], after) == ("upstream_failed", "plain", "7")
+    assert "to_first_backend_byte" not in dead["timings_ms"] and dead["usage"] == {}
+    for junk in ("", "L1\tonly", "L2" + "\tx" * 21, "L1" + "\tx" * 21):
+        with pytest.raises(ValueError):
+            lane_record(junk, rt)

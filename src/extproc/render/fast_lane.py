@@ -96,7 +96,8 @@ function envoy_on_request(handle)
      or string.find(text, "\\\\u00[46]") then return end
   -- A tool_choice forcing nothing, in one key (a second one could be the one a backend reads)
   local choice = string.find(lower, '"tool_choice"', 1, true)
-  local tc = path == MESSAGES and j.choice_type or j.tool_choice  -- (TYPED_CHOICE)
+  local tc = j.tool_choice
+  if path == MESSAGES then tc = j.choice_type end  -- (TYPED_CHOICE: an object, by its type)
   if choice and (not CHOICES[tc]
                  or string.find(lower, '"tool_choice"', choice + 13, true)) then return end
   -- metadata: only {"<META_KEY>": "<at most 512 plain characters>"}, in one key
