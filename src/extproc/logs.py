@@ -44,14 +44,22 @@ def write_events(logger: logging.Logger, events: list[dict[str, Any]],
                  level: int = logging.INFO) -> None:
     """Many events in one write, in JsonFormatter's shape: the decision log writes a line per
     request, and the logging machinery costs more than the line itself."""
-    if not events or not logger.isEnabledFor(level):
+    write_json(logger, [], events, level)
+
+
+def write_json(logger: logging.Logger, texts: list[str], events: list[dict[str, Any]],
+               level: int = logging.INFO) -> None:
+    """``write_events`` for events some of which are already serialised (``texts``: a JSON
+    object each, written first)."""
+    if not (texts or events) or not logger.isEnabledFor(level):
         return
     now = time.time()
     head = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
             + f".{int(now % 1 * 1000):03d}Z", "level": logging.getLevelName(level).lower(),
             "logger": logger.name, "pid": os.getpid()}
-    sys.stderr.write("".join(orjson.dumps({**head, **e}, default=str).decode() + "\n"
-                             for e in events))
+    lead = orjson.dumps(head).decode()[:-1] + ","
+    sys.stderr.write("".join([*(lead + t[1:] + "\n" for t in texts), *(
+        orjson.dumps({**head, **e}, default=str).decode() + "\n" for e in events)]))
     sys.stderr.flush()
 
 

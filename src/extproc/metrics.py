@@ -4,6 +4,9 @@ OpenTelemetry GenAI attribute names where one exists (``gen_ai_request_model``,
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter as Tally
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
@@ -55,17 +58,21 @@ TPOT = Histogram(
 _USAGE_CHILDREN: dict[tuple[str, ...], tuple[Histogram, Histogram, Histogram, Histogram]] = {}
 
 
-def usage(figures: dict[str, float], public_model: str, model: str, backend: str,
-          client: str) -> None:
-    """One answer's token usage and stream latency (``core.decision.usage``'s figures); the
-    labelled children cached as in ``requests``."""
-    labels = (public_model, model, backend, client)
+def _usage_children(labels: tuple[str, str, str, str]
+                    ) -> tuple[Histogram, Histogram, Histogram, Histogram]:
     children = _USAGE_CHILDREN.get(labels)
     if children is None:
         children = _USAGE_CHILDREN[labels] = (
             TOKENS.labels("input", *labels), TOKENS.labels("output", *labels),
             TTFT.labels(*labels), TPOT.labels(*labels))
-    tokens_in, tokens_out, ttft, tpot = children
+    return children
+
+
+def usage(figures: dict[str, float], public_model: str, model: str, backend: str,
+          client: str) -> None:
+    """One answer's token usage and stream latency (``core.decision.usage``'s figures); the
+    labelled children cached as in ``requests``."""
+    tokens_in, tokens_out, ttft, tpot = _usage_children((public_model, model, backend, client))
     if "input_tokens" in figures:
         tokens_in.observe(figures["input_tokens"])
     if "output_tokens" in figures:
@@ -74,6 +81,27 @@ def usage(figures: dict[str, float], public_model: str, model: str, backend: str
         ttft.observe(figures["ttft_ms"] / 1000)
     if "tpot_ms" in figures:
         tpot.observe(figures["tpot_ms"] / 1000)
+
+
+def usages(many: list[dict[str, float]], public_model: str, model: str, backend: str,
+           client: str) -> None:
+    """``usage`` for many answers with the same labels (the compiled lane's batches)."""
+    children = _usage_children((public_model, model, backend, client))
+    for child, key, scale in zip(children, ("input_tokens", "output_tokens", "ttft_ms",
+                                            "tpot_ms"), (1, 1, 1000, 1000), strict=True):
+        amounts = [f[key] / scale for f in many if key in f]
+        if amounts:
+            observe_all(child, amounts)
+
+
+def observe_all(child: Histogram, amounts: list[float]) -> None:
+    """``observe`` for many amounts at once, each bucket counted once. prometheus_client has
+    no such call: this does what its ``observe`` does with the same values
+    (tests/unit/test_metrics.py checks the exposition is the same)."""
+    bounds = child._upper_bounds
+    child._sum.inc(sum(amounts))
+    for i, n in Tally(bisect_left(bounds, a) for a in amounts).items():
+        child._buckets[i].inc(n)
 
 
 _STAGE_CHILDREN: dict[tuple[str, str], Histogram] = {}

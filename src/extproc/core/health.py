@@ -109,9 +109,7 @@ class Health:
             return None
         s = self.settings
         if ok:
-            h.failures = 0
-            if not (h.until and h.until_state == "ejected"):
-                h.ejections = max(0, h.ejections - 1)
+            self.answered(backend)
             return None
         h.failures += 1
         if h.failures < s.eject_after_failures or self._held(h, mono):
@@ -122,6 +120,17 @@ class Health:
                    f"{s.eject_after_failures} failed attempts in a row (last: {why}); "
                    f"out for {span:.0f}s")
         return "ejected"
+
+    def answered(self, backend: str, n: int = 1) -> None:
+        """``n`` attempts in a row that got an answer (``attempt`` with ``ok``; the compiled
+        lane's records come a batch at a time): a failure streak ends, and each one walks
+        the ejection backoff back a step, unless the backend is ejected now."""
+        h = self.backends.get(backend)
+        if h is None:
+            return
+        h.failures = 0
+        if not (h.until and h.until_state == "ejected"):
+            h.ejections = max(0, h.ejections - n)
 
     def retry_after(self, backend: str, seconds: float, mono: float, wall: float
                     ) -> str | None:

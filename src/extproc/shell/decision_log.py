@@ -11,10 +11,7 @@ replica can finish it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
@@ -196,40 +193,3 @@ class DecisionLog:
 
     def end(self) -> bytes:
         return als_pb2.StreamAccessLogsResponse().SerializeToString()
-
-
-class LaneRecords(asyncio.DatagramProtocol):
-    """The compiled lane's records (lane/lane.c): batches of lines on a Unix datagram socket,
-    each completed as the access log's entries are. A line that is not a record (anyone on
-    the host may write to the socket) is counted as lost, as are the lines the lane could not
-    send (its ``D`` line says how many)."""
-
-    def __init__(self, log: DecisionLog):
-        self.log = log
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        rt = self.log.runtime()
-        done = []
-        for raw in data.decode("utf-8", "replace").splitlines():
-            if raw.startswith("D\t") and raw[2:].isdigit():
-                metrics.LANE_RECORDS_LOST.inc(int(raw[2:]))
-                continue
-            try:
-                done.append(lane_record(raw, rt))
-            except (ValueError, KeyError):
-                metrics.LANE_RECORDS_LOST.inc()
-        self.log.write(rt, done)
-
-
-async def receive_lane_records(path: str, log: DecisionLog) -> asyncio.DatagramTransport:
-    """Binds the compiled lane's socket (a stale one from an earlier run is replaced; only
-    this user may write to it)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: LaneRecords(log), sock=sock)
-    return transport

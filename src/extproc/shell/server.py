@@ -29,8 +29,9 @@ from ..effects.discovery import Discoverer
 from ..logs import log_event
 from ..render import render
 from ..runtime import Runtime
+from . import lane_records
 from .attempt_stage import AttemptStream
-from .decision_log import DecisionLog, receive_lane_records
+from .decision_log import DecisionLog
 from .grpc_server import Answer, Call, GrpcServer, Health
 from .route_stage import RouteStream
 
@@ -309,7 +310,7 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     addr = f"{host or cfg.host}:{port or cfg.port}"
     if unix_socket:  # (first: once the port answers, the socket is there too)
         await server.start_unix(unix_socket)
-    lane = await receive_lane_records(lane_socket, decision_log) if lane_socket else None
+    lane = await lane_records.receive(lane_socket, decision_log) if lane_socket else None
     await server.start(host or cfg.host, port or cfg.port)
     metrics.start(cfg.metrics_port if metrics_port is None else metrics_port, cfg.host)
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
