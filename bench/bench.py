@@ -1,7 +1,8 @@
 """Reference benchmark: side by side, interleaved, on the same emulated backend.
 
 Targets: (a) bare Envoy, (b) Envoy + an empty ext_proc (the floor: bench/empty_extproc.py),
-(c) Envoy + llm-extproc, (c2) the same with --workers 2, (d) the LiteLLM proxy (in its own
+(c) Envoy + llm-extproc, (c2) the same with --workers 2, (c3) the same with the fast lane
+compiled (envoy.fast_lane_compiled; c3/a paired by round), (d) the LiteLLM proxy (in its own
 virtual environment, bench/.litellm-venv, installed on first use; --no-litellm skips it), (e)
 Envoy AI Gateway (`aigw run`, installed on first use into ~/.cache/llm-extproc/bench/aigw-venv;
 its Envoy runs 2 workers, and so do ours when it runs), compared paired by round as c/e, (f)
@@ -553,11 +554,14 @@ def main() -> int:
             pids[name] = {"envoy": e.pid}
             if fport:
                 pids[name]["empty ext_proc"] = procs.procs[f"floor-{name[0]}"].pid
-        variants = [("c llm-extproc", 1)]
+        variants = [("c llm-extproc", 1, False)]
         if not args.smoke and (not extra or "c2" in extra):
-            variants.append(("c2 llm-extproc x2", 2))
-        for name, workers in variants:
+            variants.append(("c2 llm-extproc x2", 2, False))
+        if not args.smoke and (not extra or "c3" in extra):
+            variants.append(("c3 llm-extproc, compiled lane", 1, True))
+        for name, workers, compiled in variants:
             cfg = extproc_config(emu_port, llama_port, aux_port, workers, dead_port, chat_port)
+            cfg["envoy"]["fast_lane_compiled"] = compiled
             tag = f"x{len(stacks)}"
             path = tmp / f"extproc-{tag}.yaml"
             path.write_text(yaml.safe_dump(cfg))
@@ -705,6 +709,13 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
             ratios["c/b req/s paired"] = statistics.median(y["rps"] / x["rps"] for x, y in pairs)
         if "c2 llm-extproc x2" in row:
             ratios["c2/c req/s"] = row["c2 llm-extproc x2"]["rps"] / c["rps"]
+        if "c3 llm-extproc, compiled lane" in row:  # paired by round with bare Envoy
+            pairs = list(zip(per["a bare Envoy"], per["c3 llm-extproc, compiled lane"],
+                             strict=True))
+            ratios["c3/a req/s paired"] = statistics.median(y["rps"] / x["rps"]
+                                                            for x, y in pairs)
+            pairs = list(zip(per["a bare Envoy"], per["c llm-extproc"], strict=True))
+            ratios["c/a req/s paired"] = statistics.median(y["rps"] / x["rps"] for x, y in pairs)
         if "d LiteLLM" in row:
             d = row["d LiteLLM"]
             ratios.update({"d/c p50": d["p50_ms"] / c["p50_ms"], "c/d req/s": c["rps"] / d["rps"]})

@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from extproc_dev.stack import Stack
@@ -363,3 +365,36 @@ def test_a_stalled_backend_is_given_up_on_time_with_a_json_error(fstack: Stack) 
             pass  # (the stream is cut: an incomplete read)
     assert time.monotonic() - t0 < 6
     httpx.post(behaviour, json={})
+
+
+def test_compiled_lane_records_with_workers_on_both_sides(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two Envoy workers send to two service workers (a socket each): every fast request has
+    its one decision line and is counted once in the summed metrics; none lost."""
+    cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["plain"]}],
+                       models=[], service={"workers": 2},
+                       envoy={"fast_lane_compiled": True})
+    stack = start_stack(tmp_path_factory.mktemp("workers"), cfg, envoy_workers=2)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda i: httpx.post(
+                stack.envoy_url + "/v1/chat/completions", timeout=30,
+                json={"model": "plain", "stream": i % 3 == 0,
+                      "messages": [{"role": "user", "content": "hi"}]}).headers["x-request-id"],
+                range(60)))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = [orjson.loads(x) for x in stack.log_path("service").read_text().splitlines()
+                     if '"routing.decision"' in x]
+            if len(lines) >= len(ids):
+                break
+            time.sleep(0.1)
+        assert sorted(x["request_id"] for x in lines) == sorted(ids)
+        assert {x["plan"] for x in lines} == {"fast"} and len({x["pid"] for x in lines}) == 2
+        text = httpx.get(f"http://127.0.0.1:{cfg['service']['metrics_port']}/metrics").text
+        counted = sum(float(m.group(1)) for m in re.finditer(
+            r'llm_extproc_requests_total\{[^}]*\} (\S+)', text))
+        assert counted == len(ids)
+        assert "llm_extproc_lane_records_lost_total 0.0" in text
+    finally:
+        stack.stop()

@@ -41,8 +41,7 @@ typedef void *envoy_ptr;
 
 enum { REQUEST_HEADER = 0, RESPONSE_HEADER = 2 };
 enum { RECEIVED_REQUEST, BUFFERED_REQUEST, RECEIVED_RESPONSE, BUFFERED_RESPONSE };
-enum { ATTR_REQUEST_ID = 9, ATTR_RESPONSE_CODE = 15, ATTR_CODE_DETAILS = 16,
-       ATTR_UPSTREAM_ADDRESS = 41, ATTR_ATTEMPTS = 53 };
+enum { ATTR_RESPONSE_CODE = 15, ATTR_CODE_DETAILS = 16, ATTR_ATTEMPTS = 53 };
 enum { CONTINUE = 0, STOP = 1 };
 enum { DYNAMIC_METADATA = 0 };  /* headers: StopIteration; body: StopIterationAndBuffer */
 
@@ -58,6 +57,9 @@ extern bool envoy_dynamic_module_callback_http_get_metadata_string(envoy_ptr, in
 extern bool envoy_dynamic_module_callback_http_get_header(envoy_ptr, int, buf_t, buf_t *, size_t,
                                                           size_t *);
 extern bool envoy_dynamic_module_callback_http_set_header(envoy_ptr, int, buf_t, buf_t);
+typedef struct { buf_t key, value; } pair_t;  /* (envoy_dynamic_module_type_envoy_http_header) */
+extern size_t envoy_dynamic_module_callback_http_get_headers_size(envoy_ptr, int);
+extern bool envoy_dynamic_module_callback_http_get_headers(envoy_ptr, int, pair_t *);
 extern bool envoy_dynamic_module_callback_http_filter_get_attribute_int(envoy_ptr, int,
                                                                         uint64_t *);
 extern bool envoy_dynamic_module_callback_http_filter_get_attribute_string(envoy_ptr, int,
@@ -67,6 +69,7 @@ extern uint32_t envoy_dynamic_module_callback_http_filter_get_worker_index(envoy
 #define LIT(x) ((buf_t){x, sizeof(x) - 1})
 #define MAX_DEPTH 64        /* JSON nesting the lane reads; deeper: the ext_proc path */
 #define MAX_PATHS 16
+#define MAX_HEADERS 96      /* headers read in one call; a request with more: the ext_proc path */
 #define TAIL 512            /* a stream's previous bytes kept to read what a chunk split */
 #define MAX_PENDING (1 << 20)  /* an unfinished stream event held; beyond: passed on as is */
 #define SLOTS 64            /* record batches, one per Envoy worker thread */
@@ -328,7 +331,7 @@ typedef struct {
   struct timespec t0;
   int64_t start_us, first_us, last_us;
   double to_backend_ms, to_client_ms;
-  char in[20], out[20], client[129], retry_after[33], backend[129], model[129];
+  char in[20], out[20], id[129], client[129], retry_after[33], backend[129], model[129];
   char tail[TAIL];
   size_t ntail;
   char *pending;
@@ -359,11 +362,22 @@ static double since_ms(const filter_t *f) {
   return (double)(t.tv_sec - f->t0.tv_sec) * 1e3 + (double)(t.tv_nsec - f->t0.tv_nsec) / 1e6;
 }
 
-static bool header(envoy_ptr h, int type, str_t key, buf_t *value) {
-  size_t n = 0;
-  *value = (buf_t){0};
-  return envoy_dynamic_module_callback_http_get_header(h, type, B(key), value, 0, &n) &&
-         value->ptr;
+/* One side's headers, all at once (one call, no key copied; Envoy keeps names lower case):
+ * their count, or 0 when there are none or more than MAX_HEADERS. */
+static size_t headers(envoy_ptr h, int type, pair_t *out) {
+  size_t n = envoy_dynamic_module_callback_http_get_headers_size(h, type);
+  if (n == 0 || n > MAX_HEADERS || !envoy_dynamic_module_callback_http_get_headers(h, type, out))
+    return 0;
+  return n;
+}
+
+static bool find(const pair_t *hs, size_t n, str_t key, buf_t *value) {
+  for (size_t i = 0; i < n; i++)
+    if (hs[i].key.length == key.n && !memcmp(hs[i].key.ptr, key.s, key.n)) {
+      *value = hs[i].value;
+      return value->ptr != NULL;
+    }
+  return false;
 }
 
 /* A header's value for a record: printable ASCII only (no tab or newline), cut to fit. */
@@ -374,25 +388,29 @@ static void keep(char *out, size_t cap, const char *v, size_t n) {
   out[k] = 0;
 }
 
-static void keep_header(envoy_ptr h, int type, str_t key, char *out, size_t cap) {
+static void keep_found(const pair_t *hs, size_t n, str_t key, char *out, size_t cap) {
   buf_t v;
-  if (key.n && header(h, type, key, &v)) keep(out, cap, v.ptr, v.length);
+  if (key.n && find(hs, n, key, &v)) keep(out, cap, v.ptr, v.length);
 }
 
 int envoy_dynamic_module_on_http_filter_request_headers(envoy_ptr h, filter_t *f, bool end) {
   const config_t *c = f->cfg;
   clock_gettime(CLOCK_MONOTONIC, &f->t0);
   f->start_us = wall_us();
-  buf_t v;
   if (c->answers || end)  /* (the answers filter reads answers only) */
     return CONTINUE;
-  if (!header(h, REQUEST_HEADER, (str_t){":method", 7}, &v) || v.length != 4 ||
-      memcmp(v.ptr, "POST", 4) || !header(h, REQUEST_HEADER, (str_t){":path", 5}, &v))
+  pair_t hs[MAX_HEADERS];
+  size_t n = headers(h, REQUEST_HEADER, hs);
+  buf_t v;
+  if (!find(hs, n, (str_t){":method", 7}, &v) || v.length != 4 || memcmp(v.ptr, "POST", 4) ||
+      !find(hs, n, (str_t){":path", 5}, &v))
     return CONTINUE;
   f->path = path_index(c, (str_t){v.ptr, v.length});
   if (f->path < 0) return CONTINUE;
   for (size_t i = 0; i < c->hints.n; i++)
-    if (header(h, REQUEST_HEADER, c->hints.v[i], &v)) return CONTINUE;
+    if (find(hs, n, c->hints.v[i], &v)) return CONTINUE;
+  keep_found(hs, n, (str_t){"x-request-id", 12}, f->id, sizeof f->id);
+  keep_found(hs, n, c->client, f->client, sizeof f->client);
   f->candidate = true;
   return STOP;  /* (the next filter, the route stage, must not see the headers before this) */
 }
@@ -797,7 +815,6 @@ int envoy_dynamic_module_on_http_filter_request_body(envoy_ptr h, filter_t *f, b
   set_meta(h, c, K_BACKEND, lane->backend);
   set_meta(h, c, K_MODEL, lane->served);
   set_meta(h, c, K_FAST, f->stream ? lane->idle : (str_t){"0", 1});
-  keep_header(h, REQUEST_HEADER, c->client, f->client, sizeof f->client);
   envoy_dynamic_module_callback_http_clear_route_cache(h);
   return CONTINUE;
 }
@@ -807,7 +824,7 @@ int envoy_dynamic_module_on_http_filter_request_trailers(envoy_ptr h, filter_t *
   return CONTINUE;
 }
 
-/* ---- the answer (fast requests only) ---- */
+/* ---- the answer ---- */
 static bool ends_with(buf_t v, const char *s) {
   size_t n = strlen(s);
   return v.length >= n && !memcmp(v.ptr + v.length - n, s, n);
@@ -834,9 +851,11 @@ int envoy_dynamic_module_on_http_filter_response_headers(envoy_ptr h, filter_t *
     f->answer = f->fast;
   }
   if (!f->answer) return CONTINUE;
-  f->stream = header(h, RESPONSE_HEADER, (str_t){"content-type", 12}, &v) &&
+  pair_t hs[MAX_HEADERS];
+  size_t n = headers(h, RESPONSE_HEADER, hs);
+  f->stream = find(hs, n, (str_t){"content-type", 12}, &v) &&
               memmem(v.ptr, v.length, "text/event-stream", 17);
-  bool identity = !header(h, RESPONSE_HEADER, (str_t){"content-encoding", 16}, &v) ||
+  bool identity = !find(hs, n, (str_t){"content-encoding", 16}, &v) ||
                   (v.length == 8 && !memcmp(v.ptr, "identity", 8));
   f->read = c->usage && identity;
   /* (held to its end: whole answers, and a compressed one the Lua would have held too) */
@@ -849,10 +868,9 @@ int envoy_dynamic_module_on_http_filter_response_headers(envoy_ptr h, filter_t *
                 ends_with(details, "via_upstream");
   if (f->upstream) f->to_backend_ms = since_ms(f);
   if (!f->held) f->to_client_ms = since_ms(f);
-  keep_header(h, RESPONSE_HEADER, c->answer_backend, f->backend, sizeof f->backend);
-  keep_header(h, RESPONSE_HEADER, c->answer_model, f->model, sizeof f->model);
-  keep_header(h, RESPONSE_HEADER, (str_t){"retry-after", 11}, f->retry_after,
-              sizeof f->retry_after);
+  keep_found(hs, n, c->answer_backend, f->backend, sizeof f->backend);
+  keep_found(hs, n, c->answer_model, f->model, sizeof f->model);
+  keep_found(hs, n, (str_t){"retry-after", 11}, f->retry_after, sizeof f->retry_after);
   return f->held ? STOP : CONTINUE;
 }
 
@@ -950,6 +968,25 @@ static void without_usage(envoy_ptr h, filter_t *f, const char *raw, size_t n) {
   f->pending = text;
 }
 
+/* The last bytes of a held answer (what was buffered, then what just arrived; one buffer
+ * seen twice when so), copied to the end of `out`: how many. */
+static size_t tail_of(envoy_ptr h, char *out, size_t cap) {
+  size_t nb = envoy_dynamic_module_callback_http_get_body_chunks_size(h, BUFFERED_RESPONSE);
+  size_t nr = envoy_dynamic_module_callback_http_get_body_chunks_size(h, RECEIVED_RESPONSE);
+  buf_t *chunks = nb + nr ? malloc((nb + nr) * sizeof *chunks) : NULL;
+  if (!chunks) return 0;
+  if (nb) envoy_dynamic_module_callback_http_get_body_chunks(h, BUFFERED_RESPONSE, chunks);
+  if (nr) envoy_dynamic_module_callback_http_get_body_chunks(h, RECEIVED_RESPONSE, chunks + nb);
+  size_t from = nb && nr && chunks[0].ptr == chunks[nb].ptr ? nb : 0, got = 0;
+  for (size_t i = nb + nr; i-- > from && got < cap;) {
+    size_t take = chunks[i].length < cap - got ? chunks[i].length : cap - got;
+    memcpy(out + cap - got - take, chunks[i].ptr + chunks[i].length - take, take);
+    got += take;
+  }
+  free(chunks);
+  return got;
+}
+
 /* The answer has ended: a stream's end noted; the "answers" filter leaves what it read in
  * the metadata for the access log (the lane filter sends its record instead). */
 static void answered(envoy_ptr h, filter_t *f) {
@@ -970,15 +1007,10 @@ int envoy_dynamic_module_on_http_filter_response_body(envoy_ptr h, filter_t *f, 
   if (f->held) {
     if (!end) return STOP;
     f->to_client_ms = since_ms(f);
-    if (f->read) {
-      char *own = NULL;
-      size_t len = 0;
-      const char *text = whole(h, BUFFERED_RESPONSE, RECEIVED_RESPONSE, SIZE_MAX, &len, &own);
-      if (text) {
-        size_t from = len > 4096 ? len - 4096 : 0;
-        scan_usage(f, text + from, len - from);
-      }
-      free(own);
+    if (f->read) {  /* (usage is at the end: the last 4 KB read, whatever the size) */
+      char end_of[4096];
+      size_t len = tail_of(h, end_of, sizeof end_of);
+      scan_usage(f, end_of + sizeof end_of - len, len);
     }
     answered(h, f);
     return CONTINUE;
@@ -1025,17 +1057,9 @@ void envoy_dynamic_module_on_http_filter_stream_complete(envoy_ptr h, filter_t *
   uint64_t code = 0, attempts = 0;
   envoy_dynamic_module_callback_http_filter_get_attribute_int(h, ATTR_RESPONSE_CODE, &code);
   envoy_dynamic_module_callback_http_filter_get_attribute_int(h, ATTR_ATTEMPTS, &attempts);
-  char id[129] = "", upstream[65] = "", backend_ms[24] = "", client_ms[24] = "", first[24] = "",
-       last[24] = "";
-  buf_t v = {0};
-  if (envoy_dynamic_module_callback_http_filter_get_attribute_string(h, ATTR_REQUEST_ID, &v) &&
-      v.ptr)
-    keep(id, sizeof id, v.ptr, v.length);
-  v = (buf_t){0};
-  if (f->upstream &&
-      envoy_dynamic_module_callback_http_filter_get_attribute_string(h, ATTR_UPSTREAM_ADDRESS,
-                                                                     &v) && v.ptr)
-    keep(upstream, sizeof upstream, v.ptr, v.length);
+  char backend_ms[24] = "", client_ms[24] = "", first[24] = "", last[24] = "";
+  /* (the upstream: the lane's one host, when it answered) */
+  str_t upstream = f->upstream ? l->hosts : (str_t){"", 0};
   if (f->to_backend_ms >= 0) snprintf(backend_ms, sizeof backend_ms, "%.3f", f->to_backend_ms);
   if (f->to_client_ms >= 0) snprintf(client_ms, sizeof client_ms, "%.3f", f->to_client_ms);
   if (f->first_us) snprintf(first, sizeof first, "%lld", (long long)f->first_us);
@@ -1043,11 +1067,12 @@ void envoy_dynamic_module_on_http_filter_stream_complete(envoy_ptr h, filter_t *
   /* (names from the config: at most a few hundred bytes each, no tab or newline) */
   char line[4096];
   int n = snprintf(line, sizeof line,
-                   "L1\t%s\t%.*s\t%.*s\t%.*s\t%.*s\t%.*s\t%s\t%llu\t%llu\t%lld\t%s\t%s\t%.3f\t"
+                   "L1\t%s\t%.*s\t%.*s\t%.*s\t%.*s\t%.*s\t%.*s\t%llu\t%llu\t%lld\t%s\t%s\t%.3f\t"
                    "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
-                   id, (int)c->paths[f->path].n, c->paths[f->path].s, (int)l->model.n,
+                   f->id, (int)c->paths[f->path].n, c->paths[f->path].s, (int)l->model.n,
                    l->model.s, (int)l->public_.n, l->public_.s, (int)l->served.n, l->served.s,
-                   (int)l->backend.n, l->backend.s, upstream, (unsigned long long)code,
+                   (int)l->backend.n, l->backend.s, (int)upstream.n, upstream.s,
+                   (unsigned long long)code,
                    (unsigned long long)attempts, (long long)f->start_us, backend_ms, client_ms,
                    since_ms(f), f->in, f->out, first, last, f->client, f->retry_after,
                    f->backend, f->model);
