@@ -16,6 +16,10 @@ request filters, and the routes they lead to.
   are gone on arrival: ``bootstrap.early_header_mutation``) and send the request to the direct
   cluster with the route stage off. A request the Lua turned down stays on the reading route,
   which is the ordinary one: the route stage decides.
+
+With ``envoy.fast_lane_compiled`` the two filters are one, ``lane/lane.c`` (an Envoy dynamic
+module) taking the same rules as lines of text (``module_config``), and the same module takes
+the response Lua's place (``module_filter``); the routes are the same.
 """
 
 from __future__ import annotations
