@@ -9,7 +9,8 @@ filter checks what the keys cannot say (the path, hint headers, media parts), wr
 backend's name into the one ``model`` key when it differs (and ``stream_options`` into a
 stream that has none), and sets the same metadata the route stage would, and a route on that
 metadata sends it to the direct cluster with the route stage off. Measured: ~3x the requests
-per second of the ext_proc path (docs/benchmark.md).
+per second of the ext_proc path (docs/benchmark.md). ``envoy.fast_lane_compiled`` does the
+same in C (``lane/lane.c``), by the same rules: the lists below.
 
 Everything else takes the ext_proc path, and so does any request the lane is unsure of:
 several candidates (health order, failover, judged answers), keys, forced capabilities (a
