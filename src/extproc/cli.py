@@ -77,6 +77,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lane_module(args: argparse.Namespace) -> int:
+    """Builds the compiled fast lane (if not built yet) and prints where Envoy finds it."""
+    from .lane.build import LaneBuildError, build
+
+    try:
+        print(build())
+    except LaneBuildError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """gRPC health check (container HEALTHCHECK, scripts): exit 0 only when SERVING."""
     import grpc
@@ -176,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                    "listens on port + i, which the rendered Envoy config balances across")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("lane-module", help="build the compiled fast lane "
+                       "(envoy.fast_lane_compiled) and print the directory to give your Envoy "
+                       "as ENVOY_DYNAMIC_MODULES_SEARCH_PATH")
+    p.set_defaults(func=cmd_lane_module)
     p = sub.add_parser("health", help="check a running service's gRPC health")
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--service", default="envoy.service.ext_proc.v3.ExternalProcessor")

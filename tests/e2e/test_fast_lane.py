@@ -5,10 +5,14 @@ path, as before."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -17,7 +21,8 @@ import openai
 import orjson
 import pytest
 
-from extproc_dev.stack import Stack
+from extproc.lane.build import MODULE, LaneBuildError, check_envoy
+from extproc_dev.stack import Stack, envoy_binary
 
 from .conftest import received, reset, stack_config, start_stack, wait_line
 
@@ -398,3 +403,22 @@ def test_compiled_lane_records_with_workers_on_both_sides(
         assert "llm_extproc_lane_records_lost_total 0.0" in text
     finally:
         stack.stop()
+
+
+def test_the_module_is_built_once_per_source_and_only_for_envoy_1_40(tmp_path) -> None:
+    """`extproc lane-module` builds lane.c into the cache (by its hash) and prints the
+    directory; a second call finds it built; an Envoy of another version is refused."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    run = [sys.executable, "-m", "extproc.cli", "lane-module"]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    lib = Path(first.strip()) / f"lib{MODULE}.so"
+    assert lib.exists() and str(tmp_path) in first
+    built = lib.stat().st_mtime_ns
+    assert subprocess.run(run, env=env, capture_output=True, text=True).stdout == first
+    assert lib.stat().st_mtime_ns == built
+    fake = tmp_path / "envoy"
+    fake.write_text("#!/bin/sh\necho 'envoy  version: abc/1.39.2/Clean/RELEASE/BoringSSL'\n")
+    fake.chmod(0o755)
+    with pytest.raises(LaneBuildError, match=r"written for Envoy 1\.40; .* is 1\.39"):
+        check_envoy(str(fake))
+    check_envoy(envoy_binary())
