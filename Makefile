@@ -47,9 +47,11 @@ test: install tools
 conformance: install
 	$(PY) -m pytest -q -p no:cacheprovider conformance
 
-## make fuzz: the property tests at 20,000 examples each (200,000 in all)
-fuzz: install
+## make fuzz: the property tests at 20,000 examples each (200,000 in all), and the compiled
+## lane's readers on 5 million hostile bodies and answers under the sanitizers
+fuzz: install tools
 	HYPOTHESIS_EXAMPLES=20000 $(PY) -m pytest -q tests/unit/test_properties.py
+	LANE_FUZZ_ITERATIONS=5000000 $(PY) -m pytest -q tests/e2e/test_lane_sanitized.py
 
 lint: install
 	$(PY) -m ruff check src tests bench conformance

@@ -148,7 +148,7 @@ static void config_free(config_t *c) {
 typedef struct {
   pthread_mutex_t lock;
   char buf[BATCH];
-  size_t len, lines;
+  size_t len, lines, carried;  /* carried: the lost lines its D line reports */
   struct timespec since;
 } slot_t;
 
@@ -176,8 +176,8 @@ static void send_batch(size_t i) {
                   sizeof *a) == (ssize_t)s->len;
   }
   pthread_mutex_unlock(&ADDR_LOCK);
-  if (!sent) atomic_fetch_add(&DROPPED, s->lines);
-  s->len = s->lines = 0;
+  if (!sent) atomic_fetch_add(&DROPPED, s->lines + s->carried);
+  s->len = s->lines = s->carried = 0;
 }
 
 static void *flusher(void *arg) {
@@ -188,7 +188,8 @@ static void *flusher(void *arg) {
     clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
     for (size_t i = 0; i < SLOTS; i++) {
       slot_t *s = &SLOT[i];
-      if (!s->len || pthread_mutex_trylock(&s->lock)) continue;
+      if (!__atomic_load_n(&s->len, __ATOMIC_RELAXED) || pthread_mutex_trylock(&s->lock))
+        continue;
       if (s->len && ms_between(s->since, now) >= FLUSH_MS) send_batch(i);
       pthread_mutex_unlock(&s->lock);
     }
@@ -211,7 +212,10 @@ static void add_line(uint32_t worker, const char *line, size_t n) {
   if (!s->len) {
     clock_gettime(CLOCK_MONOTONIC_COARSE, &s->since);
     unsigned long dropped = atomic_exchange(&DROPPED, 0);
-    if (dropped) s->len = (size_t)snprintf(s->buf, 32, "D\t%lu\n", dropped);
+    if (dropped) {
+      s->len = (size_t)snprintf(s->buf, 32, "D\t%lu\n", dropped);
+      s->carried = dropped;
+    }
   }
   if (s->len + n <= BATCH) {
     memcpy(s->buf + s->len, line, n);
@@ -936,8 +940,15 @@ static const char *event_end(const char *p, const char *end) {
 static void without_usage(envoy_ptr h, filter_t *f, const char *raw, size_t n) {
   if (f->npending + n > MAX_PENDING) {  /* (no end in sight: passed on as it is) */
     f->added = false;
-    if (f->npending) envoy_dynamic_module_callback_http_append_body(
-        h, RECEIVED_RESPONSE, (buf_t){f->pending, f->npending});
+    char *all = f->npending ? malloc(f->npending + n) : NULL;
+    if (all) {  /* (what was held back, then this chunk) */
+      memcpy(all, f->pending, f->npending);
+      memcpy(all + f->npending, raw, n);
+      envoy_dynamic_module_callback_http_drain_body(h, RECEIVED_RESPONSE, SIZE_MAX);
+      envoy_dynamic_module_callback_http_append_body(h, RECEIVED_RESPONSE,
+                                                     (buf_t){all, f->npending + n});
+      free(all);
+    }
     free(f->pending);
     f->pending = NULL;
     f->npending = 0;
@@ -945,7 +956,7 @@ static void without_usage(envoy_ptr h, filter_t *f, const char *raw, size_t n) {
   }
   char *text = malloc(f->npending + n + 1), *out = malloc(f->npending + n + 1);
   if (!text || !out) { free(text); free(out); return; }
-  memcpy(text, f->pending, f->npending);
+  if (f->npending) memcpy(text, f->pending, f->npending);
   memcpy(text + f->npending, raw, n);
   size_t len = f->npending + n, k = 0;
   const char *p = text, *e = text + len, *start = text;
