@@ -68,27 +68,25 @@ def _usage_children(labels: tuple[str, str, str, str]
     return children
 
 
+# ``core.decision.usage``'s figures, in the order of ``_usage_children``, and their scale.
+_FIGURES = (("input_tokens", 1), ("output_tokens", 1), ("ttft_ms", 1000), ("tpot_ms", 1000))
+
+
 def usage(figures: dict[str, float], public_model: str, model: str, backend: str,
           client: str) -> None:
     """One answer's token usage and stream latency (``core.decision.usage``'s figures); the
     labelled children cached as in ``requests``."""
-    tokens_in, tokens_out, ttft, tpot = _usage_children((public_model, model, backend, client))
-    if "input_tokens" in figures:
-        tokens_in.observe(figures["input_tokens"])
-    if "output_tokens" in figures:
-        tokens_out.observe(figures["output_tokens"])
-    if "ttft_ms" in figures:
-        ttft.observe(figures["ttft_ms"] / 1000)
-    if "tpot_ms" in figures:
-        tpot.observe(figures["tpot_ms"] / 1000)
+    children = _usage_children((public_model, model, backend, client))
+    for child, (key, scale) in zip(children, _FIGURES, strict=True):
+        if key in figures:
+            child.observe(figures[key] / scale)
 
 
 def usages(many: list[dict[str, float]], public_model: str, model: str, backend: str,
            client: str) -> None:
     """``usage`` for many answers with the same labels (the compiled lane's batches)."""
     children = _usage_children((public_model, model, backend, client))
-    for child, key, scale in zip(children, ("input_tokens", "output_tokens", "ttft_ms",
-                                            "tpot_ms"), (1, 1, 1000, 1000), strict=True):
+    for child, (key, scale) in zip(children, _FIGURES, strict=True):
         amounts = [f[key] / scale for f in many if key in f]
         if amounts:
             observe_all(child, amounts)
@@ -97,7 +95,7 @@ def usages(many: list[dict[str, float]], public_model: str, model: str, backend:
 def observe_all(child: Histogram, amounts: list[float]) -> None:
     """``observe`` for many amounts at once, each bucket counted once. prometheus_client has
     no such call: this does what its ``observe`` does with the same values
-    (tests/unit/test_metrics.py checks the exposition is the same)."""
+    (tests/unit/test_lane_records.py checks the exposition is the same)."""
     bounds = child._upper_bounds
     child._sum.inc(sum(amounts))
     for i, n in Tally(bisect_left(bounds, a) for a in amounts).items():

@@ -196,6 +196,18 @@ def retry_after_seconds(value: str | None, wall: float) -> float | None:
         return None
 
 
+def answered_by(rec: dict[str, Any]) -> str | None:
+    """The backend a completed record tells ``observe`` only that it answered (one attempt,
+    no 5xx, 429 or upstream failure: ``Health.answered``), or None: records of that kind can
+    be told many at once."""
+    attempts = rec.get("attempts") or []
+    status = rec.get("status") or 0
+    if len(attempts) == 1 and 0 < status < 500 and status != 429 and \
+            rec.get("outcome") not in ("upstream_failed", "rejected"):
+        return attempts[0].get("backend")
+    return None
+
+
 def observe(health: Health, rec: dict[str, Any], retry_after: str | None, mono: float,
             wall: float) -> list[tuple[str, str]]:
     """Feed one completed decision record's attempts to ``health`` (passive detection): an

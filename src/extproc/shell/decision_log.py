@@ -115,15 +115,20 @@ def health_event(rt: Runtime, backend: str, state: str, mono: float) -> dict[str
     return {"event": "backend.health", **rt.health.state(backend, mono), "became": state}
 
 
-def account(rec: dict[str, Any]) -> None:
+def labels(rec: dict[str, Any]) -> tuple[str, str, str]:
+    """A completed record's public model, and the backend and model that answered last, as
+    the metrics label them ("-": none)."""
     attempts = rec["attempts"]
     backend = attempts[-1].get("backend") if attempts else None
     model = attempts[-1].get("model") if attempts else None
-    metrics.requests(rec["public_model"] or "-", backend or "-", model or "-",
-                     rec["outcome"]).inc()
+    return rec["public_model"] or "-", backend or "-", model or "-"
+
+
+def account(rec: dict[str, Any]) -> None:
+    public, backend, model = labels(rec)
+    metrics.requests(public, backend, model, rec["outcome"]).inc()
     if rec.get("usage"):
-        metrics.usage(rec["usage"], rec["public_model"] or "-", model or "-", backend or "-",
-                      rec.get("client") or "-")
+        metrics.usage(rec["usage"], public, model, backend, rec.get("client") or "-")
     hints = rec["hints"]
     for kind in hints.get("hints", {}):
         result = "applied" if kind in hints.get("applied", ()) else "ignored"

@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
@@ -28,13 +29,13 @@ import orjson
 from .. import metrics
 from ..contract import Meta
 from ..core.decision import usage
-from ..core.health import observe
+from ..core.health import answered_by, observe
 from ..logs import write_json
 from ..runtime import Runtime
-from .decision_log import LANE_FIELDS, DecisionLog, health_event, lane_record
+from .decision_log import LANE_FIELDS, DecisionLog, health_event, labels, lane_record
 
 _N = len(LANE_FIELDS)
-_TIMINGS = (11, 12, 13)           # to_first_backend_byte, to_first_client_byte, total
+_TIMINGS = ((11, "to_first_backend_byte"), (12, "to_first_client_byte"), (13, "total"))
 _FIGURES = ((14, Meta.USAGE_IN), (15, Meta.USAGE_OUT), (16, Meta.FIRST_TOKEN_US),
             (17, Meta.LAST_US))
 # What makes a shape (19, Retry-After, is per line)
@@ -54,16 +55,14 @@ class Shape:
     rec: dict[str, Any]            # the completed record (sentinels in it): health's input
     counter: Any                   # its requests counter child
     labels: tuple[str, str, str, str]  # its usage metrics' labels
-    answered: str | None           # the backend, when health takes it as answered (as
-    #                                ``observe`` would: one attempt, no 5xx, 429 or failure)
+    answered: str | None           # health.answered_by: told many at once
 
 
 def _shape(values: list[str], timings: dict[str, float], figures: dict[str, Any],
            rt: Runtime) -> Shape:
     line = list(values)
     line[1] = _RID
-    for i, name in zip(_TIMINGS, ("to_first_backend_byte", "to_first_client_byte", "total"),
-                       strict=True):
+    for i, name in _TIMINGS:
         line[i] = repr(_SENTINEL[name]) if name in timings else ""
     rec, _ = lane_record("\t".join(line), rt)
     rec["usage"] = {k: _SENTINEL[k] for k in figures}
@@ -79,18 +78,11 @@ def _shape(values: list[str], timings: dict[str, float], figures: dict[str, Any]
         parts.append(text[at:pos + lead])
         at = pos + len(token)
     parts.append(text[at:])
-    attempts = rec["attempts"]
-    backend = attempts[-1].get("backend") if attempts else None
-    model = attempts[-1].get("model") if attempts else None
-    public = rec["public_model"] or "-"
-    status = rec.get("status") or 0
-    answered = len(attempts) == 1 and 0 < status < 500 and status != 429 and \
-        rec["outcome"] != "upstream_failed"
+    public, backend, model = labels(rec)
     template = "{}".join(p.replace("{", "{{").replace("}", "}}") for p in parts)
     return Shape(template, tuple(k for _, k, _ in marks), rec,
-                 metrics.requests(public, backend or "-", model or "-", rec["outcome"]),
-                 (public, model or "-", backend or "-", rec.get("client") or "-"),
-                 attempts[0].get("backend") if answered else None)
+                 metrics.requests(public, backend, model, rec["outcome"]),
+                 (public, model, backend, rec.get("client") or "-"), answered_by(rec))
 
 
 class LaneRecords(asyncio.DatagramProtocol):
@@ -122,28 +114,21 @@ class LaneRecords(asyncio.DatagramProtocol):
             shape.counter.inc(len(many))
             metrics.usages(many, *shape.labels)
         events, mono, wall = [], time.monotonic(), time.time()
-        run: list[Any] = [None, 0]  # (answered in a row by one backend: told at once)
-        for shape, retry_after in health:
-            if shape.answered and shape.answered == run[0]:
-                run[1] += 1
+        # (answers in a row from one backend are told at once; anything else in its order)
+        for backend, run in groupby(health, key=lambda pair: pair[0].answered):
+            if backend:
+                rt.health.answered(backend, sum(1 for _ in run))
                 continue
-            if run[0]:
-                rt.health.answered(run[0], run[1])
-            run = [shape.answered, 1]
-            if not shape.answered:
-                for backend, state in observe(rt.health, shape.rec, retry_after, mono, wall):
-                    events.append(health_event(rt, backend, state, mono))
-        if run[0]:
-            rt.health.answered(run[0], run[1])
+            for shape, retry_after in run:
+                for name, state in observe(rt.health, shape.rec, retry_after, mono, wall):
+                    events.append(health_event(rt, name, state, mono))
         write_json(self.log.log, texts, events)
 
     def _one(self, line: str, rt: Runtime) -> tuple[Shape, str, dict[str, Any], str | None]:
         v = line.split("\t")
         if len(v) != _N or v[0] != "L1":
             raise ValueError("not a lane record")
-        timings = {name: float(v[i]) for i, name in zip(
-            _TIMINGS, ("to_first_backend_byte", "to_first_client_byte", "total"), strict=True)
-            if v[i]}
+        timings = {name: float(v[i]) for i, name in _TIMINGS if v[i]}
         figures = usage({key: v[i] for i, key in _FIGURES if v[i]}, int(v[10]))
         key = (*_key(v), *timings, *figures)
         shape = self.shapes.get(key)
