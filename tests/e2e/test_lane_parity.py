@@ -73,7 +73,10 @@ MODELS = st.sampled_from(["plain", "renamed", "nick", "two", "gpt-x", "Plain", "
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
 PART_TYPES = st.sampled_from(["text", "image_url", "input_text", "input_audio", "tool_result",
                               "thinking", "function", "weird", "file"])
-PART = st.builds(lambda t, x: {"type": t, "text": x}, PART_TYPES, TEXT)
+# (a key the lane refuses on sight, beside a type it takes: only the marks tell)
+MARKED = st.sampled_from([None, "url", "image_url", "document", "file_id", "urls"])
+PART = st.builds(lambda t, x, k: {"type": t, "text": x, **({k: "u"} if k else {})},
+                 PART_TYPES, TEXT, MARKED)
 CONTENT = st.one_of(TEXT, st.lists(PART, max_size=3))
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
                                   "content": CONTENT})
@@ -88,7 +91,7 @@ OPTIONAL = {
             "a": {"type": "string"}}}}}]),
     "metadata": st.sampled_from([{"user_id": "u"}, {"user_id": "u" * 600}, {"route": "x"},
                                  {"user_id": "u", "x": 1}, {"user_id": 5}, []]),
-    "response_format": st.just({"type": "json_object"}),
+    "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}]),
     "input": st.one_of(TEXT, st.lists(MESSAGE, max_size=2)),
     "max_tokens": st.integers(-3, 10**20),
     "temperature": st.floats(allow_nan=False, allow_infinity=False),

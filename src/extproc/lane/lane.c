@@ -101,6 +101,9 @@ typedef struct {
   size_t npaths;
   unsigned asks, typed_choice;      /* bits over paths */
   list_t own_types[MAX_PATHS], own_marks[MAX_PATHS];
+  /* per path, by the byte after a quote: the marks (bits over `marks`) that may start there,
+   * those in the path's own_marks left out */
+  uint64_t mark_at[MAX_PATHS][256];
   lane_t *lanes;
   size_t nlanes;
 } config_t;
@@ -113,6 +116,42 @@ static bool in_list(const list_t *l, const char *s, size_t n) {
   for (size_t i = 0; i < l->n; i++)
     if (eq(l->v[i], s, n)) return true;
   return false;
+}
+
+/* Decimal text of v at the end of out[20]: where it starts. (snprintf costs ~2,000
+ * instructions a number: a record's five cost more than the rest of its making.) */
+static char *digits_of(uint64_t v, char out[20]) {
+  char *d = out + 20;
+  do { *--d = (char)('0' + v % 10); v /= 10; } while (v);
+  return d;
+}
+
+/* A line being written: p is NULL once it did not fit. */
+typedef struct { char *p, *end; } out_t;
+
+static void put(out_t *o, const char *s, size_t n) {
+  if (!o->p || (size_t)(o->end - o->p) < n) { o->p = NULL; return; }
+  memcpy(o->p, s, n);
+  o->p += n;
+}
+
+static void field(out_t *o, const char *s, size_t n) { put(o, "\t", 1); put(o, s, n); }
+static void field_s(out_t *o, str_t s) { field(o, s.s, s.n); }
+static void field_z(out_t *o, const char *z) { field(o, z, strlen(z)); }
+
+static void field_u64(out_t *o, uint64_t v) {
+  char d[20], *at = digits_of(v, d);
+  field(o, at, (size_t)(d + 20 - at));
+}
+
+/* Milliseconds as "%.3f" would write them (rounded to the microsecond); empty when < 0. */
+static void field_ms(out_t *o, double ms) {
+  if (ms < 0) { field(o, "", 0); return; }
+  uint64_t us = (uint64_t)(ms * 1000 + 0.5);
+  field_u64(o, us / 1000);
+  char frac[4] = {'.', (char)('0' + us / 100 % 10), (char)('0' + us / 10 % 10),
+                  (char)('0' + us % 10)};
+  put(o, frac, 4);
 }
 
 /* Splits one line into tab-separated fields (in place, in the arena). */
@@ -312,6 +351,13 @@ void *envoy_dynamic_module_on_http_filter_config_new(envoy_ptr host, buf_t name,
       ok = false;  /* a line this module does not know: the config is not its own */
     }
   }
+  ok = ok && c->marks.n <= 64;  /* (bits in mark_at) */
+  for (size_t i = 0; ok && i < c->marks.n; i++)  /* (each a quote and at least one byte more) */
+    ok = c->marks.v[i].n >= 2 && c->marks.v[i].s[0] == '"';
+  for (size_t p = 0; ok && p < c->npaths; p++)
+    for (size_t i = 0; i < c->marks.n; i++)
+      if (!in_list(&c->own_marks[p], c->marks.v[i].s, c->marks.v[i].n))
+        c->mark_at[p][(unsigned char)c->marks.v[i].s[1]] |= 1ull << i;
   if (!ok || !c->ns.n || !c->keys[K_FAST].n || !c->max_bytes) {
     config_free(c);
     return NULL;
@@ -448,11 +494,25 @@ static size_t utf8(const unsigned char *p, const unsigned char *end) {
   return n;
 }
 
+/* Whether any of eight bytes may be a quote, a backslash, a control or a non-ASCII byte (a
+ * byte after one that is may be flagged too: never one missed). */
+static bool special8(const char *p) {
+  const uint64_t ones = 0x0101010101010101ull, highs = ones * 0x80;
+  uint64_t w;
+  memcpy(&w, p, 8);
+  uint64_t quote = w ^ (ones * '"'), slash = w ^ (ones * '\\');
+  return ((w - ones * 0x20) | (quote - ones) | (slash - ones) | w) & highs;
+}
+
 /* A string at j->p (past its closing quote); the raw bytes between the quotes in *s. */
 static void string(json_t *j, str_t *s) {
   if (j->p >= j->end || *j->p != '"') { j->ok = false; return; }
   const char *start = ++j->p;
   while (j->p < j->end) {
+    /* (plain text eight bytes at a time: byte by byte, a 1 KB body took ~12,000
+     * instructions) */
+    while (j->end - j->p >= 8 && !special8(j->p)) j->p += 8;
+    if (j->p >= j->end) break;
     unsigned char c = (unsigned char)*j->p;
     if (c == '"') {
       if (s) *s = (str_t){start, (size_t)(j->p - start)};
@@ -649,6 +709,38 @@ static bool known_types(const config_t *c, int path, const char *text, const cha
   return true;
 }
 
+/* Keys found case-insensitively in the raw text (the Lua's lowered string.find): where first,
+ * and whether again after that one. */
+enum { Q_MODEL, Q_CHOICE, Q_META, Q_OPTIONS, Q_COUNT };
+static const str_t QKEY[Q_COUNT] = {{"\"model\"", 7}, {"\"tool_choice\"", 13},
+                                    {"\"metadata\"", 10}, {"\"stream_options\"", 16}};
+typedef struct { const char *first[Q_COUNT]; bool twice[Q_COUNT]; } quotes_t;
+
+/* One pass over the text's quotes (escaped ones too, as a plain search would see them) for
+ * what starts at each: false at the first mark the path does not own, else the keys in *q.
+ * (Searching the text once per mark and key cost ~25,000 instructions for 1 KB.) */
+static bool quotes(const config_t *c, int path, const char *text, const char *end,
+                   quotes_t *q) {
+  memset(q, 0, sizeof *q);
+  const uint64_t *mark_at = c->mark_at[path];
+  for (const char *p = text; (p = memchr(p, '"', (size_t)(end - p))) && p + 1 < end; p++) {
+    unsigned char next = (unsigned char)p[1];
+    for (uint64_t m = mark_at[next]; m; m &= m - 1) {
+      str_t mark = c->marks.v[__builtin_ctzll(m)];
+      if ((size_t)(end - p) >= mark.n && !memcmp(p, mark.s, mark.n)) return false;
+    }
+    for (int k = 0; k < Q_COUNT; k++) {
+      size_t n = QKEY[k].n;
+      if ((next | 0x20) != QKEY[k].s[1] || (size_t)(end - p) < n ||
+          strncasecmp(p, QKEY[k].s, n))
+        continue;
+      if (!q->first[k]) q->first[k] = p;
+      else if (p >= q->first[k] + n) q->twice[k] = true;
+    }
+  }
+  return true;
+}
+
 /* The lane's checks on the whole body (render/fast_lane.py's Lua, rule for rule). */
 static const lane_t *decide(filter_t *f, const char *text, size_t len, bool *add_usage) {
   const config_t *c = f->cfg;
@@ -671,26 +763,19 @@ static const lane_t *decide(filter_t *f, const char *text, size_t len, bool *add
   f->stream = eqs(top.stream, "true");
   *add_usage = f->stream && c->usage && (c->asks & (1u << path)) &&
                !eqs(member(top.stream_options, "include_usage"), "true");
-  for (size_t i = 0; i < c->marks.n; i++) {
-    str_t m = c->marks.v[i];
-    if (!in_list(&c->own_marks[path], m.s, m.n) && memmem(text, len, m.s, m.n)) return NULL;
-  }
-  const char *first = ci_find(text, end, "\"model\"", 7);
-  if (!first || ci_find(first + 7, end, "\"model\"", 7)) return NULL;
+  quotes_t q;
+  if (!quotes(c, path, text, end, &q) || !q.first[Q_MODEL] || q.twice[Q_MODEL]) return NULL;
   for (const char *p = text; (p = memmem(p, (size_t)(end - p), "\\u00", 4)); p += 4)
     if (p + 4 < end && (p[4] == '4' || p[4] == '6')) return NULL;
-  const char *choice = ci_find(text, end, "\"tool_choice\"", 13);
-  if (choice) {
+  if (q.first[Q_CHOICE]) {
     str_t tc = {NULL, 0};
     str_t raw = c->typed_choice & (1u << path) ? member(top.tool_choice, "type") : top.tool_choice;
-    if (!plain_string(raw, &tc) || !in_list(&c->choices, tc.s, tc.n) ||
-        ci_find(choice + 13, end, "\"tool_choice\"", 13))
+    if (!plain_string(raw, &tc) || !in_list(&c->choices, tc.s, tc.n) || q.twice[Q_CHOICE])
       return NULL;
   }
-  const char *md = ci_find(text, end, "\"metadata\"", 10);
+  const char *md = q.first[Q_META];
   if (md) {
-    if (!c->meta_key.n || !lane->metadata || ci_find(md + 10, end, "\"metadata\"", 10))
-      return NULL;
+    if (!c->meta_key.n || !lane->metadata || q.twice[Q_META]) return NULL;
     const char *p = skip_space(md + 10, end);
     if (p >= end || *p != ':') return NULL;
     p = skip_space(p + 1, end);
@@ -706,7 +791,7 @@ static const lane_t *decide(filter_t *f, const char *text, size_t len, bool *add
     if (p >= end || *p != '}') return NULL;
   }
   if (!known_types(c, path, text, end)) return NULL;
-  if (*add_usage && ci_find(text, end, "\"stream_options\"", 16)) return NULL;
+  if (*add_usage && q.first[Q_OPTIONS]) return NULL;
   return lane;
 }
 
@@ -747,10 +832,9 @@ static void replace_body(envoy_ptr h, const char *text, size_t len) {
   envoy_dynamic_module_callback_http_drain_body(h, BUFFERED_REQUEST, SIZE_MAX);
   envoy_dynamic_module_callback_http_drain_body(h, RECEIVED_REQUEST, SIZE_MAX);
   envoy_dynamic_module_callback_http_append_body(h, RECEIVED_REQUEST, (buf_t){text, len});
-  char n[24];
-  int k = snprintf(n, sizeof n, "%zu", len);
+  char d[20], *at = digits_of(len, d);
   envoy_dynamic_module_callback_http_set_header(h, REQUEST_HEADER, LIT("content-length"),
-                                                (buf_t){n, (size_t)k});
+                                                (buf_t){at, (size_t)(d + 20 - at)});
 }
 
 /* The body the backend gets: the model renamed, a stream's usage asked for (NULL: as is). */
@@ -1004,13 +1088,17 @@ static void answered(envoy_ptr h, filter_t *f) {
   const config_t *c = f->cfg;
   if (f->stream && !f->last_us) f->last_us = wall_us();
   if (!c->answers) return;
-  char first[24] = "", last[24] = "";
-  if (f->first_us) snprintf(first, sizeof first, "%lld", (long long)f->first_us);
-  if (f->first_us && f->last_us) snprintf(last, sizeof last, "%lld", (long long)f->last_us);
-  const char *values[] = {f->in, f->out, first, last};
-  for (int k = K_IN; k <= K_LAST; k++)
-    if (values[k - K_IN][0])
-      set_meta(h, c, k, (str_t){values[k - K_IN], strlen(values[k - K_IN])});
+  if (f->in[0]) set_meta(h, c, K_IN, (str_t){f->in, strlen(f->in)});
+  if (f->out[0]) set_meta(h, c, K_OUT, (str_t){f->out, strlen(f->out)});
+  char d[20], *at;
+  if (f->first_us) {
+    at = digits_of((uint64_t)f->first_us, d);
+    set_meta(h, c, K_FIRST, (str_t){at, (size_t)(d + 20 - at)});
+  }
+  if (f->first_us && f->last_us) {
+    at = digits_of((uint64_t)f->last_us, d);
+    set_meta(h, c, K_LAST, (str_t){at, (size_t)(d + 20 - at)});
+  }
 }
 
 int envoy_dynamic_module_on_http_filter_response_body(envoy_ptr h, filter_t *f, bool end) {
@@ -1068,27 +1156,37 @@ void envoy_dynamic_module_on_http_filter_stream_complete(envoy_ptr h, filter_t *
   uint64_t code = 0, attempts = 0;
   envoy_dynamic_module_callback_http_filter_get_attribute_int(h, ATTR_RESPONSE_CODE, &code);
   envoy_dynamic_module_callback_http_filter_get_attribute_int(h, ATTR_ATTEMPTS, &attempts);
-  char backend_ms[24] = "", client_ms[24] = "", first[24] = "", last[24] = "";
-  /* (the upstream: the lane's one host, when it answered) */
-  str_t upstream = f->upstream ? l->hosts : (str_t){"", 0};
-  if (f->to_backend_ms >= 0) snprintf(backend_ms, sizeof backend_ms, "%.3f", f->to_backend_ms);
-  if (f->to_client_ms >= 0) snprintf(client_ms, sizeof client_ms, "%.3f", f->to_client_ms);
-  if (f->first_us) snprintf(first, sizeof first, "%lld", (long long)f->first_us);
-  if (f->last_us) snprintf(last, sizeof last, "%lld", (long long)f->last_us);
   /* (names from the config: at most a few hundred bytes each, no tab or newline) */
   char line[4096];
-  int n = snprintf(line, sizeof line,
-                   "L1\t%s\t%.*s\t%.*s\t%.*s\t%.*s\t%.*s\t%.*s\t%llu\t%llu\t%lld\t%s\t%s\t%.3f\t"
-                   "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
-                   f->id, (int)c->paths[f->path].n, c->paths[f->path].s, (int)l->model.n,
-                   l->model.s, (int)l->public_.n, l->public_.s, (int)l->served.n, l->served.s,
-                   (int)l->backend.n, l->backend.s, (int)upstream.n, upstream.s,
-                   (unsigned long long)code,
-                   (unsigned long long)attempts, (long long)f->start_us, backend_ms, client_ms,
-                   since_ms(f), f->in, f->out, first, last, f->client, f->retry_after,
-                   f->backend, f->model);
-  if (n > 0 && (size_t)n < sizeof line)
-    add_line(envoy_dynamic_module_callback_http_filter_get_worker_index(h), line, (size_t)n);
+  out_t o = {line, line + sizeof line - 1};
+  put(&o, "L1", 2);
+  field_z(&o, f->id);
+  field_s(&o, c->paths[f->path]);
+  field_s(&o, l->model);
+  field_s(&o, l->public_);
+  field_s(&o, l->served);
+  field_s(&o, l->backend);
+  field_s(&o, f->upstream ? l->hosts : (str_t){"", 0});  /* (the lane's one host answered) */
+  field_u64(&o, code);
+  field_u64(&o, attempts);
+  field_u64(&o, (uint64_t)f->start_us);
+  field_ms(&o, f->to_backend_ms);
+  field_ms(&o, f->to_client_ms);
+  field_ms(&o, since_ms(f));
+  field_z(&o, f->in);
+  field_z(&o, f->out);
+  if (f->first_us) field_u64(&o, (uint64_t)f->first_us);
+  else field(&o, "", 0);
+  if (f->last_us) field_u64(&o, (uint64_t)f->last_us);
+  else field(&o, "", 0);
+  field_z(&o, f->client);
+  field_z(&o, f->retry_after);
+  field_z(&o, f->backend);
+  field_z(&o, f->model);
+  if (!o.p) return;  /* (cannot happen with the sizes above; never a cut line) */
+  *o.p++ = '\n';
+  add_line(envoy_dynamic_module_callback_http_filter_get_worker_index(h), line,
+           (size_t)(o.p - line));
 }
 
 /* Hooks Envoy looks up that the lane does not use. */
