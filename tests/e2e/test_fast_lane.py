@@ -274,6 +274,11 @@ def test_embeddings_go_by_the_fast_lane(fstack: Stack) -> None:
     ({"model": "plain", "tool_choice": {"type": "function", "function": {"name": "f"}},
       "tools": [{"type": "function", "function": {"name": "f"}}]}, {}, "a named tool call"),
     ({"model": "plain", "response_format": {"type": "json_object"}}, {}, "structured output"),
+    # (types the lane takes: only its marks tell these apart)
+    ({"model": "plain", "response_format": {"type": "text"}}, {}, "an output format"),
+    ({"model": "plain", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "see", "image_url": {"url": "http://x"}}]}]}, {},
+     "an image beside a text part"),
     ({"model": "plain", "metadata": {"route_intent": "x"}}, {}, "metadata (hints)"),
     ({"model": "plain", "metadata": {"user_id": "u", "route_intent": "x"}}, {},
      "a hint beside the user id"),
