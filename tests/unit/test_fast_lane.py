@@ -12,6 +12,7 @@ from extproc.config import Config
 from extproc.contract import Cluster, Meta
 from extproc.core.fast_lane import describe, lanes, marks, record, record_socket
 from extproc.render import render
+from extproc.render.common import EXT_PROC_TYPE
 from extproc.render.fast_lane import DECIDE_FILTER, LANE_FILTER, READ_FILTER, RESPONSES_FILTER
 from extproc.shell.decision_log import lane_record
 
@@ -108,7 +109,14 @@ def test_rendered_filters_and_routes() -> None:
     routes = h["route_config"]["virtual_hosts"][0]["routes"]
     fast = [r for r in routes if r.get("name", "").startswith("fast_") and r["name"] != "fast_read"]
     assert fast and all(r["route"]["cluster"] == Cluster.DIRECT.value for r in fast)
-    assert all(r["typed_per_filter_config"]["extproc.route"]["disabled"] for r in fast)
+    # The route stage is made only for a request without the lane's mark.
+    stage = next(f for f in h["http_filters"] if f["name"] == "extproc.route")["typed_config"]
+    only = stage["xds_matcher"]["matcher_list"]["matchers"][0]
+    assert only["predicate"]["single_predicate"]["input"]["typed_config"]["path"] == [
+        {"key": Meta.FAST.value}]
+    assert only["predicate"]["single_predicate"]["custom_match"]["typed_config"]["invert"]
+    assert only["on_match"]["action"]["typed_config"]["typed_config"]["typed_config"][
+        "@type"] == EXT_PROC_TYPE
     assert all("authorization" in r["request_headers_to_remove"] for r in fast)
     assert all(r["match"]["dynamic_metadata"][0]["path"] == [{"key": Meta.FAST.value}]
                for r in fast)

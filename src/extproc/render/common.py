@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-EXT_PROC_PER_ROUTE_TYPE = ("type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
-                           "ExtProcPerRoute")
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}

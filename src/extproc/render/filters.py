@@ -241,8 +241,8 @@ def client_auth(cfg: Config) -> list[dict[str, Any]]:
 def http_filters(cfg: Config) -> list[dict[str, Any]]:
     """The HCM's chain: client keys, the fast lane's two (off unless its route turns them on),
     the route stage, the response-side Lua, the router."""
-    return [*client_auth(cfg), *fast_lane.filters(cfg), route_stage(cfg), *responses(cfg),
-            ROUTER]
+    return [*client_auth(cfg), *fast_lane.filters(cfg),
+            fast_lane.unless_fast(cfg, route_stage(cfg)), *responses(cfg), ROUTER]
 
 
 def upstream_filters(stage: dict[str, Any] | None) -> dict[str, Any]:
