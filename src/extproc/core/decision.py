@@ -105,22 +105,25 @@ class DecisionRecord:
         return orjson.dumps(self).decode()
 
 
+def _count(value: str) -> int | None:
+    """A noted figure (a backend may claim anything: 16 digits at most)."""
+    return int(value) if value.isdigit() and len(value) <= 16 else None
+
+
 def usage(figures: Mapping[str, str], start_us: int | None = None) -> dict[str, Any]:
     """Token usage and stream latency from what Envoy's response-side Lua noted (``Meta``
     usage and timestamp keys, as strings) and when Envoy had the request (``start_us``, wall
     clock): input and output tokens, the time to the first token and per output token after
     it (streams), in milliseconds."""
-    def num(key: str) -> int | None:  # (a backend may claim anything: 16 digits at most)
-        value = figures.get(key, "")
-        return int(value) if value.isdigit() and len(value) <= 16 else None
-
     out: dict[str, Any] = {}
-    tokens_in, tokens_out = num(Meta.USAGE_IN), num(Meta.USAGE_OUT)
+    tokens_in = _count(figures.get(Meta.USAGE_IN, ""))
+    tokens_out = _count(figures.get(Meta.USAGE_OUT, ""))
     if tokens_in is not None:
         out["input_tokens"] = tokens_in
     if tokens_out is not None:
         out["output_tokens"] = tokens_out
-    first, last = num(Meta.FIRST_TOKEN_US), num(Meta.LAST_US)
+    first = _count(figures.get(Meta.FIRST_TOKEN_US, ""))
+    last = _count(figures.get(Meta.LAST_US, ""))
     if start_us is not None and first is not None and first >= start_us:
         out["ttft_ms"] = (first - start_us) / 1000
         if last is not None and tokens_out is not None and tokens_out > 1 and last >= first:

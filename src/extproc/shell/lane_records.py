@@ -38,7 +38,8 @@ _N = len(LANE_FIELDS)
 _TIMINGS = ((11, "to_first_backend_byte"), (12, "to_first_client_byte"), (13, "total"))
 _FIGURES = ((14, Meta.USAGE_IN), (15, Meta.USAGE_OUT), (16, Meta.FIRST_TOKEN_US),
             (17, Meta.LAST_US))
-# What makes a shape (19, Retry-After, is per line)
+# What makes a shape, besides which timings and figures a line has (19, Retry-After, is per
+# line)
 _key = itemgetter(2, 3, 4, 5, 6, 7, 8, 9, 18, 20, 21)
 _RID = "\x00request id\x00"
 # Values no record holds, by slot: each found once in a shape's serialised record.
@@ -48,10 +49,14 @@ _SENTINEL = {"to_first_backend_byte": 9999991.25, "to_first_client_byte": 999999
 MAX_SHAPES = 4096  # (then forgotten and learned again: a bound, whatever the socket is sent)
 
 
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 @dataclass(frozen=True, slots=True, eq=False)  # (counted by identity)
 class Shape:
-    template: str                  # the serialised record, its slots as str.format's
-    slots: tuple[str, ...]         # "request_id", a timing's name or a usage figure's
+    template: str                  # the serialised record: {0} the request id, {n} slots[n-1]
+    slots: tuple[str, ...]         # the timings' and usage figures' names it has
     rec: dict[str, Any]            # the completed record (sentinels in it): health's input
     counter: Any                   # its requests counter child
     labels: tuple[str, str, str, str]  # its usage metrics' labels
@@ -66,22 +71,19 @@ def _shape(values: list[str], timings: dict[str, float], figures: dict[str, Any]
         line[i] = repr(_SENTINEL[name]) if name in timings else ""
     rec, _ = lane_record("\t".join(line), rt)
     rec["usage"] = {k: _SENTINEL[k] for k in figures}
-    text = orjson.dumps(rec).decode()
-    rid = orjson.dumps(_RID).decode()
-    tokens = [("request_id", rid), *((k, f":{orjson.dumps(v).decode()}")
-                                     for k, v in _SENTINEL.items()
-                                     if k in timings or k in figures)]
-    marks = sorted((text.index(token), k, token) for k, token in tokens)
-    parts, at = [], 0
-    for pos, _, token in marks:
+    text = _json(rec)
+    slots = tuple(k for k in _SENTINEL if k in timings or k in figures)
+    tokens = [(0, _json(_RID)), *((n, f":{_json(_SENTINEL[k])}")
+                                  for n, k in enumerate(slots, 1))]
+    marks = sorted((text.index(token), n, token) for n, token in tokens)
+    template, at = [], 0
+    for pos, n, token in marks:
         lead = 1 if token.startswith(":") else 0  # (the colon stays in the part)
-        parts.append(text[at:pos + lead])
+        template += [text[at:pos + lead].replace("{", "{{").replace("}", "}}"), f"{{{n}}}"]
         at = pos + len(token)
-    parts.append(text[at:])
+    template.append(text[at:].replace("{", "{{").replace("}", "}}"))
     public, backend, model = labels(rec)
-    template = "{}".join(p.replace("{", "{{").replace("}", "}}") for p in parts)
-    return Shape(template, tuple(k for _, k, _ in marks), rec,
-                 metrics.requests(public, backend, model, rec["outcome"]),
+    return Shape("".join(template), slots, rec, metrics.requests(public, backend, model, rec["outcome"]),
                  (public, model, backend, rec.get("client") or "-"), answered_by(rec))
 
 
@@ -129,15 +131,18 @@ class LaneRecords(asyncio.DatagramProtocol):
         if len(v) != _N or v[0] != "L1":
             raise ValueError("not a lane record")
         timings = {name: float(v[i]) for i, name in _TIMINGS if v[i]}
-        figures = usage({key: v[i] for i, key in _FIGURES if v[i]}, int(v[10]))
+        figures = usage({key: v[i] for i, key in _FIGURES if v[i]}, int(v[10])) \
+            if v[14] or v[15] or v[16] else {}
         key = (*_key(v), *timings, *figures)
         shape = self.shapes.get(key)
         if shape is None:
             if len(self.shapes) >= MAX_SHAPES:
                 self.shapes.clear()
             shape = self.shapes[key] = _shape(v, timings, figures, rt)
-        values = {"request_id": v[1], **timings, **figures}
-        text = shape.template.format(*[orjson.dumps(values[k]).decode() for k in shape.slots])
+        # (the numbers serialised at once: none holds a comma)
+        numbers = [timings[k] if k in timings else figures[k] for k in shape.slots]
+        text = shape.template.format(
+            _json(v[1]), *(orjson.dumps(numbers)[1:-1].decode().split(",") if numbers else ()))
         return shape, text, figures, v[19] or None
 
 
