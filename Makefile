@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## wrk (Debian package) drives the benchmark and its smoke test; a C compiler builds the
-## compiled fast lane (src/extproc/lane/lane.c: envoy.fast_lane_compiled), which tests run
+## compiled fast lane (src/extproc/lane/lane.c: envoy.fast_lane_compiled), which tests run;
+## valgrind counts Envoy's instructions (bench/envoy_instructions.py and its smoke test)
 tools:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
 	  || { echo "could not install wrk (needs root or sudo): apt-get install wrk"; exit 1; }
 	@command -v cc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc >/dev/null; } \
 	  || { echo "could not install a C compiler (needs root or sudo): apt-get install gcc"; exit 1; }
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; } \
+	  || { echo "could not install valgrind (needs root or sudo): apt-get install valgrind"; exit 1; }
 
 ## make run: Envoy + the service + demo backends in the foreground (Ctrl-C stops all);
 ## make run CONFIG=my.yaml: Envoy + the service against that config's own backends

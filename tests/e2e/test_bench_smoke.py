@@ -59,3 +59,16 @@ def test_lane_parts_measures_each_variant() -> None:
     # (wrk does not count the requests in flight when it stops, up to its concurrency in each
     # of its two runs, a warm-up and a round: Envoy answered and recorded them)
     assert int(sent) <= int(got) <= int(sent) + 2 * 2, r.stdout
+
+
+def test_envoy_instructions_counts_each_target() -> None:
+    """bench/envoy_instructions.py runs Envoy under callgrind for each target and prints its
+    instructions per request: the compiled lane does more than bare Envoy."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "envoy_instructions.py"),
+                        "--requests", "50", "--targets", "bare,compiled"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    counts = {m[0]: int(m[1].replace(",", ""))
+              for m in re.findall(r"^  (\w+) +([\d,]+)", r.stdout, re.M)}
+    assert set(counts) == {"bare", "compiled"}, r.stdout
+    assert 0 < counts["bare"] < counts["compiled"], r.stdout
