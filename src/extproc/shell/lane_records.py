@@ -83,7 +83,8 @@ def _shape(values: list[str], timings: dict[str, float], figures: dict[str, Any]
         at = pos + len(token)
     template.append(text[at:].replace("{", "{{").replace("}", "}}"))
     public, backend, model = labels(rec)
-    return Shape("".join(template), slots, rec, metrics.requests(public, backend, model, rec["outcome"]),
+    return Shape("".join(template), slots, rec,
+                 metrics.requests(public, backend, model, rec["outcome"]),
                  (public, model, backend, rec.get("client") or "-"), answered_by(rec))
 
 
@@ -131,8 +132,7 @@ class LaneRecords(asyncio.DatagramProtocol):
         if len(v) != _N or v[0] != "L1":
             raise ValueError("not a lane record")
         timings = {name: float(v[i]) for i, name in _TIMINGS if v[i]}
-        figures = usage({key: v[i] for i, key in _FIGURES if v[i]}, int(v[10])) \
-            if v[14] or v[15] or v[16] else {}
+        figures = usage({key: v[i] for i, key in _FIGURES if v[i]}, int(v[10]))
         key = (*_key(v), *timings, *figures)
         shape = self.shapes.get(key)
         if shape is None:
