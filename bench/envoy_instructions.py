@@ -3,9 +3,10 @@ the compiled lane (or the ext_proc path, with another body), one request at a ti
 
 Instructions are counted, not timed: the same binary, config and requests give the same count
 whatever else the VM is doing (its req/s moves +-0.1 run to run), so a change to the lane's
-work is seen to a few thousand instructions. Each target is run twice (N/5 and N requests) and
-the difference divided, which cancels Envoy's start and stop. What is left of the noise is the
-work Envoy does by the clock (timers, the module's flush thread): a few thousand per request.
+work is seen to a few thousand instructions. Counting starts after a warm-up and stops after
+the last answer (callgrind_control), so Envoy's start and stop are not counted. What is left of
+the noise is the work Envoy does by the clock (timers, the module's flush thread): a few
+thousand per request.
 What is not counted: the kernel's share (about half of Envoy's CPU time here) and cache misses.
 
     python bench/envoy_instructions.py [--requests 500] [--body chat_fast|chat_1k]
@@ -43,10 +44,16 @@ def envoy_executable() -> str:
     return str(Path(envoy.__file__).parent / "_bin" / "envoy")
 
 
+def control(pid: int, action: str) -> None:
+    subprocess.run(["callgrind_control", action, str(pid)], check=True, capture_output=True,
+                   timeout=120)
+
+
 def instructions(exe: str, config: Path, url: str, body: bytes, count: int,
                  out: Path, env: dict[str, str]) -> int:
-    """Envoy's instructions (all threads) for starting, answering ``count`` requests and
-    stopping."""
+    """Envoy's instructions (all threads) while it answers ``count`` requests: counters zeroed
+    after a warm-up, dumped after the last answer (callgrind_control), so Envoy's start and
+    stop are not in them."""
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", exe,
                           "-c", str(config), "--concurrency", "1", "--log-level", "error",
                           "--base-id", str(free_port())],
@@ -64,18 +71,26 @@ def instructions(exe: str, config: Path, url: str, body: bytes, count: int,
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(1)
-            for _ in range(count):
-                r = client.post(url + "/v1/chat/completions", content=body, headers=headers)
-                r.raise_for_status()
-        time.sleep(1)  # (the module's last batch)
+
+            def send(n: int) -> None:
+                for _ in range(n):
+                    r = client.post(url + "/v1/chat/completions", content=body,
+                                    headers=headers)
+                    r.raise_for_status()
+
+            send(10)  # (connections, first-use allocations)
+            control(p.pid, "--zero")
+            send(count)
+            control(p.pid, "--dump=measured")
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=120)
-    total = 0
-    for f in out.parent.glob(out.name + "*"):  # (one file per process)
-        m = re.search(r"^summary: (\d+)", f.read_text(errors="replace"), re.M)
-        total += int(m.group(1)) if m else 0
-    return total
+    dump = next(f for f in out.parent.glob(out.name + "*")
+                if "desc: Trigger: dump measured" in f.read_text(errors="replace"))
+    m = re.search(r"^summary: (\d+)", dump.read_text(errors="replace"), re.M)
+    if not m:
+        raise RuntimeError(f"no summary in {dump}")
+    return int(m.group(1))
 
 
 def main() -> int:
@@ -118,10 +133,8 @@ def main() -> int:
                 procs.start(f"service-{n}", [sys.executable, "-m", "extproc.cli", "serve",
                                              "--config", str(cfg_path)], cfg["service"]["port"])
             url = f"http://127.0.0.1:{listen}"
-            few, many = args.requests // 5, args.requests
-            counts = [instructions(exe, envoy_path, url, body, k, tmp / f"cg-{n}-{k}.out",
-                                   module) for k in (few, many)]
-            results[target] = (counts[1] - counts[0]) / (many - few)
+            results[target] = instructions(exe, envoy_path, url, body, args.requests,
+                                           tmp / f"cg-{n}.out", module) / args.requests
             extra = f"  (+{results[target] - results['bare']:,.0f} on bare)" \
                 if "bare" in results and target != "bare" else ""
             print(f"  {target:9} {results[target]:11,.0f}{extra}", flush=True)
