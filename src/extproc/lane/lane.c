@@ -795,21 +795,28 @@ static const lane_t *decide(filter_t *f, const char *text, size_t len, bool *add
   return lane;
 }
 
-/* The body as one piece: what was buffered, then what just arrived (one buffer, seen twice,
- * when an earlier filter buffered it); copied into *own when in several chunks. */
-static const char *whole(envoy_ptr h, int buffered, int received, size_t cap, size_t *len,
-                         char **own) {
+/* One side's body chunks: what was buffered, then what just arrived (one buffer, seen twice,
+ * when an earlier filter buffered it: read from *from on); NULL when none or more than max. */
+static buf_t *body_chunks(envoy_ptr h, int buffered, int received, size_t max, size_t *from,
+                          size_t *n) {
   size_t nb = envoy_dynamic_module_callback_http_get_body_chunks_size(h, buffered);
   size_t nr = envoy_dynamic_module_callback_http_get_body_chunks_size(h, received);
-  *len = 0;
-  *own = NULL;
-  if (nb + nr == 0 || nb + nr > 4096) return NULL;
-  buf_t *chunks = malloc((nb + nr) * sizeof *chunks);
+  *n = nb + nr;
+  buf_t *chunks = *n && *n <= max ? malloc(*n * sizeof *chunks) : NULL;
   if (!chunks) return NULL;
   if (nb) envoy_dynamic_module_callback_http_get_body_chunks(h, buffered, chunks);
   if (nr) envoy_dynamic_module_callback_http_get_body_chunks(h, received, chunks + nb);
-  size_t n = nb + nr, from = 0;
-  if (nb && nr && chunks[0].ptr == chunks[nb].ptr) from = nb;
+  *from = nb && nr && chunks[0].ptr == chunks[nb].ptr ? nb : 0;
+  return chunks;
+}
+
+/* The request's body as one piece, copied into *own when in several chunks. */
+static const char *whole(envoy_ptr h, size_t cap, size_t *len, char **own) {
+  size_t n, from;
+  *len = 0;
+  *own = NULL;
+  buf_t *chunks = body_chunks(h, BUFFERED_REQUEST, RECEIVED_REQUEST, 4096, &from, &n);
+  if (!chunks) return NULL;
   size_t total = 0;
   for (size_t i = from; i < n; i++) total += chunks[i].length;
   const char *out = NULL;
@@ -876,7 +883,7 @@ int envoy_dynamic_module_on_http_filter_request_body(envoy_ptr h, filter_t *f, b
   const config_t *c = f->cfg;
   char *own = NULL;
   size_t len = 0;
-  const char *text = whole(h, BUFFERED_REQUEST, RECEIVED_REQUEST, c->max_bytes, &len, &own);
+  const char *text = whole(h, c->max_bytes, &len, &own);
   bool add_usage = false;
   const lane_t *lane = text ? decide(f, text, len, &add_usage) : NULL;
   if (lane && (lane->rename || add_usage)) {
@@ -1066,14 +1073,10 @@ static void without_usage(envoy_ptr h, filter_t *f, const char *raw, size_t n) {
 /* The last bytes of a held answer (what was buffered, then what just arrived; one buffer
  * seen twice when so), copied to the end of `out`: how many. */
 static size_t tail_of(envoy_ptr h, char *out, size_t cap) {
-  size_t nb = envoy_dynamic_module_callback_http_get_body_chunks_size(h, BUFFERED_RESPONSE);
-  size_t nr = envoy_dynamic_module_callback_http_get_body_chunks_size(h, RECEIVED_RESPONSE);
-  buf_t *chunks = nb + nr ? malloc((nb + nr) * sizeof *chunks) : NULL;
+  size_t n, from, got = 0;
+  buf_t *chunks = body_chunks(h, BUFFERED_RESPONSE, RECEIVED_RESPONSE, SIZE_MAX, &from, &n);
   if (!chunks) return 0;
-  if (nb) envoy_dynamic_module_callback_http_get_body_chunks(h, BUFFERED_RESPONSE, chunks);
-  if (nr) envoy_dynamic_module_callback_http_get_body_chunks(h, RECEIVED_RESPONSE, chunks + nb);
-  size_t from = nb && nr && chunks[0].ptr == chunks[nb].ptr ? nb : 0, got = 0;
-  for (size_t i = nb + nr; i-- > from && got < cap;) {
+  for (size_t i = n; i-- > from && got < cap;) {
     size_t take = chunks[i].length < cap - got ? chunks[i].length : cap - got;
     memcpy(out + cap - got - take, chunks[i].ptr + chunks[i].length - take, take);
     got += take;
