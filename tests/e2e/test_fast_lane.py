@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -427,3 +428,39 @@ def test_the_module_is_built_once_per_source_and_only_for_envoy_1_40(tmp_path) -
     with pytest.raises(LaneBuildError, match=r"written for Envoy 1\.40; .* is 1\.39"):
         check_envoy(str(fake))
     check_envoy(envoy_binary())
+
+
+def test_compiled_lane_records_wait_out_a_paused_service(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A service too busy to read for a while (here stopped outright) loses no record: a Unix
+    datagram socket queues only net.unix.max_dgram_qlen batches (10 here), and the lane keeps
+    what the socket cannot take yet and sends it when it can."""
+    cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["plain"]}],
+                       models=[], envoy={"fast_lane_compiled": True})
+    stack = start_stack(tmp_path_factory.mktemp("paused"), cfg)
+    body = {"model": "plain", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        first = httpx.post(stack.envoy_url + "/v1/chat/completions", json=body, timeout=30)
+        pid = wait_line(stack, "service", first.headers["x-request-id"],
+                        '"routing.decision"')["pid"]
+        ids = [first.headers["x-request-id"]]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(60):  # (spread over more flushes than the socket's queue holds)
+                ids.append(httpx.post(stack.envoy_url + "/v1/chat/completions", json=body,
+                                      timeout=30).headers["x-request-id"])
+                time.sleep(0.03)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lines = [orjson.loads(x) for x in stack.log_path("service").read_text().splitlines()
+                     if '"routing.decision"' in x]
+            if len(lines) >= len(ids):
+                break
+            time.sleep(0.1)
+        text = httpx.get(f"http://127.0.0.1:{cfg['service']['metrics_port']}/metrics").text
+        assert "llm_extproc_lane_records_lost_total 0.0" in text
+        assert sorted(x["request_id"] for x in lines) == sorted(ids)
+    finally:
+        stack.stop()

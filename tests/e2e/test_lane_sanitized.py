@@ -1,6 +1,7 @@
 """The compiled lane's readers under AddressSanitizer and UndefinedBehaviorSanitizer: hostile
-bodies and answers (tests/native/lane_fuzz.c) must not read past a buffer, leak, or overflow.
-A bug there would take Envoy down, not one request. (LANE_FUZZ_ITERATIONS scales it.)"""
+bodies and answers (tests/native/lane_fuzz.c) must not read past a buffer, leak, or overflow;
+nor may the records' batching, whose every line arrives whole or is counted lost. A bug there
+would take Envoy down, not one request. (LANE_FUZZ_ITERATIONS scales it.)"""
 
 from __future__ import annotations
 

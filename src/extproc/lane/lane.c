@@ -16,7 +16,9 @@
  *             usage chunk the lane asked for dropped
  *   record    one tab-separated line per fast request, sent in batches (48 KB, or 20 ms by a
  *             flush thread) to the service's Unix datagram socket(s), one per service worker;
- *             batches the socket refused are counted and the count sent with the next batch
+ *             what the socket cannot take yet (the service busy or starting) kept, up to 1 MB
+ *             a worker, and sent later; lines past that are counted and the count sent with
+ *             the next batch
  *
  * Every scan is bounded by the body (at most envoy.fast_lane_max_bytes, which the reading route
  * enforces and this checks again), JSON nesting by MAX_DEPTH; nothing here allocates per byte.
@@ -25,12 +27,14 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,8 +77,8 @@ extern uint32_t envoy_dynamic_module_callback_http_filter_get_worker_index(envoy
 #define TAIL 512            /* a stream's previous bytes kept to read what a chunk split */
 #define MAX_PENDING (1 << 20)  /* an unfinished stream event held; beyond: passed on as is */
 #define SLOTS 64            /* record batches, one per Envoy worker thread */
-#define BATCH 65536
-#define SEND_AT 49152
+#define SEND_AT 49152       /* a batch's datagram */
+#define BACKLOG (1 << 20)   /* a worker's lines kept while the service's socket is full */
 #define FLUSH_MS 20
 
 /* ---- config ---- */
@@ -186,9 +190,10 @@ static void config_free(config_t *c) {
 /* ---- records: batches per worker, sent to the service's socket(s) ---- */
 typedef struct {
   pthread_mutex_t lock;
-  char buf[BATCH];
-  size_t len, lines, carried;  /* carried: the lost lines its D line reports */
-  struct timespec since;
+  char *buf;                /* lines not yet sent (allocated at a worker's first line) */
+  size_t len;
+  bool waiting;             /* the socket could not take the last try */
+  struct timespec since;    /* when the oldest line not yet sent came */
 } slot_t;
 
 static slot_t SLOT[SLOTS];
@@ -203,20 +208,58 @@ static int64_t ms_between(struct timespec a, struct timespec b) {
   return (int64_t)(b.tv_sec - a.tv_sec) * 1000 + (b.tv_nsec - a.tv_nsec) / 1000000;
 }
 
-/* Sends a slot's batch (its lock held). */
-static void send_batch(size_t i) {
-  slot_t *s = &SLOT[i];
-  if (!s->len) return;
-  bool sent = false;
+static size_t lines_in(const char *p, size_t n) {
+  size_t count = 0;
+  for (const char *e = p + n; (p = memchr(p, '\n', (size_t)(e - p))); p++) count++;
+  return count;
+}
+
+/* One datagram, headed by a D line telling the lines lost so far: 1 sent; 0 not now (the
+ * socket's queue full, or the service starting or restarting: no socket, or nobody on it);
+ * -1 never (no socket configured, or an error no later try mends). */
+static int send_one(size_t i, const char *p, size_t n) {
+  char head[32];
+  unsigned long dropped = atomic_exchange(&DROPPED, 0);
+  struct iovec iov[2] = {{head, 0}, {(void *)p, n}};
+  if (dropped) iov[0].iov_len = (size_t)snprintf(head, sizeof head, "D\t%lu\n", dropped);
+  ssize_t sent = -1;
+  int err = EINVAL;
   pthread_mutex_lock(&ADDR_LOCK);
   if (NADDR && SOCK >= 0) {
-    const struct sockaddr_un *a = &ADDR[i % NADDR];
-    sent = sendto(SOCK, s->buf, s->len, MSG_DONTWAIT, (const struct sockaddr *)a,
-                  sizeof *a) == (ssize_t)s->len;
+    struct msghdr m = {.msg_name = &ADDR[i % NADDR], .msg_namelen = sizeof ADDR[0],
+                       .msg_iov = iov, .msg_iovlen = 2};
+    sent = sendmsg(SOCK, &m, MSG_DONTWAIT);
+    err = errno;
   }
   pthread_mutex_unlock(&ADDR_LOCK);
-  if (!sent) atomic_fetch_add(&DROPPED, s->lines + s->carried);
-  s->len = s->lines = s->carried = 0;
+  if (sent >= 0) return 1;  /* (a datagram goes whole or not at all) */
+  atomic_fetch_add(&DROPPED, dropped);
+  return err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS || err == ENOENT ||
+         err == ECONNREFUSED ? 0 : -1;
+}
+
+/* Sends a slot's lines (its lock held) in datagrams of at most SEND_AT bytes, each ending at a
+ * line's end. What the socket cannot take yet stays for the next try: a Unix datagram socket
+ * queues only net.unix.max_dgram_qlen datagrams (10 by default), so a service busy for a few
+ * flushes, or starting, would otherwise lose records. What can never go is counted lost. */
+static void send_batch(size_t i) {
+  slot_t *s = &SLOT[i];
+  size_t at = 0;
+  s->waiting = false;
+  while (at < s->len) {
+    size_t n = s->len - at;
+    if (n > SEND_AT)  /* (every line ends in a newline and is shorter than SEND_AT) */
+      n = (size_t)((char *)memrchr(s->buf + at, '\n', SEND_AT) - (s->buf + at)) + 1;
+    int r = send_one(i, s->buf + at, n);
+    if (!r) {
+      s->waiting = true;
+      break;
+    }
+    if (r < 0) atomic_fetch_add(&DROPPED, lines_in(s->buf + at, n));
+    at += n;
+  }
+  memmove(s->buf, s->buf + at, s->len - at);
+  s->len -= at;
 }
 
 static void *flusher(void *arg) {
@@ -243,27 +286,22 @@ static void start(void) {
   if (pthread_create(&t, NULL, flusher, NULL) == 0) pthread_detach(t);
 }
 
+/* Adds a line to its worker's batch: sent at SEND_AT bytes (unless the socket could not take
+ * the last try: then by the flusher, which tries every FLUSH_MS), kept up to BACKLOG bytes,
+ * counted lost past that. */
 static void add_line(uint32_t worker, const char *line, size_t n) {
   size_t i = worker % SLOTS;
   slot_t *s = &SLOT[i];
   pthread_mutex_lock(&s->lock);
-  if (s->len + n + 32 > BATCH) send_batch(i);
-  if (!s->len) {
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &s->since);
-    unsigned long dropped = atomic_exchange(&DROPPED, 0);
-    if (dropped) {
-      s->len = (size_t)snprintf(s->buf, 32, "D\t%lu\n", dropped);
-      s->carried = dropped;
-    }
-  }
-  if (s->len + n <= BATCH) {
+  if (!s->buf) s->buf = malloc(BACKLOG);
+  if (s->buf && s->len + n <= BACKLOG) {
+    if (!s->len) clock_gettime(CLOCK_MONOTONIC_COARSE, &s->since);
     memcpy(s->buf + s->len, line, n);
     s->len += n;
-    s->lines++;
+    if (s->len >= SEND_AT && !s->waiting) send_batch(i);
   } else {
     atomic_fetch_add(&DROPPED, 1);
   }
-  if (s->len >= SEND_AT) send_batch(i);
   pthread_mutex_unlock(&s->lock);
 }
 

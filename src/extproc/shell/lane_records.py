@@ -154,7 +154,6 @@ async def receive(path: str, log: DecisionLog) -> asyncio.DatagramTransport:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     os.chmod(path, 0o600)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: LaneRecords(log), sock=sock)
     return transport
