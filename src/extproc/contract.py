@@ -38,6 +38,7 @@ class Cluster(StrEnum):
     POOL = "llm_backends"            # the attempt stage on both sides of every attempt
     DIRECT = "llm_backends_direct"   # prepared whole by the route stage: no attempt stage
     JUDGED = "llm_backends_judged"   # prepared whole: the attempt stage sees responses only
+    FAST = "llm_backends_fast"       # the compiled fast lane's: it tags answers itself
 
 
 SERVICE_CLUSTER = "extproc_service"

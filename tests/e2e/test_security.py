@@ -184,10 +184,12 @@ def test_bounded_fuzz_through_envoy(sstack: Stack) -> None:
     assert answered == sent
 
 
-def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
+@pytest.mark.parametrize("lane", ["lua", "compiled"])
+def test_backend_copies_of_our_response_headers_are_dropped(tmp_path, lane: str) -> None:
     """A backend answering with x-extproc-* headers of its own (which backend it is, parts
     converted, a retry trigger...) changes nothing the client or the decision record sees, on
-    every plan: the fast lane, direct, judged (responses only) and per attempt."""
+    every plan: the fast lane (either; the compiled one tags and strips itself), direct,
+    judged (responses only) and per attempt."""
     cfg = stack_config(
         backends=[{"name": "a", "preset": "vllm", "models": ["m1", "same"]},
                   {"name": "b", "preset": "vllm", "models": ["m2", "same"]}],
@@ -196,7 +198,8 @@ def test_backend_copies_of_our_response_headers_are_dropped(tmp_path) -> None:
                 {"name": "pair", "candidates": [{"backend": "a", "model": "same"},
                                                 {"backend": "b", "model": "same"}]},
                 {"name": "two", "candidates": [{"backend": "a", "model": "m1"},
-                                               {"backend": "b", "model": "m2"}]}])
+                                               {"backend": "b", "model": "m2"}]}],
+        envoy={"fast_lane_compiled": lane == "compiled"})
     stack = start_stack(tmp_path, cfg)
     spoof = {"x-extproc-backend": "evil", "x-extproc-model": "evil",
              "x-extproc-converted-parts": "99", "x-extproc-vision": "spoofed",

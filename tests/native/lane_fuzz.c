@@ -94,7 +94,7 @@ static size_t mutate(char *m, size_t len, size_t cap) {
 /* The config that points the lane's records at a socket (and nothing else of use). */
 static config_t *records_to(const char *path) {
   char cfg[512];
-  int n = snprintf(cfg, sizeof cfg, "ns\textproc\nkeys\th\tp\tr\tb\tm\tfast\tu\ti\to\tf\tl\n"
+  int n = snprintf(cfg, sizeof cfg, "ns\textproc\nkeys\th\tp\tr\tfast\tu\ti\to\tf\tl\n"
                    "max\t1024\nsocket\t%s", path);
   return envoy_dynamic_module_on_http_filter_config_new(NULL, (buf_t){"lane", 4},
                                                         (buf_t){cfg, (size_t)n});
@@ -182,7 +182,7 @@ static int check_records(void) {
 int main(int argc, char **argv) {
   long iterations = argc > 1 ? atol(argv[1]) : 30000;
   static const char cfg[] =
-    "ns\textproc\nkeys\thosts\tpublic_model\trequested\tbackend\tmodel\tfast\tusage_added\t"
+    "ns\textproc\nkeys\thosts\tpublic_model\trequested\tfast\tusage_added\t"
     "usage_in\tusage_out\tfirst_token_us\tlast_us\nusage\t1\nhold\t1\nmax\t262144\n"
     "meta\tuser_id\nmark\t\"image\nmark\t\"input_text\nmark\t\"url\"\nmark\t\"response_format\"\n"
     "type\ttext\ntype\tfunction\ntype\tobject\ntype\tnumber\nchoice\tauto\nchoice\tnone\n"

@@ -199,6 +199,42 @@ def test_the_compiled_lane_is_rendered_from_the_same_rules() -> None:
     assert log["metadata_filter"]["match_if_key_not_found"] is False
 
 
+def test_the_compiled_lane_tags_its_own_answers() -> None:
+    """The compiled lane's routes carry no response header formatters and its cluster no
+    filter stripping a backend's x-extproc-* headers (the module does both, cheaper); every
+    other route tags as the virtual host does without it."""
+    from extproc.contract import OWN_RESPONSE_HEADERS, RESP_ATTEMPTS, RESP_BACKEND, RESP_MODEL
+    from extproc.render.routes import tags
+
+    def strips(cluster: dict[str, Any]) -> bool:
+        chain = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+        return "extproc.strip_backend_tags" in [f["name"] for f in chain]
+
+    for compiled in (False, True):
+        cfg = config(envoy={"fast_lane_compiled": compiled})
+        doc = render(cfg)
+        host = hcm(cfg)["route_config"]["virtual_hosts"][0]
+        clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+        fast = [r for r in host["routes"] if r.get("name", "").startswith("fast_")
+                and r["name"] != "fast_read"]
+        others = [r for r in host["routes"] if r not in fast]
+        assert fast and others
+        if not compiled:
+            assert host["response_headers_to_add"] == tags()
+            assert {r["route"]["cluster"] for r in fast} == {Cluster.DIRECT}
+            assert Cluster.FAST not in clusters
+            continue
+        assert "response_headers_to_add" not in host
+        assert all("response_headers_to_add" not in r for r in fast)
+        assert all(r["response_headers_to_add"] == tags() for r in others)
+        assert {r["route"]["cluster"] for r in fast} == {Cluster.FAST}
+        assert not strips(clusters[Cluster.FAST]) and strips(clusters[Cluster.DIRECT])
+        lines = module_lines(cfg)
+        assert ["answer", RESP_BACKEND, RESP_MODEL, RESP_ATTEMPTS] in lines
+        assert ["strip", *OWN_RESPONSE_HEADERS] in lines
+
+
 def test_the_decision_log_takes_only_requests_with_a_record_or_the_lane_mark() -> None:
     """Envoy 1.40 takes a key not found as a match unless told: every request was logged."""
     log = hcm(config())["access_log"][0]["filter"]["or_filter"]["filters"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import Config, backend_endpoint, pool_addresses
 from ..contract import META_NS, SERVICE_CLUSTER, Cluster, Meta
+from . import fast_lane
 from .common import HCM_TYPE, PROTOCOL_OPTIONS, ROUTER, dur, sock
 from .filters import attempt_stage, upstream_filters
 
@@ -67,7 +68,10 @@ def backend_clusters(cfg: Config) -> list[dict[str, Any]]:
     if e.direct_cluster:
         for name, options in (
                 (Cluster.DIRECT, upstream_filters(None)),
-                (Cluster.JUDGED, upstream_filters(attempt_stage(cfg, judged_only=True)))):
+                (Cluster.JUDGED, upstream_filters(attempt_stage(cfg, judged_only=True))),
+                # (the compiled lane strips a backend's copies of our headers itself)
+                *([(Cluster.FAST, upstream_filters(None, strip=False))]
+                  if fast_lane.compiled(cfg) else [])):
             clusters.append({**pool, "name": name.value,
                              "typed_extension_protocol_options": options,
                              "load_assignment": {**pool["load_assignment"],

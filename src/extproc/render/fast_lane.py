@@ -29,7 +29,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..config import Config
-from ..contract import META_NS, RESP_BACKEND, RESP_MODEL, Cluster, Meta
+from ..contract import (
+    META_NS,
+    OWN_RESPONSE_HEADERS,
+    RESP_ATTEMPTS,
+    RESP_BACKEND,
+    RESP_MODEL,
+    Cluster,
+    Meta,
+)
 from ..core.backends import CLIENT_CREDENTIAL_HEADERS
 from ..core.fast_lane import (
     ASKS,
@@ -232,14 +240,14 @@ def module_config(cfg: Config, fast: dict[str, Lane]) -> str:
 
     meta_key = plain_metadata(cfg)
     lines = [["ns", META_NS],
-             ["keys", Meta.HOSTS, Meta.PUBLIC_MODEL, Meta.REQUESTED, Meta.BACKEND, Meta.MODEL,
-              Meta.FAST, Meta.USAGE_ADDED, Meta.USAGE_IN, Meta.USAGE_OUT, Meta.FIRST_TOKEN_US,
-              Meta.LAST_US],
+             ["keys", Meta.HOSTS, Meta.PUBLIC_MODEL, Meta.REQUESTED, Meta.FAST,
+              Meta.USAGE_ADDED, Meta.USAGE_IN, Meta.USAGE_OUT, Meta.FIRST_TOKEN_US, Meta.LAST_US],
              ["usage", str(int(cfg.envoy.token_usage))],
              ["hold", str(int(cfg.envoy.whole_responses))],
              ["max", str(cfg.envoy.fast_lane_max_bytes)],
              *([["meta", meta_key]] if meta_key else []),
-             ["client", cfg.hints.client_header], ["answer", RESP_BACKEND, RESP_MODEL],
+             ["client", cfg.hints.client_header], ["answer", RESP_BACKEND, RESP_MODEL, RESP_ATTEMPTS],
+             ["strip", *OWN_RESPONSE_HEADERS],
              *(["hint", h] for h in hint_headers(cfg)), *(["mark", m] for m in marks(cfg)),
              *(["type", t] for t in TYPES), *(["choice", c] for c in FREE_CHOICES),
              *([["path", p, *(["ask"] if p in ASKS else []),
@@ -326,7 +334,8 @@ def routes(cfg: Config, default: dict[str, Any], limits: list[int]) -> tuple[
 
     def fast(ms: int) -> dict[str, Any]:
         # One attempt (one candidate); limits as the ordinary routes set them (routes.routes).
-        route: dict[str, Any] = {"cluster": Cluster.DIRECT.value, "timeout": "0s"}
+        route: dict[str, Any] = {"cluster": (Cluster.FAST if compiled(cfg)
+                                             else Cluster.DIRECT).value, "timeout": "0s"}
         if ms:
             route["retry_policy"] = {"num_retries": 0, "per_try_idle_timeout": dur(ms / 1000)}
         else:

@@ -245,11 +245,11 @@ def http_filters(cfg: Config) -> list[dict[str, Any]]:
             fast_lane.unless_fast(cfg, route_stage(cfg)), *responses(cfg), ROUTER]
 
 
-def upstream_filters(stage: dict[str, Any] | None) -> dict[str, Any]:
+def upstream_filters(stage: dict[str, Any] | None, strip: bool = True) -> dict[str, Any]:
     """A backend cluster's HTTP/1.1 options and upstream filters: the attempt stage (if any),
     then what strips a backend's copies of our response headers (responses pass upstream
     filters in reverse order: stripped first, then tagged by the attempt stage)."""
-    strip = {"name": "extproc.strip_backend_tags", "typed_config": {
+    stripping = {"name": "extproc.strip_backend_tags", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3"
                  ".HeaderMutation",
         "mutations": {"response_mutations": [{"remove": h} for h in OWN_RESPONSE_HEADERS]}}}
@@ -259,7 +259,7 @@ def upstream_filters(stage: dict[str, Any] | None) -> dict[str, Any]:
     return {PROTOCOL_OPTIONS: {
         "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
         "explicit_http_config": {"http_protocol_options": {}},
-        "http_filters": [*([stage] if stage else []), strip, codec]}}
+        "http_filters": [*([stage] if stage else []), *([stripping] if strip else []), codec]}}
 
 
 def decision_log(cfg: Config) -> dict[str, Any]:
