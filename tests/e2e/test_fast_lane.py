@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from extproc.lane.build import MODULE, LaneBuildError, check_envoy
-from extproc_dev.stack import Stack, envoy_binary
+from extproc_dev.stack import Stack, envoy_binary, free_port_run
 
 from .conftest import received, reset, stack_config, start_stack, wait_line
 
@@ -383,7 +383,7 @@ def test_compiled_lane_records_with_workers_on_both_sides(
     """Two Envoy workers send to two service workers (a socket each): every fast request has
     its one decision line and is counted once in the summed metrics; none lost."""
     cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["plain"]}],
-                       models=[], service={"workers": 2},
+                       models=[], service={"workers": 2, "port": free_port_run(2)},
                        envoy={"fast_lane_compiled": True})
     stack = start_stack(tmp_path_factory.mktemp("workers"), cfg, envoy_workers=2)
     try:
