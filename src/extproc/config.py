@@ -536,7 +536,7 @@ class EnvoySettings(_Strict):
     fast_lane_compiled: bool = Field(
         default=False, description="the fast lane as an Envoy dynamic module (C, built with "
         "the system's C compiler, for Envoy 1.40 only) instead of Lua and the gRPC access log: "
-        "0.76-0.84x bare Envoy's req/s instead of 0.62-0.72x here (docs/benchmark.md); Envoy must run on "
+        "0.76-1.01x bare Envoy's req/s instead of 0.62-0.81x here (docs/benchmark.md); Envoy must run on "
         "the service's host (records come back over a Unix socket)")
     fast_lane_records: str | None = Field(
         default=None, description="the Unix datagram socket the compiled lane sends its "
