@@ -378,6 +378,17 @@ def test_a_stalled_backend_is_given_up_on_time_with_a_json_error(fstack: Stack) 
     httpx.post(behaviour, json={})
 
 
+def decisions(stack: Stack, count: int, wait_s: float) -> list[dict[str, Any]]:
+    """The service's decision lines, once there are ``count`` of them or ``wait_s`` passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = [orjson.loads(x) for x in stack.log_path("service").read_text().splitlines()
+                 if '"routing.decision"' in x]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
 def test_compiled_lane_records_with_workers_on_both_sides(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """Two Envoy workers send to two service workers (a socket each): every fast request has
@@ -393,13 +404,7 @@ def test_compiled_lane_records_with_workers_on_both_sides(
                 json={"model": "plain", "stream": i % 3 == 0,
                       "messages": [{"role": "user", "content": "hi"}]}).headers["x-request-id"],
                 range(60)))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            lines = [orjson.loads(x) for x in stack.log_path("service").read_text().splitlines()
-                     if '"routing.decision"' in x]
-            if len(lines) >= len(ids):
-                break
-            time.sleep(0.1)
+        lines = decisions(stack, len(ids), 5)
         assert sorted(x["request_id"] for x in lines) == sorted(ids)
         assert {x["plan"] for x in lines} == {"fast"} and len({x["pid"] for x in lines}) == 2
         text = httpx.get(f"http://127.0.0.1:{cfg['service']['metrics_port']}/metrics").text
@@ -452,13 +457,7 @@ def test_compiled_lane_records_wait_out_a_paused_service(
                 time.sleep(0.03)
         finally:
             os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            lines = [orjson.loads(x) for x in stack.log_path("service").read_text().splitlines()
-                     if '"routing.decision"' in x]
-            if len(lines) >= len(ids):
-                break
-            time.sleep(0.1)
+        lines = decisions(stack, len(ids), 10)
         text = httpx.get(f"http://127.0.0.1:{cfg['service']['metrics_port']}/metrics").text
         assert "llm_extproc_lane_records_lost_total 0.0" in text
         assert sorted(x["request_id"] for x in lines) == sorted(ids)

@@ -11,9 +11,10 @@
  *             is checked as the Lua checks it (valid JSON, a lane's model, no mark of a part or
  *             key that needs the service, one model key, ...), the model renamed and a stream's
  *             usage asked for where the lane says, the lane's metadata set, the route cleared
- *   response  for a fast request only (the response Lua is off on fast routes): a whole answer
- *             held to its end, token usage read, a stream's first token and end noted, the
- *             usage chunk the lane asked for dropped
+ *   response  for a fast request only (the response Lua is off on fast routes): its
+ *             x-extproc-* headers set (a backend's copies removed), a whole answer held to its
+ *             end, token usage read, a stream's first token and end noted, the usage chunk the
+ *             lane asked for dropped
  *   record    one tab-separated line per fast request, sent in batches (48 KB, or 20 ms by a
  *             flush thread) to the service's Unix datagram socket(s), one per service worker;
  *             what the socket cannot take yet (the service busy or starting) kept, up to 1 MB

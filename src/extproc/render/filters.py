@@ -248,7 +248,8 @@ def http_filters(cfg: Config) -> list[dict[str, Any]]:
 def upstream_filters(stage: dict[str, Any] | None, strip: bool = True) -> dict[str, Any]:
     """A backend cluster's HTTP/1.1 options and upstream filters: the attempt stage (if any),
     then what strips a backend's copies of our response headers (responses pass upstream
-    filters in reverse order: stripped first, then tagged by the attempt stage)."""
+    filters in reverse order: stripped first, then tagged by the attempt stage). Without the
+    strip (``strip=False``): the compiled lane's cluster, whose module strips and tags."""
     stripping = {"name": "extproc.strip_backend_tags", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3"
                  ".HeaderMutation",
