@@ -226,6 +226,17 @@ def test_backend_copies_of_our_response_headers_are_dropped(tmp_path, lane: str)
             assert [(x["backend"], x["model"]) for x in rec["attempts"]] == [("a", served)]
             assert (rec["converted_parts"], rec["vision"], rec["unmet_capability"]) == \
                 (0, None, None)
+        # More headers than the compiled lane reads at once (MAX_HEADERS, 96; Envoy takes
+        # 100): its copies still go
+        padding = {f"x-pad-{i}": "1" for i in range(90)}
+        httpx.post(stack.backend_url("a") + "/_emulator/behaviour",
+                   json={"headers": {**spoof, **padding}})
+        r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
+            "model": "solo", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and "x-pad-1" in r.headers, r.text
+        assert {h for h in r.headers if h.startswith("x-extproc-")} == \
+            {"x-extproc-backend", "x-extproc-model", "x-extproc-attempts"}
+        assert (r.headers["x-extproc-backend"], r.headers["x-extproc-attempts"]) == ("a", "1")
     finally:
         stack.stop()
 

@@ -981,12 +981,13 @@ static bool meta(envoy_ptr h, const config_t *c, int key, buf_t *value) {
 
 /* A fast answer's own response headers, set here rather than by the route config (Envoy's
  * formatters cost ~11,000 instructions a request, the upstream filter stripping a backend's
- * copies ~7,000): a backend's copies of ours removed, then which backend and model answered
+ * copies ~7,000): a backend's copies of ours removed (all of the names, unread, when its
+ * headers could not be read: more than MAX_HEADERS), then which backend and model answered
  * and in how many attempts, as the ordinary routes say it. */
 static void tag(envoy_ptr h, const config_t *c, filter_t *f, const pair_t *hs, size_t n) {
   buf_t v;
   for (size_t i = 0; i < c->nstrip; i++)
-    if (find(hs, n, c->strip[i], &v))
+    if (!n || find(hs, n, c->strip[i], &v))
       envoy_dynamic_module_callback_http_set_header(h, RESPONSE_HEADER, B(c->strip[i]),
                                                     (buf_t){NULL, 0});
   const lane_t *l = f->lane;
