@@ -430,7 +430,7 @@ typedef struct {
   struct timespec t0;
   int64_t start_us, first_us, last_us;
   double to_backend_ms, to_client_ms;
-  char in[20], out[20], id[129], client[129], retry_after[33], backend[129], model[129];
+  char in[20], out[20], id[129], client[129], retry_after[33];
   char tail[TAIL];
   size_t ntail;
   char *pending;
@@ -984,7 +984,7 @@ static bool meta(envoy_ptr h, const config_t *c, int key, buf_t *value) {
  * copies ~7,000): a backend's copies of ours removed (all of the names, unread, when its
  * headers could not be read: more than MAX_HEADERS), then which backend and model answered
  * and in how many attempts, as the ordinary routes say it. */
-static void tag(envoy_ptr h, const config_t *c, filter_t *f, const pair_t *hs, size_t n) {
+static void tag(envoy_ptr h, const config_t *c, const filter_t *f, const pair_t *hs, size_t n) {
   buf_t v;
   for (size_t i = 0; i < c->nstrip; i++)
     if (!n || find(hs, n, c->strip[i], &v))
@@ -995,8 +995,6 @@ static void tag(envoy_ptr h, const config_t *c, filter_t *f, const pair_t *hs, s
                                                 B(l->backend));
   envoy_dynamic_module_callback_http_set_header(h, RESPONSE_HEADER, B(c->answer_model),
                                                 B(l->served));
-  keep(f->backend, sizeof f->backend, l->backend.s, l->backend.n);
-  keep(f->model, sizeof f->model, l->served.s, l->served.n);
   uint64_t attempts;
   char d[20];
   if (envoy_dynamic_module_callback_http_filter_get_attribute_int(h, ATTR_ATTEMPTS, &attempts)) {
@@ -1257,8 +1255,8 @@ void envoy_dynamic_module_on_http_filter_stream_complete(envoy_ptr h, filter_t *
   else field(&o, "", 0);
   field_z(&o, f->client);
   field_z(&o, f->retry_after);
-  field_z(&o, f->backend);
-  field_z(&o, f->model);
+  field_s(&o, f->answer ? l->backend : (str_t){"", 0});  /* (as its answer was tagged) */
+  field_s(&o, f->answer ? l->served : (str_t){"", 0});
   if (!o.p) return;  /* (cannot happen with the sizes above; never a cut line) */
   *o.p++ = '\n';
   add_line(envoy_dynamic_module_callback_http_filter_get_worker_index(h), line,

@@ -93,7 +93,8 @@ def routes(cfg: Config) -> list[dict[str, Any]]:
                   "retry_policy": {**stream_policy, "per_try_idle_timeout": dur(ms / 1000)}},
     } for ms in limits), *reading, default]
     if fast_lane.compiled(cfg):  # (the compiled lane tags its answers itself)
-        ordinary = [{**r, "response_headers_to_add": tags()} for r in ordinary]
+        added = tags()
+        ordinary = [{**r, "response_headers_to_add": added} for r in ordinary]
     return [*fast, *ordinary]
 
 
