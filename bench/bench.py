@@ -1,8 +1,9 @@
 """Reference benchmark: side by side, interleaved, on the same emulated backend.
 
 Targets: (a) bare Envoy, (b) Envoy + an empty ext_proc (the floor: bench/empty_extproc.py),
-(c) Envoy + llm-extproc, (c2) the same with --workers 2, (c3) the same with the fast lane
-compiled (envoy.fast_lane_compiled; c3/a paired by round), (d) the LiteLLM proxy (in its own
+(c) Envoy + llm-extproc as shipped (envoy.fast_lane_compiled: auto, the compiled fast lane
+where a C compiler is), (c2) the same with --workers 2, (c3) the same with the Lua fast lane
+(c/a and c3/a paired by round), (d) the LiteLLM proxy (in its own
 virtual environment, bench/.litellm-venv, installed on first use; --no-litellm skips it), (e)
 Envoy AI Gateway (`aigw run`, installed on first use into ~/.cache/llm-extproc/bench/aigw-venv;
 its Envoy runs 2 workers, and so do ours when it runs), compared paired by round as c/e, (f)
@@ -56,6 +57,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 # Every request carries a client key (LiteLLM demands one; llm-extproc strips it for backends
 # without keys of their own; bare Envoy passes it on, which the emulator ignores).
 CLIENT_KEY = "sk-bench-master-key-not-a-secret"
+LUA = "c3 llm-extproc, Lua lane"  # (the fast lane as Lua, beside c: the lane as shipped)
 
 
 # ---------------------------------------------------------------- the stacks
@@ -554,11 +556,11 @@ def main() -> int:
             pids[name] = {"envoy": e.pid}
             if fport:
                 pids[name]["empty ext_proc"] = procs.procs[f"floor-{name[0]}"].pid
-        variants = [("c llm-extproc", 1, False)]
+        variants: list[tuple[str, int, bool | str]] = [("c llm-extproc", 1, "auto")]
         if not args.smoke and (not extra or "c2" in extra):
-            variants.append(("c2 llm-extproc x2", 2, False))
+            variants.append(("c2 llm-extproc x2", 2, "auto"))
         if not args.smoke and (not extra or "c3" in extra):
-            variants.append(("c3 llm-extproc, compiled lane", 1, True))
+            variants.append((LUA, 1, False))
         for name, workers, compiled in variants:
             cfg = extproc_config(emu_port, llama_port, aux_port, workers, dead_port, chat_port)
             cfg["envoy"]["fast_lane_compiled"] = compiled
@@ -709,9 +711,8 @@ def report(results: dict, streaming: dict, args: argparse.Namespace) -> int:
             ratios["c/b req/s paired"] = statistics.median(y["rps"] / x["rps"] for x, y in pairs)
         if "c2 llm-extproc x2" in row:
             ratios["c2/c req/s"] = row["c2 llm-extproc x2"]["rps"] / c["rps"]
-        if "c3 llm-extproc, compiled lane" in row:  # paired by round with bare Envoy
-            pairs = list(zip(per["a bare Envoy"], per["c3 llm-extproc, compiled lane"],
-                             strict=True))
+        if LUA in row:  # paired by round with bare Envoy
+            pairs = list(zip(per["a bare Envoy"], per[LUA], strict=True))
             ratios["c3/a req/s paired"] = statistics.median(y["rps"] / x["rps"]
                                                             for x, y in pairs)
             pairs = list(zip(per["a bare Envoy"], per["c llm-extproc"], strict=True))

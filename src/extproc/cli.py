@@ -51,12 +51,15 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .core.backends import MissingCredential
     from .core.fast_lane import record_socket
+    from .lane.build import settled
     from .logs import setup_logging
     from .render.fast_lane import compiled
     from .runtime import Runtime
     from .shell.server import serve, tune_allocator
 
     cfg = _load(args.config)
+    if args.lane:  # (what the Envoy in front runs, as `extproc up` settled it)
+        cfg = settled(cfg, args.lane == "compiled")
     setup_logging(cfg.service.log_level)
     try:
         rt = Runtime.build(cfg)
@@ -67,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if workers > 1 and args.worker is None:
         from .shell.workers import supervise
 
-        return supervise(args.config, cfg, workers)
+        return supervise(args.config, cfg, workers, args.lane)
     metrics_port = 0 if args.worker is not None else None  # the supervisor serves them
     asyncio.run(serve(rt, args.host, args.port, config_path=args.config,
                       metrics_port=metrics_port, trim=tune_allocator(),
@@ -187,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="processes (default: service.workers); worker i "
                    "listens on port + i, which the rendered Envoy config balances across")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--lane", choices=("compiled", "lua"), help="the fast lane the Envoy in "
+                   "front runs, settling envoy.fast_lane_compiled: auto (compiled: receive its "
+                   "records on the Unix socket; `extproc up` passes it)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("lane-module", help="build the compiled fast lane "
                        "(envoy.fast_lane_compiled) and print the directory to give your Envoy "

@@ -533,11 +533,14 @@ class EnvoySettings(_Strict):
     fast_lane_max_bytes: int = Field(
         default=256 * 1024, ge=1024, description="largest request body the fast lane reads "
         "(Envoy parses it for the model); larger ones take the ext_proc path")
-    fast_lane_compiled: bool = Field(
-        default=False, description="the fast lane as an Envoy dynamic module (C, built with "
+    fast_lane_compiled: bool | Literal["auto"] = Field(
+        default="auto", description="the fast lane as an Envoy dynamic module (C, built with "
         "the system's C compiler, for Envoy 1.40 only) instead of Lua and the gRPC access log: "
-        "0.76-1.01x bare Envoy's req/s instead of 0.62-0.81x here (docs/benchmark.md); Envoy must run on "
-        "the service's host (records come back over a Unix socket)")
+        "0.76-1.01x bare Envoy's req/s instead of 0.62-0.81x here (docs/benchmark.md); Envoy "
+        "must run on the service's host (records come back over a Unix socket). `auto`: "
+        "compiled where `extproc up` (or `make run`) starts Envoy 1.40 and a C compiler is "
+        "there, else Lua, saying why; a config rendered for your own Envoy (`extproc envoy`) "
+        "is Lua unless this is true")
     fast_lane_records: str | None = Field(
         default=None, description="the Unix datagram socket the compiled lane sends its "
         "records to (worker i of several: path.i); default: llm-extproc-lane-<service "

@@ -26,7 +26,7 @@ from typing import IO
 import httpx
 
 from .config import Config, load_config
-from .lane.build import environment
+from .lane.build import choose
 from .render import render_yaml
 from .render.fast_lane import compiled
 
@@ -62,6 +62,7 @@ class Launcher:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
         self.log_dir = Path(log_dir) if log_dir else self.workdir
         self.env = {**os.environ, **(env or {})}
+        self.lane = ""  # which fast lane Envoy runs, and why (``choose``; set by start)
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list[IO[bytes]] = []
 
@@ -94,13 +95,14 @@ class Launcher:
 
     def start_gateway(self) -> None:
         """The service, then Envoy; returns when both listen (Envoy: ready on its admin)."""
-        cfg = self.config
+        # (the module built before Envoy starts: it loads it with its config)
+        cfg, lane_env, self.lane = choose(self.config, envoy_binary())
+        self.env.update(lane_env)
         svc = self._spawn("service", [sys.executable, "-m", "extproc.cli", "serve", "--config",
-                                      self.config_path])
+                                      self.config_path, "--lane",
+                                      "compiled" if compiled(cfg) else "lua"])
         envoy_yaml = self.workdir / "envoy.yaml"
         envoy_yaml.write_text(render_yaml(cfg, Path(self.config_path).name))
-        if compiled(cfg):  # (built before Envoy starts: it loads the module with its config)
-            self.env.update(environment(envoy_binary()))
         envoy = self._spawn("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--concurrency",
                                       str(self.envoy_workers), "--log-level", "warn",
                                       "--disable-hot-restart",
@@ -167,7 +169,7 @@ def banner(launcher: Launcher) -> str:
     cfg, url = launcher.config, launcher.envoy_url
     lines = [f"llm-extproc is up: Envoy on {url} (admin {cfg.envoy.admin_host}:"
              f"{cfg.envoy.admin_port}), the service on {cfg.service.host}:{cfg.service.port}; "
-             f"logs in {launcher.log_dir}", ""]
+             f"logs in {launcher.log_dir}", launcher.lane, ""]
     try:
         data = httpx.get(url + "/v1/models", timeout=5).json()["data"]
     except (httpx.HTTPError, ValueError, KeyError):

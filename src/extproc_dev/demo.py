@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("DEMO_OPENAI_KEY", "sk-demo-local-not-a-secret")
     with Stack(args.config, workdir=tempfile.mkdtemp(prefix="extproc-demo-")) as stack:
-        print(f"stack up: Envoy on {stack.envoy_url}, logs in {stack.log_dir}\n")
+        print(f"stack up: Envoy on {stack.envoy_url}, logs in {stack.log_dir}; {stack.lane}\n")
         c = openai.OpenAI(base_url=stack.envoy_url + "/v1", api_key="client-key", max_retries=0)
         ids = [m.id for m in c.models.list()]
         print(f"GET /v1/models -> {len(ids)} models: {', '.join(ids)}\n")

@@ -109,6 +109,7 @@ def usage_text(stack: Launcher) -> str:
 llm-extproc stack is up. Envoy listens on {url}
   models: {', '.join(names)}
   logs:   {stack.log_dir}
+  {stack.lane}
 
   curl -s {url}/v1/models
   curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\

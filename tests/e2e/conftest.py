@@ -31,10 +31,11 @@ def stack_config(backends: list[dict[str, Any]], models: list[dict[str, Any]],
     cfg: dict[str, Any] = {
         "service": {"host": "127.0.0.1", "port": free_port(), "log_level": "info",
                     "metrics_port": free_port()},
-        # (EXTPROC_TEST_LANE=compiled: every stack with the compiled lane, unless a test says)
+        # (the default, auto, is the compiled lane here; EXTPROC_TEST_LANE=lua: every stack
+        # with the Lua lane, unless a test says)
         "envoy": {"listen_port": free_port(), "admin_port": free_port(),
-                  **({"fast_lane_compiled": True}
-                     if os.environ.get("EXTPROC_TEST_LANE") == "compiled" else {})},
+                  **({"fast_lane_compiled": False}
+                     if os.environ.get("EXTPROC_TEST_LANE") == "lua" else {})},
         "backends": out_backends,
         "models": models,
     }

@@ -22,10 +22,13 @@ import openai
 import orjson
 import pytest
 
-from extproc.lane.build import MODULE, LaneBuildError, check_envoy
+from extproc.config import load_config
+from extproc.core.fast_lane import record_socket
+from extproc.lane.build import MODULE, LaneBuildError, check_envoy, choose
+from extproc.render.fast_lane import READ_FILTER
 from extproc_dev.stack import Stack, envoy_binary, free_port_run
 
-from .conftest import received, reset, stack_config, start_stack, wait_line
+from .conftest import received, reset, stack_config, start_stack, wait_line, write_config
 
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJ"
        "RU5ErkJggg==")
@@ -433,6 +436,53 @@ def test_the_module_is_built_once_per_source_and_only_for_envoy_1_40(tmp_path) -
     with pytest.raises(LaneBuildError, match=r"written for Envoy 1\.40; .* is 1\.39"):
         check_envoy(str(fake))
     check_envoy(envoy_binary())
+
+
+def test_auto_is_compiled_where_it_can_be_and_lua_where_not(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """envoy.fast_lane_compiled: auto (the default) runs the compiled lane where `extproc up`
+    can build it for its Envoy; with no C compiler (and nothing built yet) the Lua lane, saying
+    why. Either way a plain request goes by the lane with its decision record."""
+    cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["plain"]}],
+                       models=[], envoy={"fast_lane_compiled": "auto"})
+    body = {"model": "plain", "messages": [{"role": "user", "content": "hi"}]}
+    for lane in ("compiled", "lua"):
+        if lane == "lua":
+            monkeypatch.setenv("CC", "/nonexistent/cc")
+            monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        tmp = tmp_path_factory.mktemp(lane)
+        stack = start_stack(tmp, cfg)
+        try:
+            r = httpx.post(stack.envoy_url + "/v1/chat/completions", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            rec = wait_line(stack, "service", r.headers["x-request-id"], '"routing.decision"')
+            assert rec["plan"] == "fast"
+            rendered = (tmp / "envoy.yaml").read_text()
+            sock = Path(record_socket(stack.config, 0))
+            if lane == "compiled":
+                assert stack.lane.startswith("fast lane: compiled"), stack.lane
+                assert MODULE in rendered and READ_FILTER not in rendered
+                assert sock.is_socket()  # (the service receives the module's records)
+            else:
+                assert stack.lane == ("fast lane: Lua, not compiled: envoy.fast_lane_compiled "
+                                      "needs a C compiler (cc): apt-get install gcc, or set CC")
+                assert MODULE not in rendered and READ_FILTER in rendered
+                assert not sock.exists()
+        finally:
+            stack.stop()
+    # Asked for outright, it is that or nothing; an Envoy of another version gets Lua.
+    settled = load_config(write_config(tmp_path_factory.mktemp("asked"), cfg))
+    with pytest.raises(LaneBuildError, match="needs a C compiler"):
+        choose(settled.model_copy(update={"envoy": settled.envoy.model_copy(
+            update={"fast_lane_compiled": True})}), envoy_binary())
+    fake = tmp_path_factory.mktemp("fake") / "envoy"
+    fake.write_text("#!/bin/sh\necho 'envoy  version: abc/1.41.0/Clean/RELEASE/BoringSSL'\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv("CC")
+    got, env, said = choose(settled, str(fake))
+    assert got.envoy.fast_lane_compiled is False and env == {}
+    assert said.startswith("fast lane: Lua, not compiled: envoy.fast_lane_compiled is written "
+                           "for Envoy 1.40;"), said
 
 
 def test_compiled_lane_records_wait_out_a_paused_service(

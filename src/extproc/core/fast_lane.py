@@ -192,10 +192,15 @@ def record(model: str, served: str, backend: str, address: str, request_id: str,
 
 
 def describe(cfg: Config) -> list[str]:
-    """One line per public model: in the fast lane or why not (``extproc check``)."""
+    """Which lane, then one line per public model: in the fast lane or why not (``extproc
+    check``)."""
     fast, why = lanes(cfg)
-    return [f"{n}: fast lane ({fast[n].backend})" if n in fast else f"{n}: ext_proc path "
-            f"({why[n]})" for n in sorted({*fast, *why})]
+    kind = {True: "compiled (lane.c)", False: "Lua"}.get(
+        cfg.envoy.fast_lane_compiled, "compiled where `extproc up` starts Envoy 1.40 and a C "
+        "compiler is there, else Lua (auto)")
+    return [*([f"the fast lane: {kind}"] if fast else []),
+            *(f"{n}: fast lane ({fast[n].backend})" if n in fast else f"{n}: ext_proc path "
+              f"({why[n]})" for n in sorted({*fast, *why}))]
 
 
 __all__ = ["ASKS", "FREE_CHOICES", "MESSAGES", "NEED_KEYS", "OWN_MARKS", "OWN_TYPES", "PATHS",

@@ -227,8 +227,10 @@ def _present(key: str, *path: str) -> dict[str, Any]:
 
 
 def compiled(cfg: Config) -> bool:
-    """Whether the lane is the compiled module (and there is a lane at all)."""
-    return cfg.envoy.fast_lane_compiled and bool(lanes(cfg)[0])
+    """Whether the lane is the compiled module (and there is a lane at all). Rendering alone
+    cannot know where Envoy runs, so ``auto`` is Lua here; ``extproc up`` settles it first
+    (``lane.build.choose``)."""
+    return cfg.envoy.fast_lane_compiled is True and bool(lanes(cfg)[0])
 
 
 def module_config(cfg: Config, fast: dict[str, Lane]) -> str:
@@ -280,7 +282,7 @@ def filters(cfg: Config) -> list[dict[str, Any]]:
     fast, _ = lanes(cfg)
     if not fast:
         return []
-    if cfg.envoy.fast_lane_compiled:
+    if compiled(cfg):
         return [module_filter(cfg, LANE_FILTER, "lane")]
     # (json_to_metadata takes values, not objects: Messages' tool_choice by its type)
     rules = [_present("model"), _present("stream"), _present("tool_choice"),
@@ -362,6 +364,6 @@ def skipped(cfg: Config) -> dict[str, Any]:
     filter's off switch per route, not an on switch for a filter off by default)."""
     if not lanes(cfg)[0]:
         return {}
-    names = (LANE_FILTER,) if cfg.envoy.fast_lane_compiled else (READ_FILTER, DECIDE_FILTER)
+    names = (LANE_FILTER,) if compiled(cfg) else (READ_FILTER, DECIDE_FILTER)
     return {"typed_per_filter_config": {name: {"@type": FILTER_CONFIG, "disabled": True}
                                         for name in names}}

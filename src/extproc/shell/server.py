@@ -9,6 +9,7 @@ own (``grpc_server``, ``grpc_wire``): it costs a fraction of grpc.aio per stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -340,8 +341,10 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         health.set(name, False)
     await server.stop(cfg.shutdown_grace_s)
-    if lane:
+    if lane:  # (gone, so no later stack takes it for a listener: the lane waits for one)
         lane.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lane_socket)
     warming.cancel()
     await processor.rt.schema_judge.close()
     log_event(log, {"event": "service.stopped"})

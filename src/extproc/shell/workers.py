@@ -24,7 +24,7 @@ from ..logs import log_event
 log = logging.getLogger("extproc.shell.workers")
 
 
-def supervise(config_path: str, cfg: Config, n: int) -> int:
+def supervise(config_path: str, cfg: Config, n: int, lane: str | None = None) -> int:
     if cfg.service.metrics_port:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
                               tempfile.mkdtemp(prefix="extproc-metrics-"))
@@ -33,7 +33,7 @@ def supervise(config_path: str, cfg: Config, n: int) -> int:
     def spawn(i: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--config",
                                  config_path, "--port", str(cfg.service.port + i),
-                                 "--worker", str(i)])
+                                 "--worker", str(i), *(["--lane", lane] if lane else [])])
 
     procs = {i: spawn(i) for i in range(n)}
     stopping = False
