@@ -16,7 +16,7 @@ lane model): where the lane's cost is, and what the compiled lane leaves of it.
                     the access log entry (its records come to the service over a Unix socket:
                     their count is checked against the requests answered)
 
-    python bench/lane_parts.py [--conc 8] [--rounds 5] [--duration 4]
+    python bench/lane_parts.py [--conc 8] [--rounds 5] [--duration 4] [--envoy-workers 1]
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--conc", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--envoy-workers", type=int, default=1, help="each Envoy's --concurrency")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="extproc-lane-parts-"))
     procs = Procs(tmp)
@@ -156,7 +157,7 @@ def main() -> int:
                 metrics[name] = cfg["service"]["metrics_port"]
             envoy_path.write_text(yaml.safe_dump(env))
             procs.start(f"envoy-{n}", [envoy_binary(), "-c", str(envoy_path), "--concurrency",
-                                       "1", "--log-level", "error", "--base-id",
+                                       str(args.envoy_workers), "--log-level", "error", "--base-id",
                                        str(free_port())], listen,
                         env=module)
             urls[name] = f"http://127.0.0.1:{listen}"
@@ -184,7 +185,7 @@ def main() -> int:
                                                                         strict=True)]
                 runs[name].append({**r, "envoy_ms": cpu[0], "service_ms": sum(cpu[1:])})
         print(f"1 KB chat for a lane model, concurrency {args.conc}, {args.rounds} interleaved "
-              f"rounds of {args.duration:.0f} s; Envoy --concurrency 1")
+              f"rounds of {args.duration:.0f} s; Envoy --concurrency {args.envoy_workers}")
         print(f"  {'variant':14} {'req/s':>7} {'/bare':>6} {'p50 ms':>7}  CPU ms per request: "
               "Envoy, service")
         for name, rs in runs.items():

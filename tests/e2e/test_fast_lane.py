@@ -395,10 +395,11 @@ def decisions(stack: Stack, count: int, wait_s: float) -> list[dict[str, Any]]:
 def test_compiled_lane_records_with_workers_on_both_sides(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """Two Envoy workers send to two service workers (a socket each): every fast request has
-    its one decision line and is counted once in the summed metrics; none lost."""
+    its one decision line and is counted once in the summed metrics; none lost. (``auto``:
+    the supervisor passes on what `extproc up` settled.)"""
     cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["plain"]}],
                        models=[], service={"workers": 2, "port": free_port_run(2)},
-                       envoy={"fast_lane_compiled": True})
+                       envoy={"fast_lane_compiled": "auto"})
     stack = start_stack(tmp_path_factory.mktemp("workers"), cfg, envoy_workers=2)
     try:
         with ThreadPoolExecutor(8) as pool:

@@ -64,7 +64,7 @@ def check_envoy(binary: str) -> None:
     if not found or found.group(1) != ENVOY_VERSION:
         raise LaneBuildError(f"envoy.fast_lane_compiled is written for Envoy {ENVOY_VERSION}; "
                              f"{binary} is {found.group(1) if found else 'of unknown version'}"
-                             " (turn it off to use the Lua lane)")
+                             " (false or auto: the Lua lane)")
 
 
 def environment(binary: str, cache: Path | None = None) -> dict[str, str]:
