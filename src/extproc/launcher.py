@@ -199,8 +199,8 @@ def run_foreground(launcher: Launcher, say: Callable[[Launcher], str] = banner) 
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         print(f"could not start: {exc}", file=sys.stderr)
         return 1
-    print(say(launcher), flush=True)
-    try:
+    try:  # (a reader gone, as `| head` goes, must not leave the children running)
+        print(say(launcher), flush=True)
         while not stop:
             gone = launcher.exited()
             if gone is not None:
@@ -211,6 +211,7 @@ def run_foreground(launcher: Launcher, say: Callable[[Launcher], str] = banner) 
                 break
             time.sleep(0.3)
     finally:
-        print("stopping...", flush=True)
+        with contextlib.suppress(OSError):
+            print("stopping...", flush=True)
         launcher.stop()
     return failed

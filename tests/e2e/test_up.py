@@ -73,6 +73,7 @@ def test_up_runs_envoy_and_the_service_against_the_configs_backends(tmp_path: Pa
         proc, lines = _up(config, tmp_path / "run")
         banner = "".join(lines)
         assert f"Envoy on {envoy}" in banner and "b0/m1" in banner and "b1/m1" in banner
+        assert "fast lane: " in banner  # (which one, and why)
         r = httpx.post(envoy + "/v1/chat/completions", timeout=30,
                        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and r.headers["x-extproc-backend"] == "b0"
@@ -93,6 +94,18 @@ def test_up_runs_envoy_and_the_service_against_the_configs_backends(tmp_path: Pa
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 1
         assert "service exited with -9" in out and "the end of" in out
+
+        # Its reader gone (`extproc up | head`), Ctrl-C still stops everything.
+        proc, _ = _up(config, tmp_path / "run3")
+        proc.stdout.close()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(30)
+        assert _children(config) == []
+        try:
+            httpx.get(envoy + "/v1/models", timeout=2)
+            raise AssertionError("Envoy still answers after Ctrl-C")
+        except httpx.TransportError:
+            pass
     finally:
         for b in backends:
             b.terminate()
