@@ -484,6 +484,12 @@ def test_auto_is_compiled_where_it_can_be_and_lua_where_not(
     assert got.envoy.fast_lane_compiled is False and env == {}
     assert said.startswith("fast lane: Lua, not compiled: envoy.fast_lane_compiled is written "
                            "for Envoy 1.40;"), said
+    # A cache it cannot write (here a file where its directory would be): Lua, saying so.
+    blocked = tmp_path_factory.mktemp("blocked") / "cache"
+    blocked.write_text("")
+    got, env, said = choose(settled, envoy_binary(), cache=blocked)
+    assert got.envoy.fast_lane_compiled is False and env == {}
+    assert said.startswith("fast lane: Lua, not compiled: building lane.c in "), said
 
 
 def test_compiled_lane_records_wait_out_a_paused_service(

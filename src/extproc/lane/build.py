@@ -46,14 +46,17 @@ def build(cache: Path | None = None) -> Path:
     if not cc or not shutil.which(cc):
         raise LaneBuildError("envoy.fast_lane_compiled needs a C compiler (cc): "
                              "apt-get install gcc, or set CC")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        built = Path(tmp) / lib.name
-        done = subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-pthread", "-o",
-                               str(built), str(SOURCE)], capture_output=True, text=True)
-        if done.returncode:
-            raise LaneBuildError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
-        built.replace(lib)  # (whole or not at all: another process may be loading it)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            built = Path(tmp) / lib.name
+            done = subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-pthread", "-o",
+                                   str(built), str(SOURCE)], capture_output=True, text=True)
+            if done.returncode:
+                raise LaneBuildError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+            built.replace(lib)  # (whole or not at all: another process may be loading it)
+    except OSError as exc:  # (a cache not writable, a compiler that cannot run)
+        raise LaneBuildError(f"building {SOURCE.name} in {out} failed: {exc}") from None
     return out
 
 
