@@ -76,7 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       metrics_port=metrics_port, trim=tune_allocator(),
                       unix_socket=cfg.service.socket_path(args.worker or 0),
                       lane_socket=record_socket(cfg, args.worker or 0)
-                      if compiled(cfg) else None))
+                      if compiled(cfg) else None,
+                      lane=None if args.lane is None else args.lane == "compiled"))
     return 0
 
 

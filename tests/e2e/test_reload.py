@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import orjson
 import yaml
 
 from extproc_dev.stack import Stack
@@ -86,5 +87,23 @@ def test_watcher_survives_a_config_that_validates_but_cannot_be_built(tmp_path) 
         cfg["models"][0]["aliases"] = ["after-the-broken-one"]
         path.write_text(yaml.safe_dump(cfg))  # no SIGHUP: the watcher must still be alive
         assert wait_for(lambda: chat(url, "after-the-broken-one").status_code == 200)
+    finally:
+        stack.stop()
+
+
+def test_a_reload_that_changes_nothing_for_envoy_says_nothing(tmp_path) -> None:
+    """The same file saved again: reloaded with no note. (The service is started for the lane
+    `extproc up` settled from `auto`; a reload settles it alike, or it would compare the new
+    config's render, Lua, with the running one's, compiled, and ask for an Envoy reload.)"""
+    cfg, stack = watched(tmp_path)
+    path = tmp_path / "config.yaml"
+    try:
+        assert stack.lane.startswith("fast lane: compiled"), stack.lane
+        time.sleep(0.05)
+        path.write_text(yaml.safe_dump(cfg))
+        assert wait_for(lambda: "config.reloaded" in stack.log_path("service").read_text())
+        (line,) = [x for x in stack.log_path("service").read_text().splitlines()
+                   if "config.reloaded" in x]
+        assert orjson.loads(line)["notes"] == []
     finally:
         stack.stop()

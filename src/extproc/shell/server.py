@@ -27,6 +27,7 @@ from ..contract import STAGE_KEY
 from ..core.backends import MissingCredential
 from ..core.health import probe_path
 from ..effects.discovery import Discoverer
+from ..lane.build import settled
 from ..logs import log_event
 from ..render import render
 from ..runtime import Runtime
@@ -134,10 +135,11 @@ def _observe(stage: str, req: pb.ProcessingRequest, t0: float) -> None:
 class Reloader:
     """Reload the config on SIGHUP or when the file changes. A bad config is refused with a
     logged error and the old one keeps serving; streams already open finish on the runtime they
-    started with (each handler holds its own reference)."""
+    started with (each handler holds its own reference). ``lane``: the fast lane the service
+    was started for (``serve --lane``), settled the same way in every config it reloads."""
 
-    def __init__(self, path: str, processor: Processor):
-        self.path, self.processor = path, processor
+    def __init__(self, path: str, processor: Processor, lane: bool | None = None):
+        self.path, self.processor, self.lane = path, processor, lane
         self.mtime = self._mtime()
 
     def _mtime(self) -> float:
@@ -150,6 +152,8 @@ class Reloader:
         old = self.processor.rt
         try:
             cfg = load_config(self.path)
+            if self.lane is not None:
+                cfg = settled(cfg, self.lane)
             rt = Runtime.build(cfg, previous=old)
         except Exception as exc:  # whatever it is, the old config keeps serving
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)] \
@@ -294,10 +298,11 @@ async def discover_models(processor: Processor) -> None:
 async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
                 config_path: str | None = None, metrics_port: int | None = None,
                 trim: Callable[[], None] | None = None, unix_socket: str | None = None,
-                lane_socket: str | None = None) -> None:
+                lane_socket: str | None = None, lane: bool | None = None) -> None:
     """Run until SIGTERM/SIGINT; in-flight streams get the configured grace period. Serves on
     ``unix_socket`` too, when given, and receives the compiled lane's records on
-    ``lane_socket``."""
+    ``lane_socket``; ``lane``: the Envoy in front runs the compiled lane (true) or the Lua one
+    (``serve --lane``; None: as the config says)."""
     cfg = rt.config.service
     max_bytes = cfg.max_message_bytes
     processor = Processor(rt)
@@ -311,7 +316,7 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     addr = f"{host or cfg.host}:{port or cfg.port}"
     if unix_socket:  # (first: once the port answers, the socket is there too)
         await server.start_unix(unix_socket)
-    lane = await lane_records.receive(lane_socket, decision_log) if lane_socket else None
+    records = await lane_records.receive(lane_socket, decision_log) if lane_socket else None
     await server.start(host or cfg.host, port or cfg.port)
     metrics.start(cfg.metrics_port if metrics_port is None else metrics_port, cfg.host)
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
@@ -329,7 +334,7 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     prober = asyncio.create_task(probe_backends(lambda: processor.rt))
     discoverer = asyncio.create_task(discover_models(processor))
     if config_path:
-        reloader = Reloader(config_path, processor)
+        reloader = Reloader(config_path, processor, lane)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         if cfg.reload_watch_s:
             watcher = asyncio.create_task(reloader.watch(cfg.reload_watch_s))
@@ -341,8 +346,8 @@ async def serve(rt: Runtime, host: str | None = None, port: int | None = None,
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         health.set(name, False)
     await server.stop(cfg.shutdown_grace_s)
-    if lane:  # (gone, so no later stack takes it for a listener: the lane waits for one)
-        lane.close()
+    if records:  # (its file removed too: the lane waits for the next listener either way)
+        records.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lane_socket)
     warming.cancel()
