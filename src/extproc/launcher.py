@@ -26,7 +26,7 @@ from typing import IO
 import httpx
 
 from .config import Config, load_config
-from .lane.build import choose
+from .lane.build import choose, settled
 from .render import render_yaml
 from .render.fast_lane import compiled
 
@@ -48,6 +48,10 @@ def wait_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Pope
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+class EnvoyExited(RuntimeError):
+    """Envoy exited before it was ready (its log's end in the message)."""
 
 
 class Launcher:
@@ -94,9 +98,22 @@ class Launcher:
         self.start_gateway()
 
     def start_gateway(self) -> None:
-        """The service, then Envoy; returns when both listen (Envoy: ready on its admin)."""
+        """The service, then Envoy; returns when both listen (Envoy: ready on its admin).
+        Under ``auto``, an Envoy that will not start with the compiled lane (it could not load
+        the module) is started again with the Lua lane, saying why."""
         # (the module built before Envoy starts: it loads it with its config)
         cfg, lane_env, self.lane = choose(self.config, envoy_binary())
+        try:
+            self._gateway(cfg, lane_env)
+        except EnvoyExited as exc:
+            if not (compiled(cfg) and self.config.envoy.fast_lane_compiled == "auto"):
+                raise
+            self.stop(("envoy", "service"))
+            why = next((x for x in reversed(str(exc).splitlines()) if x.strip()), "")
+            self.lane = f"fast lane: Lua, not compiled: Envoy would not start with it: {why[-300:]}"
+            self._gateway(settled(self.config, False), {})
+
+    def _gateway(self, cfg: Config, lane_env: dict[str, str]) -> None:
         self.env.update(lane_env)
         svc = self._spawn("service", [sys.executable, "-m", "extproc.cli", "serve", "--config",
                                       self.config_path, "--lane",
@@ -119,7 +136,7 @@ class Launcher:
         deadline = time.monotonic() + 20
         while True:
             if envoy.poll() is not None:
-                raise RuntimeError(f"envoy exited with {envoy.returncode}:\n{self.tail('envoy')}")
+                raise EnvoyExited(f"envoy exited with {envoy.returncode}:\n{self.tail('envoy')}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(admin, timeout=0.5).status_code == 200:
                     break
@@ -139,19 +156,24 @@ class Launcher:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self) -> None:
-        for proc in self.procs.values():
+    def stop(self, names: tuple[str, ...] | None = None) -> None:
+        """Stops every child (or those named), SIGTERM first."""
+        procs = {n: p for n, p in self.procs.items() if names is None or n in names}
+        for proc in procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
+        for proc in procs.values():
             try:
                 proc.wait(timeout=8)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
-        self.procs.clear()
+        for n in procs:
+            del self.procs[n]
+        if names is not None:
+            return
         for f in self._logs:
             f.close()
         self._logs.clear()

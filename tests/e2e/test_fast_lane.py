@@ -24,7 +24,7 @@ import pytest
 
 from extproc.config import load_config
 from extproc.core.fast_lane import record_socket
-from extproc.lane.build import MODULE, LaneBuildError, check_envoy, choose
+from extproc.lane.build import MODULE, LaneBuildError, build, check_envoy, choose
 from extproc.render.fast_lane import READ_FILTER
 from extproc_dev.stack import Stack, envoy_binary, free_port_run
 
@@ -490,6 +490,35 @@ def test_auto_is_compiled_where_it_can_be_and_lua_where_not(
     got, env, said = choose(settled, envoy_binary(), cache=blocked)
     assert got.envoy.fast_lane_compiled is False and env == {}
     assert said.startswith("fast lane: Lua, not compiled: building lane.c in "), said
+
+
+def test_auto_takes_the_lua_lane_when_envoy_will_not_load_the_module(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module Envoy cannot load (here the cached library overwritten with garbage): under
+    ``auto`` Envoy and the service are started again with the Lua lane, and the banner says
+    why; asked for outright (true), the stack does not start."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    (build(cache / "llm-extproc" / "lane") / f"lib{MODULE}.so").write_bytes(b"not a library")
+    cfg = stack_config(backends=[{"name": "v", "preset": "vllm", "models": ["plain"]}],
+                       models=[], envoy={"fast_lane_compiled": "auto"})
+    tmp = tmp_path_factory.mktemp("garbage")
+    stack = start_stack(tmp, cfg)
+    try:
+        assert stack.lane.startswith("fast lane: Lua, not compiled: Envoy would not start "
+                                     "with it: "), stack.lane
+        assert READ_FILTER in (tmp / "envoy.yaml").read_text()
+        r = httpx.post(stack.envoy_url + "/v1/chat/completions", timeout=30, json={
+            "model": "plain", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        rec = wait_line(stack, "service", r.headers["x-request-id"], '"routing.decision"')
+        assert rec["plan"] == "fast"
+        assert sorted(stack.procs) == ["emulator-v", "envoy", "service"]
+    finally:
+        stack.stop()
+    cfg["envoy"]["fast_lane_compiled"] = True
+    with pytest.raises(RuntimeError, match="envoy exited"):
+        start_stack(tmp_path_factory.mktemp("insisted"), cfg)
 
 
 def test_compiled_lane_records_wait_out_a_paused_service(
