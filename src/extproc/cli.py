@@ -58,8 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .shell.server import serve, tune_allocator
 
     cfg = _load(args.config)
-    if args.lane:  # (what the Envoy in front runs, as `extproc up` settled it)
-        cfg = settled(cfg, args.lane == "compiled")
+    lane = None if args.lane is None else args.lane == "compiled"
+    if lane is not None:  # (what the Envoy in front runs, as `extproc up` settled it)
+        cfg = settled(cfg, lane)
     setup_logging(cfg.service.log_level)
     try:
         rt = Runtime.build(cfg)
@@ -77,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       unix_socket=cfg.service.socket_path(args.worker or 0),
                       lane_socket=record_socket(cfg, args.worker or 0)
                       if compiled(cfg) else None,
-                      lane=None if args.lane is None else args.lane == "compiled"))
+                      lane=lane))
     return 0
 
 
